@@ -1,0 +1,28 @@
+"""Parameter presets for running the notebook series.
+
+A preset maps a notebook's two-digit prefix (``"00"``, ``"01"`` …) to the parameter values that override the
+notebook's own defaults. This is the only place where run sizes live: notebooks never sniff their environment.
+
+* ``workshop`` — the notebooks' own defaults (what a workshop laptop runs in a few minutes), so mostly empty.
+* ``smoke`` — small, fast values for tests and CI.
+
+Every name in a preset must be a parameter that the notebook declares in its ``parameters`` cell; the runner
+refuses a preset with a stale name before anything runs. When a notebook is added to ``notebooks/``, add its
+prefix here (an empty dict is fine for ``workshop``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "workshop": {
+        "00": {},
+    },
+    "smoke": {
+        "00": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24},
+    },
+}
+"""Preset name -> notebook prefix -> parameter overrides."""
+
+DEFAULT_PRESET = "workshop"

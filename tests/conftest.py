@@ -1,0 +1,74 @@
+"""Shared test setup: headless defaults and a factory for tiny fixture notebooks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import nbformat
+import pytest
+
+# Harmless defaults, also set by .ci/run: no display, no model hub. Kernels started by papermill inherit them.
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_notebook(path: Path, cells: list[str], parameters: str | None = 'output_dir = "out"\nx = 1') -> Path:
+    """Write a notebook whose first code cell is ``parameters`` (tagged), followed by ``cells``.
+
+    Args:
+        path: where to write the ``.ipynb``.
+        cells: source of the code cells after the parameters cell.
+        parameters: source of the parameters cell; None writes a notebook without one (and no tag).
+
+    Returns:
+        ``path``.
+    """
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.cells.append(nbformat.v4.new_markdown_cell(f"# {path.stem}"))
+    if parameters is not None:
+        nb.cells.append(nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}))
+    nb.cells.extend(nbformat.v4.new_code_cell(src) for src in cells)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def make_notebook() -> Callable[..., Path]:
+    """Factory fixture: ``make_notebook(path, cells, parameters=...)`` writes a fixture notebook."""
+    return write_notebook
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_cache(tmp_path_factory) -> Path:
+    """A model cache for this test session only; notebook kernels inherit it through ``LORA_LENS_CACHE``."""
+    path = tmp_path_factory.mktemp("lora_lens_cache")
+    old = os.environ.get("LORA_LENS_CACHE")
+    os.environ["LORA_LENS_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LORA_LENS_CACHE", None)
+    else:
+        os.environ["LORA_LENS_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """A small world (24 entities) that tiny models learn in seconds."""
+    from lora_lens.world import make_world
+
+    return make_world(n_entities=24, n_general=60, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_world, test_cache):
+    """A tiny Llama pretrained on ``tiny_world`` (cached for the session). Treat it as read-only."""
+    from lora_lens.zoo import get_pretrained
+
+    return get_pretrained("llama", "tiny", world=tiny_world, cache=test_cache)
