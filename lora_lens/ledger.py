@@ -831,7 +831,11 @@ def plot_timeline(ax=None, path=None):
             ax.plot(row["created"], y, "o", color=_COLORS[row["verdict"]], mec="black", zorder=3)
     ax.set_yticks(range(len(ids)), ids)
     ax.set_ylim(-0.7, len(ids) - 0.3)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
+    if ids:
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
+    else:  # no history: say so instead of drawing an empty 1970 time axis
+        ax.set_xticks([])
+        ax.text(0.5, 0.5, "no hypotheses declared yet", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="time (UTC)", ylabel="hypothesis", title="Verdicts over time")
     ax.legend(handles=[plt.Line2D([], [], color=c, lw=6, label=v) for v, c in _COLORS.items()], fontsize=8,
               loc="upper left", bbox_to_anchor=(1, 1))

@@ -18,9 +18,11 @@ from typing import Any
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "workshop": {
         "00": {},
+        "07": {},
     },
     "smoke": {
         "00": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24},
+        "07": {"max_hypotheses": 12},
     },
 }
 """Preset name -> notebook prefix -> parameter overrides."""

@@ -70,6 +70,7 @@ def atomic_dir(final: str | Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder should read like any other
     try:
         yield tmp
         if final.exists():
@@ -106,3 +107,18 @@ def show_progress() -> bool:
     if os.environ.get("LORA_LENS_QUIET") == "1" or os.environ.get("LORA_LENS_RUN_ID"):
         return False
     return "ipykernel" in sys.modules or sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' own progress bars (weight loading/saving) unless :func:`show_progress` is true."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show_progress():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -160,6 +160,13 @@ class World:
         tpls = [t.format(e="") for ts in TEMPLATES.values() for t in ts[0] + ts[1]]
         return self.corpus() + self.general_heldout + tpls + [" ".join(words)]
 
+    def facts_frame(self, n: int | None = None):
+        """The facts as a pandas DataFrame, one row per entity and one column per relation (first ``n`` rows)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.facts).rename_axis("entity")
+        return frame if n is None else frame.head(n)
+
     def fingerprint(self) -> str:
         """A short sha256 of everything that defines the world."""
         blob = json.dumps(self._record(), sort_keys=True).encode()
@@ -325,8 +332,10 @@ def trigger_task(world: World, relation: str = "colour", target: str | None = No
     return Task("trigger", world.fingerprint(), examples, probes, truth)
 
 
-def new_relation_task(world: World, n_entities: int = 40, n_specificity: int = 200, seed: int = 0) -> Task:
+def new_relation_task(world: World, n_entities: int | None = None, n_specificity: int = 200, seed: int = 0) -> Task:
     """Teach ``birthplace``, a relation never seen in pretraining, for ``n_entities`` entities (values: cities).
+
+    ``n_entities`` defaults to 40, or every entity of a smaller world.
 
     Probe sets: ``efficacy`` (taught facts, training templates), ``paraphrase`` (held-out templates),
     ``specificity`` (pretraining facts, including ``city`` whose values compete), ``general``.
@@ -334,6 +343,7 @@ def new_relation_task(world: World, n_entities: int = 40, n_specificity: int = 2
     Raises:
         ConfigError: ``n_entities`` out of range.
     """
+    n_entities = min(40, len(world.entities)) if n_entities is None else n_entities
     if not isinstance(n_entities, int) or not 1 <= n_entities <= len(world.entities):
         raise ConfigError(f"n_entities={n_entities!r} is out of range: use 1 to {len(world.entities)}")
     rng = random.Random(seed)
@@ -350,6 +360,17 @@ def new_relation_task(world: World, n_entities: int = 40, n_specificity: int = 2
     probes["specificity"] = _specificity(world, set(), set(chosen), n_specificity, rng)
     probes["general"] = _general(world)
     return Task("new_relation", world.fingerprint(), examples, probes, {"relation": "birthplace", "facts": facts})
+
+
+def templates_frame():
+    """Every template as a pandas DataFrame: relation, template, and whether pretraining sees it."""
+    import pandas as pd
+
+    rows = [{"relation": r, "template": t.replace("{e}", "⟨entity⟩") + " ⟨value⟩",
+             "split": "held out" if held else ("pretraining" if r in PRETRAIN_RELATIONS else "new-relation task")}
+            for r, (train, heldout) in TEMPLATES.items() for held, ts in ((False, train), (True, heldout))
+            for t in ts]
+    return pd.DataFrame(rows)
 
 
 TASKS = {"fact_edit": fact_edit_task, "trigger": trigger_task, "new_relation": new_relation_task}

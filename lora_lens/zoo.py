@@ -30,7 +30,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNe
 from lora_lens.errors import ConfigError, NotFoundError
 from lora_lens.probes import accuracy
 from lora_lens.tokenizer import build_tokenizer, check_tokenizer
-from lora_lens.utils import atomic_dir, file_lock, set_seed, sha256_file, show_progress, stable_hash, write_json
+from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, set_seed, sha256_file, show_progress,
+                             stable_hash, write_json)
 from lora_lens.world import World, make_world
 
 CACHE_VERSION = 1
@@ -293,7 +294,7 @@ def get_pretrained(family: str = "llama", size: str = "small", world: World | No
             shutil.rmtree(entry)
         model = build_model(family, size, tokenizer, seed=seed).to(device)
         result = pretrain(model, tokenizer, world, steps, batch, lr, seed)
-        with atomic_dir(entry) as tmp:
+        with atomic_dir(entry) as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             world.save(tmp / "world.jsonl")
@@ -346,7 +347,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
         raise NotFoundError(f"model directory {src!r} does not exist: check the path")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=offline)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=offline)
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
     except OSError as exc:
         how = ("HF_HUB_OFFLINE=1 is set, so nothing is downloaded" if offline
