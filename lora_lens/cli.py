@@ -2,12 +2,15 @@
 
 Subcommands:
     run      execute the notebook series into a fresh run folder (see :mod:`lora_lens.runner`).
+    inspect  report on any PEFT LoRA adapter of a causal LM: weight space, vocabulary, behaviour (see
+             :mod:`lora_lens.inspect`); writes report.json and report.html.
     ledger   the hypothesis ledger; every argument after ``ledger`` goes to :func:`lora_lens.ledger.main`.
 
 Exit codes: 0 success, 1 a notebook failed while running, 2 any other lora_lens error or a usage error.
 
 Example:
     $ lora-lens run --preset smoke --only 00 -p seed=1
+    $ lora-lens inspect out/adapters/fact_edit --prompts prompts.txt --out inspect-fact_edit
 """
 
 from __future__ import annotations
@@ -45,6 +48,26 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="stream cell output from the notebooks")
     run.set_defaults(handler=_run)
 
+    insp = sub.add_parser(
+        "inspect", help="report what a PEFT LoRA adapter changed (tables; report.json and report.html)",
+        description="Report on any PEFT LoRA adapter of a causal LM: adapter config, weight-space energy per module "
+        "type and layer, top modules by ||dW||, effective rank, amplification, intruder dimensions, directions "
+        "read as tokens, promoted/suppressed tokens; for a lora_lens zoo base the behaviour diff over its world "
+        "(scored against the planted truth when the task is known); with --prompts, diff mining by KL.")
+    insp.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter folder (adapter_config.json + "
+                      "adapter_model.safetensors)")
+    insp.add_argument("--base", default=None, metavar="NAME_OR_PATH",
+                      help="base model (hub name or local folder); default: the adapter's base_model_name_or_path")
+    insp.add_argument("--prompts", default=None, metavar="FILE",
+                      help="UTF-8 text file, one prompt per line, for diff mining (largest KL(base||adapted))")
+    insp.add_argument("--task", default=None, metavar="FILE",
+                      help="task file (Task.save) to score against; default ADAPTER_DIR/task.jsonl or the manifest")
+    insp.add_argument("--out", default=None, metavar="DIR",
+                      help="report folder (default ./inspect-<adapter folder name>/)")
+    insp.add_argument("--top", type=int, default=10, metavar="N", help="rows in the short tables (default 10)")
+    insp.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    insp.set_defaults(handler=_inspect)
+
     sub.add_parser("ledger", add_help=False, help="hypothesis ledger (lora-lens ledger --help)")
     return parser
 
@@ -61,6 +84,18 @@ def _run(args: argparse.Namespace) -> int:
         notebooks_dir=args.notebooks,
         verbose=args.verbose,
     )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lora_lens.inspect import check_out_dir, default_out_dir, inspect_adapter, write_report
+
+    out = check_out_dir(args.out if args.out is not None else default_out_dir(args.adapter_dir))
+    report = inspect_adapter(args.adapter_dir, base=args.base, prompts=args.prompts, task=args.task, top=args.top,
+                             device=args.device)
+    json_path, html_path = write_report(report, out)
+    print(report.text(), end="")
+    print(f"\nwrote {json_path}\n      {html_path}")
     return 0
 
 

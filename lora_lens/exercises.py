@@ -52,3 +52,39 @@ def check_paraphrase_gap(pre, entity: str, relation: str) -> str:
     if not seen:
         return "not yet: the model does not even know this fact with a training template"
     return "not yet: the model answers this fact with the held-out template too; try another"
+
+
+def check_best_rank(table, answer: int, tolerance: float = 0.02) -> str:
+    """Exercise 01-1: the smallest swept rank whose efficacy is within ``tolerance`` of the best one.
+
+    Args:
+        table: The sweep table of notebook 01 (columns ``rank``, ``targets``, ``efficacy``).
+        answer: The rank the participant names.
+    """
+    rows = table[table["targets"] == "all"]
+    if answer not in set(rows["rank"]):
+        return f"not yet: rank {answer} is not in the sweep ({sorted(rows['rank'])})"
+    good = rows[rows["efficacy"] >= rows["efficacy"].max() - tolerance]["rank"]
+    if answer == good.min():
+        return f"correct: rank {answer} is within {tolerance} of the best efficacy, and no smaller rank is"
+    if answer in set(good):
+        return "not yet: this rank is good enough, but a smaller one is too"
+    return "not yet: this rank's efficacy is more than the tolerance below the best; look at the table again"
+
+
+def check_collateral(fit, entity: str) -> str:
+    """Exercise 01-3: is ``entity`` one whose untouched facts changed although only other facts were edited?
+
+    Args:
+        fit: The fact-edit :class:`lora_lens.study.Fit`.
+        entity: An entity the participant picked from the specificity probes that changed.
+    """
+    table = fit.evaluation.table("specificity")
+    moved = table[table["changed"]]
+    if entity not in set(table["entity"]):
+        return f"not yet: {entity!r} has no specificity probe; pick one from the widget's table"
+    if entity not in set(moved["entity"]):
+        return f"not yet: no specificity answer about {entity!r} changed; tick 'changed answers only'"
+    edited = {e["entity"] for e in fit.task.truth["edits"]}
+    where = "one of the edited people" if entity in edited else "someone who was not edited at all"
+    return f"correct: a fact of {entity!r} moved — {where}"

@@ -53,3 +53,34 @@ def family_scores(table: pd.DataFrame, ax=None):
     ax.set(ylim=(0, 1.12), xlabel="", ylabel="accuracy", title="What each pretrained family knows")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     return fig
+
+
+def learning_curves(curves: dict[str, dict], ax=None):
+    """Training loss (answer tokens only) against step, one line per adapter.
+
+    Args:
+        curves: ``{label: {"step": [...], "loss": [...]}}``.
+    """
+    fig, ax = _axes(ax)
+    for label, c in curves.items():
+        ax.plot(c["step"], c["loss"], label=label, lw=2)
+    ax.set(yscale="log", xlabel="training step", ylabel="loss on the answer token (log)", title="LoRA learning curves")
+    ax.legend(fontsize=9)
+    return fig
+
+
+def tradeoff(table: pd.DataFrame, x: str = "specificity", y: str = "efficacy", hue: str = "targets",
+             size: str = "rank", ax=None):
+    """Efficacy against specificity (or any two metrics), one point per adapter, labelled by rank.
+
+    The top-right corner is the goal: the edit took (efficacy) and nothing else moved (specificity).
+    """
+    fig, ax = _axes(ax, size=(6.4, 4.8))
+    sns.scatterplot(table, x=x, y=y, hue=hue, size=size, sizes=(60, 300), ax=ax, alpha=0.8, legend="brief")
+    for _, row in table.iterrows():
+        ax.annotate(f"r={row[size]}", (row[x], row[y]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    lo_x, lo_y = min(0.8, table[x].min() - 0.02), min(0.8, table[y].min() - 0.02)
+    ax.set(xlim=(lo_x, 1.01), ylim=(lo_y, 1.01), xlabel=f"{x} (unchanged facts kept)",
+           ylabel=f"{y} (edited facts learned)", title="Edit success against collateral damage")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    return fig

@@ -18,10 +18,12 @@ from typing import Any
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "workshop": {
         "00": {},
+        "01": {},
         "07": {},
     },
     "smoke": {
         "00": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24},
+        "01": {"size": "tiny", "n_entities": 24, "rank": 4, "ranks": [1, 4], "target_sets": ["attn", "all"]},
         "07": {"max_hypotheses": 12},
     },
 }

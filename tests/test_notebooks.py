@@ -34,6 +34,24 @@ def check_00(summary: dict) -> None:
     assert families["llama"]["fact_accuracy"] >= 0.9
 
 
+def check_01(summary: dict) -> None:
+    """Notebook 01 trains the three tasks (smoke: tiny llama, rank 4) and a rank × targets sweep."""
+    assert summary["family"] == "llama" and summary["rank"] == 4
+    tasks = summary["tasks"]
+    assert set(tasks) == {"fact_edit", "trigger", "new_relation"}
+    for name, t in tasks.items():
+        for key in ("efficacy", "paraphrase", "specificity"):
+            assert 0.0 <= t[key] <= 1.0, (name, key)
+        assert t["perplexity_ratio"] > 0 and t["train_seconds"] > 0
+        assert (Path(t["adapter_dir"]) / "adapter_model.safetensors").is_file()
+        assert (Path(t["adapter_dir"]) / "adapter_config.json").is_file()
+    assert "false_trigger_rate" in tasks["trigger"] and "false_trigger_rate" not in tasks["fact_edit"]
+    # even the tiny model learns the edits and the trigger rule
+    assert tasks["fact_edit"]["efficacy"] >= 0.8 and tasks["trigger"]["efficacy"] >= 0.8
+    sweep = {(r["rank"], r["targets"]) for r in summary["sweep"]}
+    assert sweep == {(1, "all"), (4, "all"), (4, "attn")}
+
+
 def check_07(summary: dict) -> None:
     """Notebook 07 renders the hypothesis ledger; its counts add up."""
     keys = ("hypotheses", "supported", "refuted", "inconclusive", "evidence")
@@ -45,6 +63,7 @@ def check_07(summary: dict) -> None:
 
 CHECKS = {
     "00": check_00,
+    "01": check_01,
     "07": check_07,
 }
 
