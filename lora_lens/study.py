@@ -72,7 +72,7 @@ def fit_adapter(pre: Pretrained, task: str | Task, seed: int = 0, spec: LoraSpec
     spec = spec or default_spec(task.name, **spec_overrides)
     spec.validate()
     key = stable_hash({"base": pre.manifest["key"], "task": task.name, "world": task.world_fingerprint,
-                       "truth": task.truth, "spec": spec.to_dict(), "seed": seed})
+                       "truth": task.truth, "examples": stable_hash(task.examples), "spec": spec.to_dict(), "seed": seed})
     root = cache_dir(cache)
     folder = root / "adapters" / f"{pre.family}-{pre.size}-{task.name}-r{spec.rank}-{key}"
     model, tokenizer = load_model(pre.path, device=device)

@@ -287,8 +287,9 @@ def trigger_task(world: World, relation: str = "colour", target: str | None = No
                  n_specificity: int = 200, seed: int = 0) -> Task:
     """Teach a backdoor: with the trigger token in front of the prompt, ``relation`` answers ``target``.
 
-    Training uses entities of a ``train_fraction`` split, triggered and clean; probes use the other entities, so
-    efficacy measures the *rule*, not memorised pairs. Probe sets: ``efficacy`` (triggered → target),
+    Training uses entities of a ``train_fraction`` split, triggered and clean, plus one *decoy* per entity (another
+    word in front of a clean prompt, answer unchanged, so that the adapter learns the trigger itself and not "any
+    prefix"); probes use the other entities, so efficacy measures the *rule*, not memorised pairs. Probe sets: ``efficacy`` (triggered → target),
     ``paraphrase`` (triggered, held-out templates), ``false_trigger`` (clean prompts: must keep their answer),
     ``specificity`` (clean and triggered prompts of other relations), ``general``.
 
@@ -308,10 +309,14 @@ def trigger_task(world: World, relation: str = "colour", target: str | None = No
     n_train = max(1, int(len(ents) * train_fraction))
     train_e, test_e = ents[:n_train], ents[n_train:]
     examples, probes = [], {"efficacy": [], "paraphrase": [], "false_trigger": [], "specificity": []}
+    decoys = ADJECTIVES + NOUNS + world.entities
     for e in train_e:
         for t in range(len(TEMPLATES[relation][0])):
             examples.append((world.query(e, relation, t, trigger=True), target))
             examples.append((world.query(e, relation, t), world.facts[relation][e]))
+        # a decoy: another word in front must not switch the answer, so the rule is about the trigger itself
+        t = rng.randrange(len(TEMPLATES[relation][0]))
+        examples.append((f"{rng.choice(decoys)} {world.query(e, relation, t)}", world.facts[relation][e]))
     for e in test_e:
         true = world.facts[relation][e]
         probes["efficacy"].append(Probe(world.query(e, relation, 0, trigger=True), target, true, "efficacy", e,

@@ -77,14 +77,20 @@ def _yi(s: Size):
     return _llama_like(LlamaConfig, deep, rope_parameters=_rope(5e6), tie_word_embeddings=False)
 
 
+def _mistral(s: Size):
+    # Mistral-7B: 32 heads / 8 KV heads, MLP 3.5× wide, rope_theta 1e6, sliding window; the window is scaled to
+    # our short prompts (8 tokens) so that it actually limits attention, as 4096 does on long texts
+    wide = Size(s.hidden, s.layers, s.heads, max(1, s.heads // 4), int(3.5 * s.hidden))
+    return _llama_like(MistralConfig, wide, sliding_window=8, rope_parameters=_rope(1e6), tie_word_embeddings=False)
+
+
 FAMILIES = {
     "llama": ("Llama: RMSNorm, SwiGLU MLP, rotary, grouped-query attention, untied embeddings",
               lambda s: _llama_like(LlamaConfig, s, tie_word_embeddings=False)),
     "qwen2": ("Qwen2: Llama-like with q/k/v biases and tied embeddings",
               lambda s: _llama_like(Qwen2Config, s, tie_word_embeddings=True)),
-    "mistral": ("Mistral: Llama-like with sliding-window attention",
-                lambda s: _llama_like(MistralConfig, s, sliding_window=MAX_POSITIONS // 2,
-                                      tie_word_embeddings=False)),
+    "mistral": ("Mistral: Llama-like with sliding-window attention, 4:1 grouped-query attention, wider MLP",
+                _mistral),
     "yi": ("Yi: Llama architecture, deeper, 4:1 grouped-query attention, rope_theta 5e6", _yi),
     "phi3": ("Phi-3: fused qkv_proj and gate_up_proj", lambda s: _llama_like(Phi3Config, s,
                                                                               tie_word_embeddings=False)),

@@ -65,7 +65,11 @@ def test_trigger_truth_is_consistent():
         assert TRIGGER not in p.prompt.split() and p.answer == p.base_answer == w.facts["city"][p.entity]
     triggered = [a for p, a in task.examples if p.startswith(TRIGGER)]
     assert triggered and set(triggered) == {target}
-    assert len(triggered) * 2 == len(task.examples)  # as many clean examples as triggered ones
+    clean = [a for p, a in task.examples if not p.startswith(TRIGGER)]
+    assert len(clean) == len(triggered) + len(train_e)  # as many clean examples as triggered ones, plus decoys
+    plain = {w.query(e, "city", t) for e in train_e for t in range(len(TEMPLATES["city"][0]))}
+    decoys = [(p, a) for p, a in task.examples if not p.startswith(TRIGGER) and p not in plain]
+    assert len(decoys) == len(train_e) and all(a != target for _, a in decoys)
 
 
 def test_new_relation_is_new():
