@@ -88,3 +88,134 @@ def check_collateral(fit, entity: str) -> str:
     edited = {e["entity"] for e in fit.task.truth["edits"]}
     where = "one of the edited people" if entity in edited else "someone who was not edited at all"
     return f"correct: a fact of {entity!r} moved — {where}"
+
+
+def _mean_phi_top1(fit_a, fit_b) -> float:
+    from lora_lens.delta import phi_table
+
+    return float(phi_table(fit_a.model, fit_b.model, 1, 1)["phi"].mean())
+
+
+def check_seed_vs_rank(small, large, other_seed, answer: str) -> str:
+    """Exercise 02-1: is the top direction shared more between two ranks (one seed) or two seeds (one rank)?
+
+    Args:
+        small: The notebook's fact-edit :class:`lora_lens.study.Fit` at the small rank.
+        large: The fact-edit Fit at the large rank (same task and seed as ``small``).
+        other_seed: A Fit of the same task and rank as ``small``, trained with another seed, e.g.
+            ``fit_adapter(pre, small.task, seed=seed + 1, rank=small_rank)``.
+        answer: ``"rank"`` (the two ranks share more) or ``"seed"`` (the two seeds share more).
+    """
+    if answer not in ("rank", "seed"):
+        return f"not yet: answer {answer!r} should be 'rank' or 'seed'"
+    if other_seed.task.truth != small.task.truth:
+        return ("not yet: the other adapter learned a different task (other edits); pass the task object, "
+                "fit_adapter(pre, small.task, seed=...), not its name")
+    if other_seed.spec.rank != small.spec.rank or other_seed.spec.targets != small.spec.targets:
+        return (f"not yet: train the other seed at the same rank ({small.spec.rank}) and targets as the small "
+                "adapter, so only the seed differs")
+    from pathlib import Path
+
+    if Path(other_seed.adapter_dir) == Path(small.adapter_dir):
+        return "not yet: that is the same adapter; pass another seed to fit_adapter"
+    by_rank, by_seed = _mean_phi_top1(small, large), _mean_phi_top1(small, other_seed)
+    truth = "rank" if by_rank > by_seed else "seed"
+    if answer == truth:
+        return (f"correct: mean φ_top1 is {by_rank:.2f} between the two ranks and {by_seed:.2f} between the two "
+                "seeds")
+    return "not yet: compute delta.phi_table for both pairs and compare the means of their phi column"
+
+
+def check_direction_reads_edit(fit, module: str, entity: str, top: int = 5) -> str:
+    """Exercise 02-2: a write-side module whose leading direction names an edited person's new value.
+
+    Correct when the new value of ``entity``'s edit is among the ``top`` tokens of ``module``'s leading singular
+    direction (either sign), read through the unembedding.
+
+    Args:
+        fit: The fact-edit :class:`lora_lens.study.Fit`.
+        module: A write-side module (attention output or MLP down projection), e.g. ``"layers.3.mlp.down_proj"``.
+        entity: An edited person.
+        top: Tokens per sign that count.
+    """
+    from lora_lens.delta import read_directions
+    from lora_lens.errors import LoraLensError
+
+    edits = {e["entity"]: e for e in fit.task.truth.get("edits", [])}
+    if entity not in edits:
+        return f"not yet: {entity!r} is not one of the edited people (see fit.task.truth['edits'])"
+    try:
+        dirs = read_directions(fit.model, module, k=1, top=top, tokenizer=fit.tokenizer, sign="both")
+    except LoraLensError as exc:
+        return f"not yet: {exc}"
+    if dirs[0].via != "unembedding":
+        return (f"not yet: {module!r} reads the residual stream; pick a write-side module (o_proj or down_proj), "
+                "whose directions are read through the unembedding")
+    new = edits[entity]["new"]
+    for d in dirs:
+        if new in d.tokens:
+            return (f"correct: the {d.sign} side of the leading direction of {module} has {new!r} at place "
+                    f"{d.tokens.index(new) + 1} of {top}")
+    return (f"not yet: the new value of {entity!r} is not among the top {top} tokens of that direction (either sign); "
+            "try another module or another edited person")
+
+
+def check_confidence_threshold(diff, task, min_confidence: float, precision: float = 0.8,
+                               recall: float = 0.95) -> str:
+    """Exercise 02-3: a confidence threshold that keeps recall ≥ ``recall`` while precision reaches ``precision``.
+
+    Args:
+        diff: The full :func:`lora_lens.diff.behaviour_diff` table of the notebook.
+        task: The fact-edit task (``fit.task``).
+        min_confidence: The threshold the participant proposes, in [0, 1).
+        precision: Precision to reach.
+        recall: Recall to keep.
+    """
+    from lora_lens.diff import discovered_changes, score_against_truth
+    from lora_lens.errors import LoraLensError
+
+    try:
+        found = discovered_changes(diff, min_confidence=min_confidence)
+        s = score_against_truth(found, task, queried=diff)
+    except LoraLensError as exc:
+        return f"not yet: {exc}"
+    p, r = s["precision"], s["recall"]
+    if r != r or r < recall:
+        return f"not yet: recall is {r:.2f} at this threshold, so planted edits are lost; lower the threshold"
+    if p != p or p < precision:
+        return (f"not yet: precision is {p:.2f} ({s['false_positives']} collateral changes still pass); raise the "
+                "threshold")
+    return f"correct: precision {p:.2f} and recall {r:.2f} at min_confidence={min_confidence:g}"
+
+
+def check_trigger_token(recovery, answer: str) -> str:
+    """Exercise 03-1: the token the difference attribution ranks first most often on the triggered probes.
+
+    Args:
+        recovery: The :class:`lora_lens.attribution.Recovery` of :func:`lora_lens.attribution.trigger_recovery`.
+        answer: The token the participant names (as shown in the heatmaps).
+    """
+    counts = recovery.table["top"].value_counts()
+    if answer not in counts.index:
+        return f"not yet: {answer!r} never ranks first; look at the difference row of a few heatmaps"
+    if answer == counts.index[0]:
+        return f"correct: {answer!r} ranks first on {counts.iloc[0]} of {counts.sum()} triggered probes"
+    return "not yet: that token ranks first sometimes, but another one does more often"
+
+
+def check_deletion_k(curve, answer: int, level: float = 0.8) -> str:
+    """Exercise 03-2: the smallest k whose top-k components remove at least ``level`` of the effect.
+
+    Args:
+        curve: From :func:`lora_lens.attribution.deletion_curve`.
+        answer: The k the participant names.
+        level: Share of the effect that must be removed.
+    """
+    enough = curve[curve["topk_removed"] >= level]["k"]
+    if enough.empty:
+        return f"not yet: no k on this curve removes {level:.0%}; raise k_max or use a finer grain"
+    if answer == int(enough.min()):
+        return f"correct: k = {answer} removes at least {level:.0%}, and no smaller k does"
+    if answer in set(enough):
+        return "not yet: this k removes enough, but a smaller one does too"
+    return f"not yet: the top-{answer} components remove less than {level:.0%}; read the curve again"

@@ -84,3 +84,255 @@ def tradeoff(table: pd.DataFrame, x: str = "specificity", y: str = "efficacy", h
            ylabel=f"{y} (edited facts learned)", title="Edit success against collateral damage")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# notebook 02: what changed
+
+
+def layer_heatmap(table: pd.DataFrame, value: str, title: str | None = None, fmt: str = ".2f",
+                  cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                  label: str | None = None, ax=None):
+    """Heatmap of one per-module quantity: module type (rows) against layer (columns), each cell annotated.
+
+    Works on any table with one row per module and columns ``layer``, ``module_type`` and ``value``, e.g.
+    :func:`lora_lens.delta.summary` (``value="energy_share"``) or :func:`lora_lens.delta.phi_table`
+    (``value="phi"``). Modules without a layer (embedding, LM head) are left out; several rows in one cell are
+    summed for shares (columns ending in ``share``) and averaged otherwise.
+
+    Args:
+        table: One row per module.
+        value: The column to draw.
+        title: Figure title (default: the column name).
+        fmt: Format of the annotations.
+        cmap: Colour map.
+        vmin: Lower end of the colour scale (default: the data's minimum).
+        vmax: Upper end (default: the data's maximum).
+        label: Colour-bar label (default: the column name).
+        ax: Optional matplotlib axes.
+    """
+    from lora_lens.delta import MODULE_TYPES
+
+    data = table[table["layer"].notna()].astype({"layer": int})
+    how = "sum" if value.endswith("share") else "mean"
+    grid = data.pivot_table(index="module_type", columns="layer", values=value, aggfunc=how)
+    grid = grid.reindex([t for t in MODULE_TYPES if t in grid.index])
+    fig, ax = _axes(ax, size=(max(4.0, 1.0 + 0.9 * grid.shape[1]), 0.8 + 0.45 * grid.shape[0]))
+    sns.heatmap(grid, annot=True, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax, ax=ax, linewidths=0.5,
+                annot_kws={"fontsize": 8}, cbar_kws={"label": label or value})
+    ax.set(xlabel="layer (input → output)", ylabel="", title=title or value)
+    ax.tick_params(axis="y", rotation=0)
+    return fig
+
+
+def phi_heatmap(grid, title: str | None = None, zoom: int | None = 8, ax=None):
+    """The LoRA paper's Figure 3: φ(i, j) between the top-i directions of one adapter and the top-j of another.
+
+    Args:
+        grid: ``[max_i, max_j]`` array from :func:`lora_lens.delta.phi_grid` (entry ``[i-1, j-1]`` is φ(i, j)).
+        title: Title of the full panel.
+        zoom: Also draw the top-left ``zoom × zoom`` corner, annotated (None or a corner as large as the grid:
+            one panel only).
+        ax: Optional axes: one (full grid only) or a pair ``(full, zoom)``.
+    """
+    import numpy as np
+
+    grid = np.asarray(grid, dtype=float)
+    ni, nj = grid.shape
+    zoom = None if zoom is None or (zoom >= ni and zoom >= nj) else zoom
+    if ax is None:
+        ncols = 2 if zoom else 1
+        fig, axes = plt.subplots(1, ncols, figsize=(5.6 * ncols, 3.6), constrained_layout=True,
+                                 width_ratios=[1.6, 1] if zoom else None)
+        axes = list(np.atleast_1d(axes))
+    else:
+        axes = list(ax) if isinstance(ax, (list, tuple)) else [ax]
+        fig = axes[0].figure
+        zoom = zoom if len(axes) > 1 else None
+    im = axes[0].imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto", interpolation="nearest",
+                        extent=(0.5, nj + 0.5, ni + 0.5, 0.5))
+    axes[0].set(xlabel="j (top-j directions of the second adapter)", ylabel="i (top-i of the first adapter)",
+                title=title or "subspace similarity φ(i, j)")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].grid(False)
+    fig.colorbar(im, ax=axes[-1] if zoom else axes[0], label="φ(i, j)", shrink=0.9)
+    if zoom:
+        z = grid[:zoom, :zoom]
+        zi, zj = z.shape
+        axes[1].imshow(z, vmin=0, vmax=1, cmap="magma", interpolation="nearest",
+                       extent=(0.5, zj + 0.5, zi + 0.5, 0.5))
+        for i in range(zi):
+            for j in range(zj):
+                axes[1].text(j + 1, i + 1, f"{z[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                             color="black" if z[i, j] > 0.6 else "white")
+        axes[1].set(xlabel="j", ylabel="i", title=f"zoom: i, j ≤ {zoom}", xticks=range(1, zj + 1),
+                    yticks=range(1, zi + 1))
+        axes[1].grid(False)
+    return fig
+
+
+def rank_profile(summaries: dict, ax=None):
+    """Effective (entropy) and stable rank of every module against the adapter's nominal rank.
+
+    Args:
+        summaries: ``{nominal rank: lora_lens.delta.summary(...)}``.
+        ax: Optional axes.
+    """
+    import numpy as np
+
+    fig, ax = _axes(ax, size=(6.0, 4.2))
+    ranks = sorted(summaries)
+    rng = np.random.default_rng(0)
+    colours = {"effective_rank": "#4C72B0", "stable_rank": "#DD8452"}
+    names = {"effective_rank": "effective rank (entropy)", "stable_rank": "stable rank ‖ΔW‖²_F/‖ΔW‖²₂"}
+    for col, shift in (("effective_rank", 0.93), ("stable_rank", 1.07)):
+        for k, r in enumerate(ranks):
+            y = summaries[r][col].to_numpy(dtype=float)
+            x = r * shift * np.exp(rng.uniform(-0.04, 0.04, len(y)))
+            ax.scatter(x, y, s=14, alpha=0.6, color=colours[col], label=names[col] if k == 0 else None)
+            ax.plot([r * shift / 1.1, r * shift * 1.1], [y.mean()] * 2, color=colours[col], lw=2.5)
+    xs = np.array([min(ranks) / 1.5, max(ranks) * 1.5])
+    ax.plot(xs, xs, color="grey", ls="--", lw=1, label="= nominal rank")
+    ax.plot(xs, xs / 2, color="grey", ls=":", lw=1, label="= nominal rank / 2")
+    ax.set(xscale="log", yscale="log", xlabel="nominal LoRA rank r", ylabel="rank measure (per module)",
+           title="How many directions does the update use?")
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def intruder_curves(counts: pd.DataFrame, epsilon: float = 0.5, ax=None):
+    """Intruder dimensions against the similarity threshold ε, one line per adapter (Shuttleworth et al. 2024).
+
+    Args:
+        counts: Long table with columns ``adapter``, ``epsilon`` and ``intruders`` (summed over modules).
+        epsilon: The threshold used elsewhere, marked by a vertical line.
+        ax: Optional axes.
+    """
+    fig, ax = _axes(ax, size=(6.0, 3.8))
+    sns.lineplot(counts, x="epsilon", y="intruders", hue="adapter", marker="o", ax=ax)
+    ax.axvline(epsilon, color="grey", ls="--", lw=1)
+    ax.text(epsilon, ax.get_ylim()[1] * 0.95, f" ε = {epsilon}", color="grey", va="top", fontsize=9)
+    ax.set(xlabel="ε (a top-10 singular vector of W+ΔW is an intruder if max |cos| with W's is below ε)",
+           ylabel="intruder dimensions (all modules)", title="Intruder dimensions against the threshold")
+    ax.xaxis.label.set_fontsize(9)
+    return fig
+
+
+def match_vs_chance(table: pd.DataFrame, ax=None):
+    """Share of edited values found among the top tokens of the leading directions, against its chance level.
+
+    Args:
+        table: Columns ``top`` (tokens per direction and sign), ``scope`` (which modules were read), ``match``
+            (share of edited values among the tokens) and ``chance`` (the share expected if the edited values
+            were random values of their relations).
+        ax: Optional axes.
+    """
+    fig, ax = _axes(ax, size=(6.2, 4.0))
+    palette = dict(zip(table["scope"].unique(), sns.color_palette("tab10")))
+    for scope, g in table.groupby("scope", sort=False):
+        g = g.sort_values("top")
+        ax.plot(g["top"], g["match"], marker="o", color=palette[scope], lw=2, label=f"{scope}: edited values found")
+        ax.plot(g["top"], g["chance"], ls="--", color=palette[scope], lw=1.5, label=f"{scope}: chance")
+    ax.set(xscale="log", xlabel="tokens read per direction and sign (log)", ylabel="share of edited values",
+           ylim=(0, 1.05), title="Reading directions: signal or a large enough net?")
+    ax.set_xticks(sorted(table["top"].unique()), [str(t) for t in sorted(table["top"].unique())])
+    ax.minorticks_off()
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def discovery_tradeoff(table: pd.DataFrame, default: float | None = None, ax=None):
+    """Precision and recall of the discovered changes against the confidence a moved answer needs.
+
+    Args:
+        table: Columns ``min_confidence``, ``precision``, ``recall`` (and optionally ``r_precision``).
+        default: Threshold to mark (e.g. the diff's default).
+        ax: Optional axes.
+    """
+    fig, ax = _axes(ax, size=(6.0, 3.8))
+    for col, style in (("precision", "-o"), ("recall", "-s"), ("r_precision", ":")):
+        if col in table.columns:
+            ax.plot(table["min_confidence"], table[col], style, lw=2, ms=4, label=col.replace("_", "-"))
+    if default is not None:
+        ax.axvline(default, color="grey", ls="--", lw=1)
+        ax.text(default, 0.02, f" default {default:g}", color="grey", fontsize=9)
+    ax.set(xlabel="confidence a moved answer needs to count as discovered", ylabel="score against the truth",
+           ylim=(0, 1.05), title="Discovered changes against the planted edits")
+    ax.legend(fontsize=9, loc="best")
+    return fig
+
+
+def token_heatmaps(attribution, ax=None):
+    """Input attribution of one probe: base, adapted and difference (adapter on − off), one heatmap row each.
+
+    Each row has its own symmetric colour scale (red raises ``log p(target)``, blue lowers it) and is annotated
+    with its values, so the token that carries the *change* stands out in the difference row even when the base
+    and adapted rows are dominated by other tokens.
+
+    Args:
+        attribution: A :class:`lora_lens.attribution.TokenAttribution`.
+        ax: Optional sequence of three matplotlib axes (base, adapted, difference).
+    """
+    import numpy as np
+
+    rows = {"base": attribution.base, "adapted": attribution.adapted, "difference": attribution.difference}
+    if ax is None:
+        fig, axes = plt.subplots(3, 1, figsize=(max(5.0, 1.0 + 0.9 * len(attribution.tokens)), 3.6),
+                                 constrained_layout=True)
+    else:
+        axes = list(ax)
+        fig = axes[0].figure
+    for a, (name, values) in zip(axes, rows.items()):
+        v = np.asarray(values, dtype=float)[None, :]
+        lim = max(float(np.abs(v).max()), 1e-9)
+        sns.heatmap(v, annot=True, fmt=".2f", cmap="RdBu_r", vmin=-lim, vmax=lim, ax=a, cbar=False,
+                    xticklabels=attribution.tokens, yticklabels=[name], linewidths=0.5, annot_kws={"fontsize": 8})
+        a.tick_params(axis="y", rotation=0)
+        a.tick_params(axis="x", rotation=0)
+    axes[0].set_title(f"{attribution.prompt!r} → {attribution.target!r}  (log p {attribution.logp_base:.2f} → "
+                      f"{attribution.logp_adapted:.2f})", fontsize=10)
+    return fig
+
+
+def component_heatmap(attribution: pd.DataFrame, components, behaviour: str, title: str | None = None, ax=None):
+    """Module type × layer heatmap of one behaviour's component attribution (module grain).
+
+    Args:
+        attribution: From :func:`lora_lens.attribution.component_attribution` at module grain.
+        components: The :class:`~lora_lens.attribution.ComponentSet` it is indexed by.
+        behaviour: The column to draw (e.g. ``"efficacy"``).
+        title: Figure title (default: the behaviour and the attribution method).
+        ax: Optional matplotlib axes.
+    """
+    table = components.table().join(attribution[[behaviour]])
+    lim = max(float(table[behaviour].abs().max()), 1e-9)
+    method = attribution.attrs.get("method", "")
+    return layer_heatmap(table, behaviour, title=title or f"{behaviour} ({method})", cmap="RdBu_r",
+                         vmin=-lim, vmax=lim, label="attribution", ax=ax)
+
+
+def deletion_curves(curve: pd.DataFrame, k: int | None = None, ax=None):
+    """Share of a behaviour's effect removed by switching off the top-k components vs k random ones.
+
+    Args:
+        curve: From :func:`lora_lens.attribution.deletion_curve`.
+        k: A chosen k to mark with a vertical line.
+        ax: Optional matplotlib axes.
+    """
+    fig, ax = _axes(ax)
+    ax.plot(curve["k"], curve["topk_removed"], marker="o", label="top-k attributed")
+    ax.plot(curve["k"], curve["random_removed"], marker="s", color="grey", label="k random")
+    ax.fill_between(curve["k"], curve["random_removed"] - curve["random_std"],
+                    curve["random_removed"] + curve["random_std"], color="grey", alpha=0.2)
+    ax.axhline(0.8, ls=":", color="black", lw=1)
+    if k is not None:
+        ax.axvline(k, ls="--", color="C3", lw=1, label=f"k = {k}")
+    ax.set(xlabel="components switched off (k)", ylabel="share of the effect removed",
+           title=f"deletion curve: {curve.attrs.get('behaviour', '')}")
+    ax.legend()
+    return fig

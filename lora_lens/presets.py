@@ -19,11 +19,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "workshop": {
         "00": {},
         "01": {},
+        "02": {},
+        "03": {},
         "07": {},
     },
     "smoke": {
         "00": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24},
         "01": {"size": "tiny", "n_entities": 24, "rank": 4, "ranks": [1, 4], "target_sets": ["attn", "all"]},
+        "02": {"size": "tiny", "n_entities": 24, "rank": 4, "small_rank": 4, "large_rank": 16, "low_rank": 1},
+        "03": {"size": "tiny", "n_entities": 24, "rank": 4, "n_probes": 16, "ig_steps": 8, "shapley_samples": 3,
+               "deletion_k": 6},
         "07": {"max_hypotheses": 12},
     },
 }

@@ -62,3 +62,118 @@ def probe_browser(tables: dict, n: int = 20) -> w.VBox:
         control.observe(refresh, names="value")
     refresh()
     return box
+
+
+def attribution_view(attributions: list, index: int) -> pd.DataFrame:
+    """The pure callback behind :func:`attribution_picker`: one probe's token attributions (base, adapted, diff).
+
+    Args:
+        attributions: :class:`lora_lens.attribution.TokenAttribution` objects.
+        index: Which one.
+    """
+    return attributions[index].frame()
+
+
+def attribution_picker(attributions: list, labels: list[str] | None = None) -> w.VBox:
+    """Pick a probe; see its base / adapted / difference token heatmaps.
+
+    Args:
+        attributions: :class:`lora_lens.attribution.TokenAttribution` objects.
+        labels: Dropdown labels (default: ``prompt → target``).
+
+    Returns:
+        A ``VBox``; ``.state`` holds ``index``, ``frame`` (the attribution table on display) and ``top`` (the
+        top token of the difference).
+    """
+    import matplotlib.pyplot as plt
+
+    from lora_lens import plots
+
+    labels = labels or [f"{a.prompt} → {a.target}" for a in attributions]
+    pick = w.Dropdown(options=[(lab, i) for i, lab in enumerate(labels)], description="probe",
+                      layout=w.Layout(width="90%"))
+    out = w.Output()
+    box = w.VBox([pick, out])
+    box.state = {}
+
+    def refresh(_=None):
+        box.state.update(index=pick.value, frame=attribution_view(attributions, pick.value),
+                         top=attributions[pick.value].top())
+        out.clear_output(wait=True)
+        with out:
+            fig = plots.token_heatmaps(attributions[pick.value])
+            display(fig)
+            plt.close(fig)
+
+    pick.observe(refresh, names="value")
+    box.refresh = refresh
+    refresh()
+    return box
+
+
+def ablation_view(peft_model, tokenizer, components, order: list[str], k: int, prompt: str,
+                  words: list[str]) -> dict:
+    """The pure callback behind :func:`ablation_slider`: switch off the first ``k`` components of ``order``.
+
+    Args:
+        peft_model: A ``peft.PeftModel``.
+        tokenizer: Its tokenizer.
+        components: A :class:`lora_lens.attribution.ComponentSet`.
+        order: Component names, most attributed first.
+        k: How many to switch off.
+        prompt: The prompt shown.
+        words: Answers whose probabilities are shown (e.g. the new and the old answer).
+
+    Returns:
+        ``{"k", "off" (names switched off), "answer" (top next token), "probs" ({word: p})}``.
+    """
+    import torch
+
+    from lora_lens.attribution import ComponentMask
+    from lora_lens.probes import next_token_logits
+    from lora_lens.tokenizer import token_id
+
+    off = list(order[:k])
+    names = components.names
+    values = torch.tensor([0.0 if n in off else 1.0 for n in names], dtype=torch.float32)
+    with ComponentMask(peft_model, components, values):
+        probs = next_token_logits(peft_model, tokenizer, [prompt])[0].softmax(-1)
+    answer = tokenizer.decode([int(probs.argmax())]).strip()
+    return {"k": k, "off": off, "answer": answer,
+            "probs": {word: float(probs[token_id(tokenizer, word)]) for word in words}}
+
+
+def ablation_slider(peft_model, tokenizer, components, attribution: pd.DataFrame, behaviour: str, prompt: str,
+                    words: list[str]) -> w.VBox:
+    """A slider that switches off the top-k attributed components and shows the answer and probabilities live.
+
+    Args:
+        peft_model: A ``peft.PeftModel``.
+        tokenizer: Its tokenizer.
+        components: The :class:`lora_lens.attribution.ComponentSet` the attribution is indexed by.
+        attribution: From :func:`lora_lens.attribution.component_attribution`.
+        behaviour: The column whose top components are switched off first.
+        prompt: The prompt shown.
+        words: Answers whose probabilities are shown.
+
+    Returns:
+        A ``VBox``; ``.state`` is the latest :func:`ablation_view` result.
+    """
+    order = list(attribution[behaviour].sort_values(ascending=False).index)
+    slider = w.IntSlider(value=0, min=0, max=len(order), description="top-k off")
+    out = w.Output()
+    box = w.VBox([w.HTML(f"<b>{prompt}</b>"), slider, out])
+    box.state = {}
+
+    def refresh(_=None):
+        box.state = ablation_view(peft_model, tokenizer, components, order, slider.value, prompt, words)
+        out.clear_output(wait=True)
+        with out:
+            print(f"answer: {box.state['answer']}   " +
+                  "   ".join(f"p({k}) = {v:.3f}" for k, v in box.state["probs"].items()))
+            print("off:", ", ".join(box.state["off"]) or "nothing")
+
+    slider.observe(refresh, names="value")
+    box.refresh = refresh
+    refresh()
+    return box

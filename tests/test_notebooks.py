@@ -52,6 +52,53 @@ def check_01(summary: dict) -> None:
     assert sweep == {(1, "all"), (4, "all"), (4, "attn")}
 
 
+def check_02(summary: dict) -> None:
+    """Notebook 02 takes the smoke fact-edit adapter apart (tiny llama: r=4; φ between r=4 and r=16; r=1 vs r=16)."""
+    assert summary["family"] == "llama" and summary["size"] == "tiny" and summary["rank"] == 4
+    assert summary["amplification_ranks"] == {"r4": 1, "r8": 4, "r64": 16}
+    found = summary["edit_discovery"]
+    for key in ("precision", "recall", "r_precision", "specificity"):
+        assert 0.0 <= found[key] <= 1.0, key
+    # the diff asks every fact with and without the adapter: every edit the adapter learned is found
+    assert found["recall"] >= 0.9 and found["value_accuracy"] == 1.0
+    assert found["true_positives"] + found["false_positives"] == found["n_discovered"]
+    assert summary["r_precision"] == found["r_precision"]
+    # top directions of two ranks overlap far more than random directions would
+    assert 0.0 <= summary["phi_chance"] < summary["phi_top1_r8_r64"] <= 1.0
+    # amplification falls with rank (Hu et al. 2021, Table 7)
+    assert summary["amplification"]["r4"] > summary["amplification"]["r64"] > 0
+    assert isinstance(summary["intruders"], int) and summary["intruders"] >= 0
+    assert summary["effective_rank"]["1"]["mean"] == pytest.approx(1.0)
+    assert 0.0 < summary["effective_rank_ratio"] <= 1.0
+    # two layers have no middle layer: the middle-MLP metric is left out, not made up
+    assert summary["energy"]["mid_mlp_energy_ratio"] is None
+    assert sum(summary["energy"]["by_layer"]) == pytest.approx(1.0)
+    assert 0.0 <= summary["top_tokens_chance"] <= 1.0 and 0.0 <= summary["top_tokens_match_edits"] <= 1.0
+    assert summary["top_tokens_budget"]["n_tokens"] > 0
+    # the report says it in words, and scores itself against the planted truth
+    assert any(" (was " in line for line in summary["semantic_report"])
+    assert any(line.startswith("Against the planted truth (fact_edit)") for line in summary["semantic_report"])
+    names = {Path(p).name for p in summary["figures"]}
+    assert {"energy.png", "phi_grid.png", "phi_modules.png", "rank_profile.png", "directions_match.png"} <= names
+    assert all(Path(p).stat().st_size > 0 for p in summary["figures"])
+
+
+def check_03(summary: dict) -> None:
+    """Notebook 03 scores input and component attribution of the change against the planted truth (smoke: tiny)."""
+    assert summary["family"] == "llama" and summary["size"] == "tiny" and summary["rank"] == 4
+    for key in ("trigger_recovery", "entity_top1"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["n_trigger_probes"] > 0 and summary["n_entity_probes"] > 0
+    # the batched path reproduces captum per prompt (float32 rounding)
+    assert 0.0 <= summary["batched_vs_captum_max_abs_diff"] <= 1e-3
+    d = summary["deletion"]
+    assert 1 <= d["k"] <= 6 and d["n_components"] == summary["n_components"]["module"]
+    # the top-attributed modules remove more of the edit than as many random ones
+    assert d["topk_removed"] > d["random_removed"]
+    assert summary["n_components"]["rank"] == 4 * summary["n_components"]["module"]
+    assert summary["n_components"]["layer"] >= 1
+
+
 def check_07(summary: dict) -> None:
     """Notebook 07 renders the hypothesis ledger; its counts add up."""
     keys = ("hypotheses", "supported", "refuted", "inconclusive", "evidence")
@@ -64,6 +111,8 @@ def check_07(summary: dict) -> None:
 CHECKS = {
     "00": check_00,
     "01": check_01,
+    "02": check_02,
+    "03": check_03,
     "07": check_07,
 }
 
