@@ -72,3 +72,14 @@ def tiny_llama(tiny_world, test_cache):
     from lora_lens.zoo import get_pretrained
 
     return get_pretrained("llama", "tiny", world=tiny_world, cache=test_cache)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tests use tiny models, which gain nothing from intra-op threads and lose much to spin-waits."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

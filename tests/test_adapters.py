@@ -17,13 +17,6 @@ from lora_lens.world import make_task
 from lora_lens.zoo import build_model, load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory):

@@ -17,14 +17,6 @@ from lora_lens.zoo import load_model
 PLANTED = "model.layers.1.mlp.down_proj"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose much to spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _peft(pre, r: int = 4, targets="all-linear", seed: int = 0):
     """A fresh copy of the tiny model with a LoRA adapter (peft's default init: B = 0, so ΔW = 0)."""

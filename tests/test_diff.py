@@ -20,14 +20,6 @@ from lora_lens.zoo import load_model
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def task(tiny_world):

@@ -22,14 +22,6 @@ TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 BASE_KEYS = ("efficacy", "paraphrase", "specificity", "false_trigger_rate")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def task(tiny_world):

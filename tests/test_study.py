@@ -1,13 +1,8 @@
 """Adapter recipes and cache (study.py) and the probe widget (widgets.py)."""
 
 import pytest
-import torch
-
 from lora_lens import study, widgets
 from lora_lens.study import fit_adapter, results_table
-
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def fit(tiny_llama, tmp_path_factory):

@@ -19,14 +19,6 @@ from lora_lens.zoo import FAMILIES, build_model, load_model
 FAST = dict(steps=8, batch_size=8, replay=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and a shared machine loses a lot to them."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture
 def fresh(tiny_llama):
