@@ -134,11 +134,11 @@ def check_direction_reads_edit(fit, module: str, entity: str, top: int = 5) -> s
 
     Args:
         fit: The fact-edit :class:`lora_lens.study.Fit`.
-        module: A write-side module (attention output or MLP down projection), e.g. ``"layers.3.mlp.down_proj"``.
+        module: A write-side module (attention output or MLP down projection), e.g. ``"layers.1.self_attn.o_proj"``.
         entity: An edited person.
         top: Tokens per sign that count.
     """
-    from lora_lens.delta import read_directions
+    from lora_lens.delta import layer_index, read_directions
     from lora_lens.errors import LoraLensError
 
     edits = {e["entity"]: e for e in fit.task.truth.get("edits", [])}
@@ -154,8 +154,11 @@ def check_direction_reads_edit(fit, module: str, entity: str, top: int = 5) -> s
     new = edits[entity]["new"]
     for d in dirs:
         if new in d.tokens:
+            n_layers = getattr(fit.model.get_base_model().config, "num_hidden_layers", None)
+            last = n_layers is not None and layer_index(module) == n_layers - 1
             return (f"correct: the {d.sign} side of the leading direction of {module} has {new!r} at place "
-                    f"{d.tokens.index(new) + 1} of {top}")
+                    f"{d.tokens.index(new) + 1} of {top}"
+                    + ("; that module is in the last layer, can you find one in an earlier layer too?" if last else ""))
     return (f"not yet: the new value of {entity!r} is not among the top {top} tokens of that direction (either sign); "
             "try another module or another edited person")
 
