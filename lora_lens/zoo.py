@@ -141,6 +141,11 @@ def check_family(family: str) -> None:
                           "(or load_model(name_or_path) for any Hugging Face model)")
 
 
+def _special_ids(tokenizer) -> dict:
+    return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
 def build_model(family: str, size: str | Size, tokenizer, seed: int = 0, **overrides):
     """A freshly initialised float32 model of ``family`` at ``size`` for ``tokenizer``.
 
@@ -149,9 +154,7 @@ def build_model(family: str, size: str | Size, tokenizer, seed: int = 0, **overr
     """
     check_family(family)
     s = resolve_size(size, **overrides)
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config = FAMILIES[family][1](s)(ids)
+    config = FAMILIES[family][1](s)(_special_ids(tokenizer))
     set_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -285,7 +288,9 @@ def get_pretrained(family: str = "llama", size: str = "small", world: World | No
     default_steps, batch, lr = PRETRAIN[size]
     steps = default_steps if steps is None else steps
     tokenizer = build_tokenizer(world)
-    spec = {"family": family, "size": dataclasses.asdict(SIZES[size]), "world": world.fingerprint(),
+    config = FAMILIES[family][1](SIZES[size])(_special_ids(tokenizer))
+    spec = {"family": family, "size": dataclasses.asdict(SIZES[size]), "config": stable_hash(config.to_dict()),
+            "world": world.fingerprint(),
             "vocab": stable_hash(tokenizer.get_vocab()), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
             "version": CACHE_VERSION}
     key = stable_hash(spec)

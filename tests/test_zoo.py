@@ -81,7 +81,7 @@ def test_unknown_family_fails_before_any_cache_write(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_cache_hit_reuses_and_corruption_rebuilds(tiny_world, tmp_path):
+def test_cache_hit_reuses_and_corruption_rebuilds(tiny_world, tmp_path, monkeypatch):
     first = get_pretrained("gpt_neox", "tiny", world=tiny_world, steps=20, cache=tmp_path)
     assert (first.path / "config.json").is_file() and (first.path / "world.jsonl").is_file()
     t0 = time.perf_counter()
@@ -90,6 +90,12 @@ def test_cache_hit_reuses_and_corruption_rebuilds(tiny_world, tmp_path):
     assert again.manifest == first.manifest
     other = get_pretrained("gpt_neox", "tiny", world=tiny_world, steps=21, cache=tmp_path)
     assert other.path != first.path  # the key covers the pretraining budget
+    desc, builder = FAMILIES["gpt_neox"]
+    monkeypatch.setitem(FAMILIES, "gpt_neox", (desc, lambda s: lambda ids: builder(s)(ids).__class__(
+        **{**builder(s)(ids).to_dict(), "use_parallel_residual": False})))
+    changed = get_pretrained("gpt_neox", "tiny", world=tiny_world, steps=20, cache=tmp_path)
+    assert changed.path != first.path and not changed.model.config.use_parallel_residual  # and the architecture
+    monkeypatch.undo()
     weights = first.path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
     with pytest.warns(UserWarning, match="corrupt.*model.safetensors does not match its sha256"):
