@@ -52,6 +52,7 @@ import torch
 
 from lora_lens.delta import factor_svd, layer_index, module_type
 from lora_lens.errors import ConfigError, MismatchError
+from lora_lens.probes import check_unmerged
 from lora_lens.tokenizer import check_tokenizer, token_id
 from lora_lens.world import Task
 
@@ -83,10 +84,7 @@ def _check_peft(model, tokenizer=None) -> None:
         raise ConfigError(f"attribution of an adapter's change needs a peft.PeftModel, got {type(model).__name__}: "
                           "wrap the base with peft.get_peft_model(base, LoraConfig(...)) or load an adapter with "
                           "PeftModel.from_pretrained(base, adapter_dir)")
-    merged = [n for n, m in model.named_modules() if getattr(m, "merged", False)]
-    if merged:
-        raise ConfigError(f"the adapter is merged into the base weights ({merged[0]} …), so switching it off would "
-                          "silently unmerge it: call model.unmerge_adapter() first")
+    check_unmerged(model)
     if tokenizer is not None:
         check_tokenizer(model, tokenizer)
 

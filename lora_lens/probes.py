@@ -110,6 +110,14 @@ def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def check_unmerged(model) -> None:
+    """Raise :class:`ConfigError` when the adapter is merged into the base weights (toggling would unmerge it)."""
+    merged = [n for n, m in model.named_modules() if getattr(m, "merged", False)]
+    if merged:
+        raise ConfigError(f"the adapter is merged into the base weights ({merged[0]} …), so switching it off would "
+                          "silently unmerge it: call model.unmerge_adapter() first")
+
+
 def _check_base(model, tokenizer, base) -> None:
     """Validate the ``base`` argument before any forward pass (see :func:`evaluate`)."""
     check_tokenizer(model, tokenizer)
@@ -121,10 +129,7 @@ def _check_base(model, tokenizer, base) -> None:
             raise ConfigError(f"base='adapter' needs a peft.PeftModel, got a plain {type(model).__name__} with no "
                               "adapter to toggle: pass base=None to evaluate it alone, or base=<the base model> to "
                               "compare two models")
-        merged = [n for n, m in model.named_modules() if getattr(m, "merged", False)]
-        if merged:
-            raise ConfigError(f"the adapter is merged into the base weights ({merged[0]} …), so toggling it would "
-                              "silently unmerge it: call model.unmerge_adapter() before evaluating")
+        check_unmerged(model)
     elif base is not None:
         if not isinstance(base, torch.nn.Module):
             raise ConfigError(f"base={type(base).__name__} is not a model: use 'adapter', None or a torch model")
