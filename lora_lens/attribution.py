@@ -52,7 +52,7 @@ import torch
 
 from lora_lens.delta import factor_svd, layer_index, module_type
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.probes import check_unmerged
+from lora_lens.probes import check_unmerged, keeps_logits
 from lora_lens.tokenizer import check_tokenizer, token_id
 from lora_lens.world import Task
 
@@ -109,16 +109,6 @@ def _frozen(model) -> Iterator[None]:
 def _states(model):
     """``(name, context)`` for the adapted and the base state of one PeftModel."""
     return (("adapted", contextlib.nullcontext()), ("base", model.disable_adapter()))
-
-
-def _keeps_logits(model) -> bool:
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _logits_at(model, last: torch.Tensor, keep: bool, **inputs) -> torch.Tensor:
@@ -348,7 +338,7 @@ def _result(tokenizer, row: _Row, method: str, attr: dict, logp: dict) -> TokenA
 @torch.no_grad()
 def _target_logprobs(model, tokenizer, seqs: list[list[int]], targets: list[int], batch_size: int) -> torch.Tensor:
     """``log p(target_i | seq_i)`` for every sequence, batched with right padding (float32, CPU)."""
-    dev, keep, pad = _device(model), _keeps_logits(model), _pad_id(tokenizer)
+    dev, keep, pad = _device(model), keeps_logits(model), _pad_id(tokenizer)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))   # similar lengths together: little padding
     seqs, targets = [seqs[i] for i in order], [targets[i] for i in order]
     out = []
@@ -456,7 +446,7 @@ def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str
     step_sizes_func, alphas_func = approximation_parameters(ig_method)
     weights = torch.tensor(step_sizes_func(n_steps)).float()  # as captum: float32 step sizes
     alphas = alphas_func(n_steps)
-    dev, keep, pad = _device(model), _keeps_logits(model), _pad_id(tokenizer)
+    dev, keep, pad = _device(model), keeps_logits(model), _pad_id(tokenizer)
     emb = model.get_input_embeddings()
     ids, _, last = _pad([r.ids for r in rows], pad, dev)
     base_ids = ids.clone()

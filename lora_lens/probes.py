@@ -41,7 +41,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _keeps_logits(model) -> bool:
+def keeps_logits(model) -> bool:
     """Whether the causal LM's forward accepts ``logits_to_keep`` (then only the needed positions are projected)."""
     import inspect
 
@@ -56,7 +56,7 @@ def _last_logits(model, enc: dict) -> torch.Tensor:
     """Logits ``[batch, vocab]`` at each row's last real token (right padding), on the model's device."""
     last = enc["attention_mask"].sum(1) - 1
     rows = torch.arange(len(last), device=last.device)
-    if _keeps_logits(model):
+    if keeps_logits(model):
         keep, where = torch.unique(last, return_inverse=True)
         logits = model(**enc, logits_to_keep=keep).logits
         return logits[rows, where]
