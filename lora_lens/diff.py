@@ -441,7 +441,7 @@ def score_against_truth(discovered: pd.DataFrame, task: Task, queried: pd.DataFr
                               "queried=) to know how many templates each fact was asked with")
         train = queried[(queried["entity"] != "") & (queried["template"] >= 0) & ~queried["heldout"].astype(bool)]
         asked = train.groupby(["entity", "relation", "triggered"]).size()
-        hits = train[train["discovered"].astype(bool)]
+        hits = train[train.index.isin(discovered.index)]
         found = {}
         for key, g in hits.groupby(["entity", "relation", "triggered"], sort=False):
             value, n = Counter(g["adapted_answer"]).most_common(1)[0]

@@ -21,6 +21,7 @@ new record (:func:`retract`), never edited. Every change of verdict is logged wi
 tags and author of the first declaration are kept); a changed one is an error.
 
 Location: ``path`` argument > ``$LORA_LENS_LEDGER`` > ``<parent of $LORA_LENS_RUN_DIR>/ledger.sqlite`` >
+``<project>/runs/ledger.sqlite`` inside a checkout (from any subfolder, e.g. ``notebooks/``) >
 ``./runs/ledger.sqlite``. Run context comes from ``$LORA_LENS_RUN_ID``, ``$LORA_LENS_NOTEBOOK`` and
 ``$LORA_LENS_PARAMS`` (JSON) set by the runner; outside a run the run id is ``interactive-<pid>-<time>``.
 
@@ -191,13 +192,23 @@ def git_commit() -> str | None:
 
 
 def ledger_path(path: str | os.PathLike | None = None) -> Path:
-    """Resolve the ledger file: ``path`` > ``$LORA_LENS_LEDGER`` > run folder's parent > ``./runs``."""
+    """Resolve the ledger file: ``path`` > ``$LORA_LENS_LEDGER`` > run folder's parent > the project's ``runs/``.
+
+    Outside a run the default is ``<project>/runs/ledger.sqlite`` when the current directory is inside a checkout
+    (the nearest folder holding both ``pyproject.toml`` and ``notebooks/``), so a notebook opened in JupyterLab
+    (whose working directory is ``notebooks/``) shares the ledger of ``lora-lens run`` started at the project root.
+    Elsewhere it is ``./runs/ledger.sqlite``.
+    """
     if path is not None:
         return Path(path)
     if os.environ.get("LORA_LENS_LEDGER"):
         return Path(os.environ["LORA_LENS_LEDGER"])
     if os.environ.get("LORA_LENS_RUN_DIR"):
         return Path(os.environ["LORA_LENS_RUN_DIR"]).parent / "ledger.sqlite"
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            return folder / "runs" / "ledger.sqlite"
     return Path("runs") / "ledger.sqlite"
 
 

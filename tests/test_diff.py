@@ -117,6 +117,10 @@ def test_discovers_every_edit_and_the_planted_collateral(diff, task, secret):
     assert s2["precision"] == 1.0 and s2["recall"] == 1.0 and s2["collateral"] == [] and s2["r_precision"] == 1.0
     assert s["r_precision"] >= 0.75  # the 4 strongest changes (mean KL) hold at least 3 of the 4 edits
     assert D.score_against_truth(diff, full, rule="majority")["precision"] == 1.0
+    # the majority rule counts what was discovered at the caller's threshold, not the diff's own column
+    strict = D.discovered_changes(diff, min_confidence=float(diff["confidence"].max()))
+    n_strict = D.score_against_truth(strict, full, queried=diff, rule="majority")["n_discovered"]
+    assert n_strict <= len(strict) and n_strict < D.score_against_truth(diff, full, rule="majority")["n_discovered"]
     # the discovered table alone scores the same (truth not restricted to a query space)
     found = D.discovered_changes(diff)
     assert D.score_against_truth(found, full)["recall"] == 1.0

@@ -201,6 +201,15 @@ def test_interactive_context_and_default_location(monkeypatch, tmp_path):
     assert (tmp_path / "runs" / "ledger.sqlite").exists()
 
 
+def test_default_location_is_the_projects_runs_folder_from_any_subfolder(monkeypatch, tmp_path):
+    """JupyterLab starts kernels in notebooks/: they share the ledger that `lora-lens run` fills at the root."""
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (tmp_path / "notebooks" / "deep").mkdir(parents=True)
+    for cwd in (tmp_path, tmp_path / "notebooks", tmp_path / "notebooks" / "deep"):
+        monkeypatch.chdir(cwd)
+        assert ledger.ledger_path() == tmp_path / "runs" / "ledger.sqlite"
+
+
 def test_artifacts_are_hashed(db, tmp_path):
     declare_acc(db)
     fig = tmp_path / "run-1" / "fig.png"
@@ -389,3 +398,29 @@ def plot_ok(fig):
 def test_module_docstring_example_runs():
     result = doctest.testmod(ledger, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_two_runs_of_a_series_double_the_evidence_not_the_hypotheses(monkeypatch, tmp_path):
+    """Under `lora-lens run` every notebook declares near the top and records where it measures: a second run of
+    the series re-declares (a no-op) and appends its own evidence, tagged with its own run id."""
+    from conftest import write_notebook
+    from lora_lens import presets
+    from lora_lens.runner import run_series
+
+    monkeypatch.setattr(presets, "PRESETS", {"workshop": {}, "smoke": {}})
+    cell = ("from lora_lens import ledger\n"
+            "ledger.declare('h-{n}', 'claim {n}', 'acc', '>=', 0.5, falsifier='acc below 0.5')\n"
+            "ledger.record('h-{n}', 0.9)")
+    nbs = tmp_path / "nbs"
+    for n in ("00", "01"):
+        write_notebook(nbs / f"{n}_nb.ipynb", [cell.format(n=n)])
+    for name in ("a", "b"):
+        run_series("smoke", out=tmp_path / "runs" / name, notebooks_dir=nbs)
+    db = tmp_path / "runs" / "ledger.sqlite"
+    assert sorted(ledger.hypotheses(path=db)["id"]) == ["h-00", "h-01"]
+    ev = ledger.evidence(path=db)
+    assert len(ev) == 4 and ev["run_id"].nunique() == 2
+    assert sorted(ev["notebook"].str[:2]) == ["00", "00", "01", "01"]
+    assert all(ledger.verdict(h, path=db) == "supported" for h in ("h-00", "h-01"))
+    md = ledger.export("md", path=db)
+    assert "h-00" in md and "h-01" in md and all(run_id in md for run_id in ev["run_id"].unique())
