@@ -26,7 +26,8 @@ failed one) the runner writes ``<run>/index.html`` (:mod:`lora_lens.report`).
 
 While a notebook runs, the kernel sees the run context in these environment variables:
 ``LORA_LENS_RUN_ID`` (run folder name), ``LORA_LENS_RUN_DIR`` (absolute run folder), ``LORA_LENS_NOTEBOOK``
-(notebook stem) and ``LORA_LENS_PARAMS`` (JSON of the parameters passed).
+(notebook stem) and ``LORA_LENS_PARAMS`` (JSON of the parameters passed); ``MPLBACKEND`` is set to the inline
+backend so that figures land in the executed notebook (and the report) even where ``MPLBACKEND=Agg``.
 
 Example:
     >>> from lora_lens.runner import run_series
@@ -55,6 +56,8 @@ from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 
 ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS")
 RESERVED = "output_dir"
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+"""The kernels' matplotlib backend, whatever ``$MPLBACKEND`` says: executed notebooks keep their figures."""
 _NOTEBOOK_RE = re.compile(r"^(\d{2})_.+\.ipynb$")
 _KEY_RE = re.compile(r"^(?:(\d{2})\.)?([A-Za-z_]\w*)$")
 
@@ -545,7 +548,8 @@ def run_series(
                 nb_dir.mkdir()
                 executed = nb_dir / nb.path.name
                 env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
-                       "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params)}
+                       "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
+                       "MPLBACKEND": INLINE_BACKEND}
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
                                    name=f"lora-lens-{nb.stem}", daemon=False)
