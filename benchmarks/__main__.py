@@ -45,7 +45,7 @@ def discover() -> dict[str, str]:
 
 
 def run_rss(run_dir: str | None, cwd: Path | None = None) -> dict[str, Any] | None:
-    """Peak RSS of a run of the series from its ``run.json``: ``{"run", "peak_mb", "notebook", "jobs", "per_notebook"}``.
+    """Peak RSS of a run of the series from its ``run.json``: ``{"run", "peak_mb", "notebook", "jobs", ...}``.
 
     Args:
         run_dir: a run folder; None picks the newest ``runs/*/run.json`` under ``cwd`` that has RSS records.
@@ -124,7 +124,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['threads']} threads), "
                  f"device {m['device']}{', ' + m['gpu'] if m.get('gpu') else ''}; "
                  f"matmul peak {result['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s (fp32 "
-                 f"{result['matmul_peak']['n']}²); {'QUICK sanity run: ratios not comparable to targets; ' if result['quick'] else ''}"
+                 f"{result['matmul_peak']['n']}²); "
+                 f"{'QUICK sanity run: ratios not comparable to targets; ' if result['quick'] else ''}"
                  f"{result['seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -199,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"benchmark": "series", **row(f"peak RSS of run {rss['run_id']}: 4 GB budget / max kernel RSS",
                                                   None, None, RSS_BUDGET_MB / rss["peak_mb"], 1.0, note)})
     else:
-        rows.append({"benchmark": "series", **row("peak RSS of a run: 4 GB budget / max kernel RSS", None, None,
-                                                  None, 1.0, "no runs/*/run.json with RSS records; pass --run RUN_DIR")})
+        rows.append({"benchmark": "series", **row("peak RSS of a run: 4 GB budget / max kernel RSS", None, None, None,
+                                                  1.0, "no runs/*/run.json with RSS records; pass --run RUN_DIR")})
     for r in rows:
         r["result"] = _verdict(r)
-    result = {"quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": _machine(args.device),
-              "matmul_peak": peak, "rss": rss, "rows": rows, "benchmarks": benchmarks,
+    result = {"quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": _machine(args.device), "matmul_peak": peak, "rss": rss, "rows": rows, "benchmarks": benchmarks,
               "seconds": round(time.perf_counter() - t_start, 3)}
     print(format_table(result))
     if args.out:

@@ -244,7 +244,8 @@ def _notebook_section(run_dir: Path, entry: dict, report_dir: Path) -> tuple[str
             parts.append(f"<p>summary.json unreadable: {_e(exc)}</p>")
         else:
             shown = rows[:MAX_NUMBERS]
-            more = f"<p class='meta'>{len(rows) - len(shown)} more in summary.json</p>" if len(rows) > len(shown) else ""
+            more = (f"<p class='meta'>{len(rows) - len(shown)} more in summary.json</p>"
+                    if len(rows) > len(shown) else "")
             parts.append("<h3>Key numbers</h3>" + _table(["", "value"], [[k, _fmt(v)] for k, v in shown]) + more)
     elif status == "ok":
         parts.append("<p class='meta'>no summary.json</p>")
@@ -328,7 +329,8 @@ def render(run_dir: Path, record: dict[str, Any], report_dir: Path) -> str:
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>lora_lens run {_e(run_id)}</title>"
             f"<style>{_CSS}</style></head><body><h1>lora_lens run {_e(run_id)} {_badge(record.get('status'))}</h1>"
             f"{failure_html}<h2>Run</h2>{_table(['', ''], [[k, _fmt(v)] for k, v in about])}"
-            f"<h2>Notebooks</h2>{_table(['notebook', 'status', 'wall time', 'kernel peak RSS', 'needs'], overview, raw=True)}"
+            f"<h2>Notebooks</h2>"
+            f"{_table(['notebook', 'status', 'wall time', 'kernel peak RSS', 'needs'], overview, raw=True)}"
             f"<h2>Hypotheses touched by this run</h2>{ledger_html}{''.join(sections)}"
             f"<p class='meta'>Built from run.json by lora_lens.report; rebuild with "
             f"<code>lora-lens report {_e(run_dir)}</code>.</p></body></html>\n")

@@ -49,7 +49,8 @@ def failed_run(tmp_path_factory) -> Path:
     old = os.environ.get("LORA_LENS_LEDGER")
     os.environ["LORA_LENS_LEDGER"] = str(tmp / "ledger.sqlite")
     folder = tmp / "nbs"
-    write_notebook(folder / "00_good.ipynb", ["# Setup", FIGURE + SUMMARY, LEDGER], parameters='output_dir = "o"\nx = 2')
+    write_notebook(folder / "00_good.ipynb", ["# Setup", FIGURE + SUMMARY, LEDGER],
+                   parameters='output_dir = "o"\nx = 2')
     write_notebook(folder / "01_bad.ipynb", ["y = 1", "raise KeyError('missing thing')"])
     write_notebook(folder / "02_later.ipynb", ["y = 3"])
     try:

@@ -72,7 +72,8 @@ def test_cli_runs_series_in_order_with_overrides_and_context(series, tmp_path, c
     assert rc == 0, capsys.readouterr().err
     stems = ["00_first", "01_second", "02_third"]
     assert (out / "order.txt").read_text().split() == stems
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == stems
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [*stems, "report"]  # + the run report's files
+    assert (out / "index.html").is_file()
     for stem in stems:
         assert (out / stem / f"{stem}.ipynb").is_file()  # the executed notebook sits in its output folder
 
@@ -106,7 +107,7 @@ def test_only_and_default_run_folder(series, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = run_series(only=["02"], notebooks_dir=series)
     assert run_dir.parent == (tmp_path / "runs").resolve()
-    assert [p.name for p in run_dir.iterdir() if p.is_dir()] == ["02_third"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["02_third", "report"]
     assert (run_dir / "order.txt").read_text().split() == ["02_third"]
 
 
@@ -356,7 +357,8 @@ def test_needs_declared_in_notebook_metadata(tmp_path):
 
 def test_peak_rss_of_each_notebook_is_recorded(tmp_path):
     folder = tmp_path / "nbs"
-    write_notebook(folder / "00_big.ipynb", ["block = bytearray(300 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])"])
+    write_notebook(folder / "00_big.ipynb", [
+        "block = bytearray(300 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])"])
     run_dir = run_series(notebooks_dir=folder, out=tmp_path / "run")
     (entry,) = json.loads((run_dir / "run.json").read_text())["notebooks"]
     assert entry["max_rss_mb"] >= 300
