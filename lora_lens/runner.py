@@ -21,7 +21,8 @@ already running finish.
 ``<run>/run.json`` (written atomically after every change) records per notebook: status, wall seconds, peak RSS of
 its kernel (``max_rss_mb``, from ``getrusage(RUSAGE_CHILDREN)`` of its worker), parameters and ``inputs_hash``
 (parameters + the notebook file). ``resume=RUN_DIR`` reruns a run folder in place: notebooks that finished ``ok``
-with the same ``inputs_hash`` are skipped, failed, pending or changed ones run again. After every run (also a
+with the same ``inputs_hash`` are skipped; failed, pending or changed ones run again, and so does every notebook
+that needs one of those (its input may have changed). After every run (also a
 failed one) the runner writes ``<run>/index.html`` (:mod:`lora_lens.report`).
 
 While a notebook runs, the kernel sees the run context in these environment variables:
@@ -487,19 +488,25 @@ def run_series(
 
     # the record: entries of this plan in series order, plus untouched entries of an earlier attempt
     old = {e.get("notebook"): e for e in (previous or {}).get("notebooks", [])}
+    full = {nb.prefix: (nb, {RESERVED: str(run_dir / nb.stem), **params}) for nb, params in steps}
+    digests = {p: inputs_hash(nb.path, {k: v for k, v in params.items() if k != RESERVED})
+               for p, (nb, params) in full.items()}
+    rerun = {p for p, (nb, _) in full.items()
+             if (old.get(nb.stem) or {}).get("status") != "ok" or old[nb.stem].get("inputs_hash") != digests[p]}
+    while True:  # a notebook whose needs run again runs again too: what it builds on may have changed
+        more = {p for p in full if p not in rerun and any(d in rerun for d in deps[p])}
+        if not more:
+            break
+        rerun |= more
     entries: dict[str, dict[str, Any]] = {}
     todo: list[tuple[Notebook, dict[str, Any]]] = []
-    for nb, params in steps:
-        nb_dir = run_dir / nb.stem
-        params = {RESERVED: str(nb_dir), **params}
-        digest = inputs_hash(nb.path, {k: v for k, v in params.items() if k != RESERVED})
-        prior = old.get(nb.stem)
-        if prior is not None and prior.get("status") == "ok" and prior.get("inputs_hash") == digest:
-            entries[nb.stem] = {**prior, "reused": True}
+    for p, (nb, params) in full.items():
+        if p not in rerun:
+            entries[nb.stem] = {**old[nb.stem], "reused": True}
             continue
         entries[nb.stem] = {"notebook": nb.stem, "prefix": nb.prefix, "needs": deps[nb.prefix], "status": "pending",
-                            "seconds": None, "parameters": params, "inputs_hash": digest,
-                            "output": str((nb_dir / nb.path.name).relative_to(run_dir))}
+                            "seconds": None, "parameters": params, "inputs_hash": digests[p],
+                            "output": str((run_dir / nb.stem / nb.path.name).relative_to(run_dir))}
         todo.append((nb, params))
     for stem, prior in old.items():
         entries.setdefault(stem, prior)

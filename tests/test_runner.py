@@ -381,12 +381,15 @@ def test_resume_skips_done_and_reruns_failed_or_changed(tmp_path):
     assert record["status"] == "ok" and record["preset"] == "smoke"  # the recorded preset is kept
     assert [a["ran"] for a in record["attempts"]] == [["00_ok", "01_flaky"], ["01_flaky"]]
     assert record["attempts"][1]["reused"] == ["00_ok"]
-    # a changed parameter reruns the notebooks that take it; same parameters again: nothing runs
-    assert cli.main(["run", "--resume", str(out), "-p", "00.x=2"]) == 0
-    assert (out / "order.txt").read_text().split() == ["00_ok", "01_flaky", "00_ok"]
+    # a changed parameter reruns its notebook and the notebooks that need it; same parameters again: nothing runs
+    assert cli.main(["run", "--resume", str(out), "-p", "01.x=2"]) == 0
+    assert (out / "order.txt").read_text().split() == ["00_ok", "01_flaky", "01_flaky"]
+    assert cli.main(["run", "--resume", str(out), "-p", "00.x=3"]) == 0
+    assert (out / "order.txt").read_text().split() == ["00_ok", "01_flaky", "01_flaky", "00_ok", "01_flaky"]
     run_series(resume=out)
-    assert (out / "order.txt").read_text().split() == ["00_ok", "01_flaky", "00_ok"]
-    assert summary(out, "00_ok")["x"] == 2 and (out / "index.html").is_file()
+    assert len((out / "order.txt").read_text().split()) == 5
+    assert summary(out, "00_ok")["x"] == 3 and summary(out, "01_flaky")["x"] == 2
+    assert (out / "index.html").is_file()
 
 
 def test_bad_jobs_and_resume_are_refused_before_writing(series, tmp_path, capsys):
