@@ -38,6 +38,8 @@ Example:
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -415,6 +417,23 @@ def _load_run(resume: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return run_dir, record
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """Create ``run_dir`` and hold ``run_dir/.run.lock`` exclusively, so that two runs never write one folder.
+
+    Raises:
+        ConfigError: another process holds the lock (e.g. a ``--resume`` of a run that is still going).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".run.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"run folder {run_dir} is in use by another lora-lens run; wait for it to finish, "
+                              "or choose another folder") from None
+        yield
+
+
 def _report(run_dir: Path) -> None:
     """Write ``index.html``; a report that cannot be built is a warning, never the run's failure."""
     try:
@@ -472,7 +491,7 @@ def run_series(
         preset = preset if preset is not None else previous.get("preset", presets.DEFAULT_PRESET)
         overrides = {**previous.get("overrides", {}), **dict(overrides or {})}
         if only is None:
-            only = [e.get("prefix") or e["notebook"][:2] for e in previous["notebooks"]]
+            only = [e.get("prefix") or e["notebook"][:2] for e in previous["notebooks"]] or None
         if notebooks_dir is None and previous.get("notebooks_dir") and Path(previous["notebooks_dir"]).is_dir():
             notebooks_dir = previous["notebooks_dir"]
     preset = preset if preset is not None else presets.DEFAULT_PRESET
@@ -528,93 +547,94 @@ def run_series(
     for e in entries.values():
         e.pop("reused", None)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "run.json", record)
-    for stem in attempt["reused"]:
-        print(f"{stem}: done earlier with the same parameters, skipped", flush=True)
+    with _run_lock(run_dir):
+        _write_json(run_dir / "run.json", record)
+        for stem in attempt["reused"]:
+            print(f"{stem}: done earlier with the same parameters, skipped", flush=True)
 
-    ctx = multiprocessing.get_context("spawn")
-    ok = {stem[:2] for stem, e in entries.items() if e["status"] == "ok"}  # prefixes finished ok
-    pending = list(todo)
-    running: dict[str, tuple[Any, Any, Notebook, Path]] = {}
-    results: dict[str, dict[str, Any]] = {}
-    first_failure: NotebookFailed | None = None
-    t_run = time.perf_counter()
-    n_total, n_started = len(todo), 0
-    try:
-        while pending or running:
-            while first_failure is None and len(running) < jobs:
-                nxt = next(((nb, params) for nb, params in pending if all(d in ok for d in deps[nb.prefix])), None)
-                if nxt is None:
-                    break
-                nb, params = nxt
-                pending.remove(nxt)
-                nb_dir = run_dir / nb.stem
-                if nb_dir.exists():  # an earlier attempt's output of a notebook that runs again
-                    shutil.rmtree(nb_dir)
-                nb_dir.mkdir()
-                executed = nb_dir / nb.path.name
-                env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
-                       "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
-                       "MPLBACKEND": INLINE_BACKEND}
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
-                                   name=f"lora-lens-{nb.stem}", daemon=False)
-                proc.start()
-                send.close()
-                running[nb.stem] = (proc, recv, nb, executed)
-                entries[nb.stem].update(status="running", started=_now())
-                _write_json(run_dir / "run.json", record)
-                n_started += 1
-                print(f"[{n_started}/{n_total}] {nb.stem} ...", flush=True)
-            if not running:
-                break  # a failure stopped new starts (or nothing is startable)
-            waitables = [r[1] for r in running.values()] + [r[0].sentinel for r in running.values()]
-            multiprocessing.connection.wait(waitables)
-            for stem, (proc, recv, nb, executed) in list(running.items()):
-                if recv.poll():
-                    try:
-                        results[stem] = recv.recv()
-                    except EOFError:
-                        pass
-                if proc.is_alive():
-                    continue
-                proc.join()
-                recv.close()
-                del running[stem]
-                entry = entries[stem]
-                res = results.pop(stem, None) or {
-                    "status": "failed", "seconds": None,
-                    "error": f"notebook {stem}: its worker process died (exit code {proc.exitcode}) without a "
-                             f"result, e.g. killed for memory; executed notebook (if any) at {executed}",
-                    "failure": {"cell": None, "ename": "WorkerDied", "evalue": f"exit code {proc.exitcode}"}}
-                entry.update(res, finished=_now())
-                if entry["status"] == "ok":
-                    ok.add(nb.prefix)
-                    print(f"{stem} ok in {entry['seconds']:.1f} s (kernel peak RSS {entry['max_rss_mb']:.0f} MB)",
-                          flush=True)
-                else:
-                    print(f"{stem} FAILED", flush=True)
-                    if first_failure is None:
-                        first_failure = NotebookFailed(entry["error"], stem, executed)
-                _write_json(run_dir / "run.json", record)
-    except BaseException:
-        for stem, (proc, _recv, _nb, _executed) in running.items():
-            proc.terminate()
-            proc.join(10)
-            entries[stem].update(status="interrupted", finished=_now())
-        record.update(status="interrupted", finished=_now())
-        attempt.update(status="interrupted", finished=record["finished"],
+        ctx = multiprocessing.get_context("spawn")
+        ok = {stem[:2] for stem, e in entries.items() if e["status"] == "ok"}  # prefixes finished ok
+        pending = list(todo)
+        running: dict[str, tuple[Any, Any, Notebook, Path]] = {}
+        results: dict[str, dict[str, Any]] = {}
+        first_failure: NotebookFailed | None = None
+        t_run = time.perf_counter()
+        n_total, n_started = len(todo), 0
+        try:
+            while pending or running:
+                while first_failure is None and len(running) < jobs:
+                    nxt = next(((nb, params) for nb, params in pending if all(d in ok for d in deps[nb.prefix])), None)
+                    if nxt is None:
+                        break
+                    nb, params = nxt
+                    pending.remove(nxt)
+                    nb_dir = run_dir / nb.stem
+                    if nb_dir.exists():  # an earlier attempt's output of a notebook that runs again
+                        shutil.rmtree(nb_dir)
+                    nb_dir.mkdir()
+                    executed = nb_dir / nb.path.name
+                    env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
+                           "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
+                           "MPLBACKEND": INLINE_BACKEND}
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
+                                       name=f"lora-lens-{nb.stem}", daemon=False)
+                    proc.start()
+                    send.close()
+                    running[nb.stem] = (proc, recv, nb, executed)
+                    entries[nb.stem].update(status="running", started=_now())
+                    _write_json(run_dir / "run.json", record)
+                    n_started += 1
+                    print(f"[{n_started}/{n_total}] {nb.stem} ...", flush=True)
+                if not running:
+                    break  # a failure stopped new starts (or nothing is startable)
+                waitables = [r[1] for r in running.values()] + [r[0].sentinel for r in running.values()]
+                multiprocessing.connection.wait(waitables)
+                for stem, (proc, recv, nb, executed) in list(running.items()):
+                    if recv.poll():
+                        try:
+                            results[stem] = recv.recv()
+                        except EOFError:
+                            pass
+                    if proc.is_alive():
+                        continue
+                    proc.join()
+                    recv.close()
+                    del running[stem]
+                    entry = entries[stem]
+                    res = results.pop(stem, None) or {
+                        "status": "failed", "seconds": None,
+                        "error": f"notebook {stem}: its worker process died (exit code {proc.exitcode}) without a "
+                                 f"result, e.g. killed for memory; executed notebook (if any) at {executed}",
+                        "failure": {"cell": None, "ename": "WorkerDied", "evalue": f"exit code {proc.exitcode}"}}
+                    entry.update(res, finished=_now())
+                    if entry["status"] == "ok":
+                        ok.add(nb.prefix)
+                        print(f"{stem} ok in {entry['seconds']:.1f} s (kernel peak RSS {entry['max_rss_mb']:.0f} MB)",
+                              flush=True)
+                    else:
+                        print(f"{stem} FAILED", flush=True)
+                        if first_failure is None:
+                            first_failure = NotebookFailed(entry["error"], stem, executed)
+                    _write_json(run_dir / "run.json", record)
+        except BaseException:
+            for stem, (proc, _recv, _nb, _executed) in running.items():
+                proc.terminate()
+                proc.join(10)
+                entries[stem].update(status="interrupted", finished=_now())
+            record.update(status="interrupted", finished=_now())
+            attempt.update(status="interrupted", finished=record["finished"],
+                           seconds=round(time.perf_counter() - t_run, 3))
+            _write_json(run_dir / "run.json", record)
+            _report(run_dir)
+            raise
+        complete = all(e["status"] == "ok" for e in entries.values())
+        record.update(status="failed" if first_failure else "ok" if complete else "incomplete", finished=_now())
+        attempt.update(status=record["status"], finished=record["finished"],
                        seconds=round(time.perf_counter() - t_run, 3))
         _write_json(run_dir / "run.json", record)
         _report(run_dir)
-        raise
-    complete = all(e["status"] == "ok" for e in entries.values())
-    record.update(status="failed" if first_failure else "ok" if complete else "incomplete", finished=_now())
-    attempt.update(status=record["status"], finished=record["finished"], seconds=round(time.perf_counter() - t_run, 3))
-    _write_json(run_dir / "run.json", record)
-    _report(run_dir)
-    if first_failure is not None:
-        raise first_failure
-    print(f"run folder: {run_dir}", flush=True)
-    return run_dir
+        if first_failure is not None:
+            raise first_failure
+        print(f"run folder: {run_dir}", flush=True)
+        return run_dir

@@ -407,3 +407,17 @@ def test_bad_jobs_and_resume_are_refused_before_writing(series, tmp_path, capsys
     assert list(plain.iterdir()) == []
     with pytest.raises(ConfigError, match="--out"):
         run_series(resume=plain, out=tmp_path / "x", notebooks_dir=series)
+
+
+def test_a_run_folder_in_use_is_refused(series, tmp_path):
+    import fcntl
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"preset": "workshop", "notebooks": [{"notebook": "00_first"}]}))
+    before = (run / "run.json").read_text()
+    with open(run / ".run.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="in use by another lora-lens run"):
+            run_series(resume=run, notebooks_dir=series)
+    assert (run / "run.json").read_text() == before
