@@ -16,7 +16,8 @@ notebook with a lower prefix; the journal declares this, so it runs last). Witho
 about scheduling only: a need that is not selected is ignored, because every notebook can build what it lacks
 through the (locked) cache. A notebook starts when everything it needs has finished ``ok``; ties go to the lower
 prefix, so ``jobs=1`` runs the series in prefix order. After the first failure no new notebook starts; those
-already running finish.
+already running finish. With ``jobs > 1`` each kernel gets ``OMP_NUM_THREADS = CPUs // jobs`` (at least 1) unless
+``$OMP_NUM_THREADS`` is set, so that parallel notebooks do not oversubscribe the CPUs.
 
 ``<run>/run.json`` (written atomically after every change) records per notebook: status, wall seconds, peak RSS of
 its kernel (``max_rss_mb``, from ``getrusage(RUSAGE_CHILDREN)`` of its worker), parameters and ``inputs_hash``
@@ -417,6 +418,17 @@ def _load_run(resume: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return run_dir, record
 
 
+def _thread_env(jobs: int) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for the kernels: the CPUs shared out between ``jobs`` notebooks (unless already set).
+
+    Notebooks running at once with torch's default of one thread per CPU each would oversubscribe the CPUs, and
+    spinning threads then slow every notebook down far more than the parallelism gains.
+    """
+    if jobs == 1 or os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Path):
     """Create ``run_dir`` and hold ``run_dir/.run.lock`` exclusively, so that two runs never write one folder.
@@ -552,6 +564,7 @@ def run_series(
         for stem in attempt["reused"]:
             print(f"{stem}: done earlier with the same parameters, skipped", flush=True)
 
+        threads = _thread_env(jobs)
         ctx = multiprocessing.get_context("spawn")
         ok = {stem[:2] for stem, e in entries.items() if e["status"] == "ok"}  # prefixes finished ok
         pending = list(todo)
@@ -575,7 +588,7 @@ def run_series(
                     executed = nb_dir / nb.path.name
                     env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
                            "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
-                           "MPLBACKEND": INLINE_BACKEND}
+                           "MPLBACKEND": INLINE_BACKEND, **threads}
                     recv, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
                                        name=f"lora-lens-{nb.stem}", daemon=False)

@@ -329,6 +329,17 @@ def test_jobs_run_independent_notebooks_at_once_with_own_kernels(tmp_path):
     assert all(n["max_rss_mb"] > 10 for n in record["notebooks"])
 
 
+def test_parallel_kernels_share_the_cpus(monkeypatch):
+    from lora_lens.runner import _thread_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert _thread_env(1) == {} and _thread_env(3) == {"OMP_NUM_THREADS": "2"}
+    assert _thread_env(16) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert _thread_env(3) == {}  # the user's choice wins
+
+
 def test_needs_all_runs_last_and_needs_are_validated(tmp_path):
     from lora_lens.runner import dependencies
 
