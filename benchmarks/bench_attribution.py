@@ -16,17 +16,27 @@ Usage:
     python -m benchmarks.bench_attribution [--n-probes 256] [--methods ig,ablation] [--n-steps 50]
         [--family llama] [--size small] [--device cpu] [--threads 1] [--batch-size 1024]
         [--out bench_attribution.json]
+
+In the suite (``python -m benchmarks``), :func:`run` reports one row per method, ``captum_s / batched_s`` against
+issue 5's target 5×; ``quick`` uses a randomly initialised tiny Llama on a small world (no pretraining), 8 probes
+and 8 IG steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
+from pathlib import Path
+
+if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import time
 import warnings
 
 import torch
 
+from benchmarks.common import row, sync
 from lora_lens import attribution as at
 from lora_lens.tokenizer import token_id
 from lora_lens.utils import set_seed, write_json
@@ -34,19 +44,33 @@ from lora_lens.world import make_task
 from lora_lens.zoo import get_pretrained
 
 
-def build(family: str, size: str, device: str, r: int = 8, seed: int = 0):
-    """The pretrained model with a random-factor LoRA adapter on every linear module, its tokenizer and world."""
+def build(family: str, size: str, device: str, r: int = 8, seed: int = 0, pretrained: bool = True):
+    """The pretrained model with a random-factor LoRA adapter on every linear module, its tokenizer and world.
+
+    With ``pretrained=False``: a randomly initialised model on a 24-entity world instead (no training needed;
+    timing does not depend on the weights).
+    """
     from peft import LoraConfig, get_peft_model
 
-    pre = get_pretrained(family, size, device=device)
+    if pretrained:
+        pre = get_pretrained(family, size, device=device)
+        model, tok, world = pre.model, pre.tokenizer, pre.world
+    else:
+        from lora_lens.tokenizer import build_tokenizer
+        from lora_lens.world import make_world
+        from lora_lens.zoo import build_model
+
+        world = make_world(n_entities=24, n_general=60, seed=seed)
+        tok = build_tokenizer(world)
+        model = build_model(family, size, tok, seed=seed).to(device)
     set_seed(seed)
-    pm = get_peft_model(pre.model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_" in name:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p))
-    return pm.eval(), pre.tokenizer, pre.world
+    return pm.eval(), tok, world
 
 
 def probes_for(world, n: int) -> list:
@@ -57,11 +81,6 @@ def probes_for(world, n: int) -> list:
     if len(out) < n:
         raise SystemExit(f"the world yields only {len(out)} probes; pass --n-probes ≤ {len(out)}")
     return out[:n]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def captum_per_prompt(pm, tok, prompts, targets, method: str, n_steps: int, baseline_id: int) -> dict:
@@ -98,15 +117,15 @@ def bench_method(pm, tok, probes, method: str, n_steps: int, batch_size: int, de
         p.requires_grad_(False)
     at.batch_token_attributions(pm, tok, prompts[:4], targets[:4], method=method, n_steps=n_steps)   # warm-up
     captum_per_prompt(pm, tok, prompts[:2], targets[:2], method, n_steps, baseline_id)
-    _sync(device)
+    sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     batched = at.batch_token_attributions(pm, tok, prompts, targets, method=method, n_steps=n_steps,
                                           batch_size=batch_size)
-    _sync(device)
+    sync(device)
     t_batched, c_batched = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
     captum = captum_per_prompt(pm, tok, prompts, targets, method, n_steps, baseline_id)
-    _sync(device)
+    sync(device)
     t_captum, c_captum = time.perf_counter() - t0, time.process_time() - c0
     diff = max(max(float((captum["base"][i] - b.base).abs().max()),
                    float((captum["adapted"][i] - b.adapted).abs().max())) for i, b in enumerate(batched))
@@ -117,6 +136,33 @@ def bench_method(pm, tok, probes, method: str, n_steps: int, batch_size: int, de
             "captum_cpu_s": c_captum, "batched_cpu_s": c_batched, "speedup_cpu": c_captum / c_batched,
             "max_abs_diff": diff, "max_abs_attribution": scale,
             "tokens_per_probe": sum(len(b.tokens) for b in batched) / len(batched)}
+
+
+TARGET = 5.0
+"""Issue 5's target for ``captum_s / batched_s`` (256 probes, workshop model)."""
+
+
+def measure(n_probes: int = 256, methods=("ig", "ablation"), n_steps: int = 50, family: str = "llama",
+            size: str = "small", device: str = "cpu", batch_size: int = 1024, pretrained: bool = True) -> dict:
+    """Time every method both ways; return ``{"model", "device", "threads", "torch", "results": [...]}``."""
+    pm, tok, world = build(family, size, device, pretrained=pretrained)
+    probes = probes_for(world, n_probes)
+    rows = [bench_method(pm, tok, probes, m.strip(), n_steps, batch_size, device) for m in methods]
+    return {"model": f"{family}-{size}" + ("" if pretrained else " (random init)"), "device": device,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "results": rows}
+
+
+def run(quick: bool = False, device: str = "cpu") -> dict:
+    """The suite's entry: one row per method, ``captum_s / batched_s`` against :data:`TARGET`."""
+    if quick:
+        result = measure(n_probes=8, n_steps=8, size="tiny", device=device, pretrained=False)
+    else:
+        result = measure(device=device)
+    rows = [row(f"batched attribution vs captum per prompt, {r['method']}, {r['n_probes']} probes "
+                f"({result['model']})", r["captum_s"], r["batched_s"], r["speedup"], TARGET,
+                f"CPU-time ratio {r['speedup_cpu']:.2f}, max |Δ| {r['max_abs_diff']:.1e}")
+            for r in result["results"]]
+    return {"name": "attribution", "rows": rows, "details": result}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -133,10 +179,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pm, tok, world = build(args.family, args.size, args.device)
-    probes = probes_for(world, args.n_probes)
-    rows = [bench_method(pm, tok, probes, m.strip(), args.n_steps, args.batch_size, args.device)
-            for m in args.methods.split(",")]
+    result = measure(args.n_probes, args.methods.split(","), args.n_steps, args.family, args.size, args.device,
+                     args.batch_size)
+    rows = result["results"]
     print(f"{args.family}-{args.size} on {args.device} ({torch.get_num_threads()} threads), LoRA r=8 all-linear; "
           "wall time, and process CPU time (robust to other load on a shared CPU)")
     print(f"{'method':<9}{'probes':>7}{'captum s':>10}{'batched s':>11}{'speed-up':>10}"
@@ -144,8 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"{r['method']:<9}{r['n_probes']:>7}{r['captum_s']:>10.2f}{r['batched_s']:>11.2f}"
               f"{r['speedup']:>9.1f}×{r['speedup_cpu']:>13.1f}×{r['max_abs_diff']:>10.1e}")
-    write_json(args.out, {"model": f"{args.family}-{args.size}", "device": args.device,
-                          "threads": torch.get_num_threads(), "torch": torch.__version__, "results": rows})
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return rows
 

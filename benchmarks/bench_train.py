@@ -25,6 +25,10 @@ matmul peak measured in the same run (a large float32 ``torch.matmul``: ``2·n³
 Usage:
     python -m benchmarks.bench_train [--size base] [--steps 30] [--batch-size 32] [--repeats 3] [--device cpu]
                                      [--threads N] [--family llama] [--pretrained] [--out bench_train.json]
+
+In the suite (``python -m benchmarks``), :func:`run` reports the throughput ratio against issue 3's target 0.95
+and hands ``train_lora``'s achieved FLOP/s to the suite, which divides it by the matmul peak of the same run;
+``quick`` trains the ``tiny`` preset for 3 steps, once.
 """
 
 from __future__ import annotations
@@ -32,38 +36,22 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
+from pathlib import Path
+
+if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tempfile
 import time
 import warnings
 
 import torch
 
+from benchmarks.common import matmul_peak, row, sync
 from lora_lens.train import (LoraSpec, default_spec, linear_modules, lora_config, matched_modules, replay_examples,
                              train_lora)
 from lora_lens.utils import write_json
 from lora_lens.world import Task, make_task, make_world
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: str, n: int | None = None, repeats: int = 5) -> dict:
-    """Best float32 ``torch.matmul`` rate on ``device``: ``{"n", "seconds", "flops_per_s"}``."""
-    n = n or (8192 if device.startswith("cuda") else 2048)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g, dtype=torch.float32).to(device)
-    b = torch.randn(n, n, generator=g, dtype=torch.float32).to(device)
-    torch.matmul(a, b)
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return {"n": n, "seconds": best, "flops_per_s": 2 * n ** 3 / best}
 
 
 def flops_per_token(model, spec: LoraSpec, seq_len: float) -> dict:
@@ -115,11 +103,11 @@ class _Timer:
 
         class _CB(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                _sync(device)
+                sync(device)
                 timer.t0, timer.c0 = time.perf_counter(), time.process_time()
 
             def on_train_end(self, args, state, control, **kw):
-                _sync(device)
+                sync(device)
                 timer.wall, timer.cpu = time.perf_counter() - timer.t0, time.process_time() - timer.c0
 
         self.callback = _CB()
@@ -177,46 +165,34 @@ def run_plain(factory, tok, task, spec: LoraSpec, device: str, target_modules: l
             "final_train_loss": ([h["loss"] for h in trainer.state.log_history if "loss" in h] or [None])[-1]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="base", help="zoo size preset (default base)")
-    p.add_argument("--family", default="llama")
-    p.add_argument("--task", default="fact_edit")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=None, help="default: the task's default spec")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--pretrained", action="store_true", help="use the cached pretrained model (built if absent)")
-    p.add_argument("--out", default="bench_train.json")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+def measure(size: str = "base", family: str = "llama", task_name: str = "fact_edit", steps: int = 30,
+            batch_size: int | None = None, repeats: int = 3, device: str = "cpu", pretrained: bool = False) -> dict:
+    """Train both loops ``repeats`` times each (after a warm-up) and return the report (see the module docstring)."""
     os.environ.setdefault("LORA_LENS_QUIET", "1")
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
 
-    world, tok, factory, task, source = setup(a.size, a.family, a.pretrained, a.task)
-    spec = default_spec(a.task, steps=a.steps, replay=0.0, log_every=10,
-                        **({"batch_size": a.batch_size} if a.batch_size else {}))
+    world, tok, factory, task, source = setup(size, family, pretrained, task_name)
+    spec = default_spec(task_name, steps=steps, replay=0.0, log_every=10,
+                        **({"batch_size": batch_size} if batch_size else {}))
     probe_model = factory()
     targets = lora_config(probe_model, spec).target_modules
     targets = sorted(targets) if not isinstance(targets, str) else targets
 
     # warm-up (allocator, kernels, first-call overheads), then alternate A B B A …
-    run_plain(factory, tok, task, LoraSpec(**{**spec.to_dict(), "steps": 2}), a.device, targets)
-    run_lora_lens(factory, tok, task, world, LoraSpec(**{**spec.to_dict(), "steps": 2}), a.device)
+    run_plain(factory, tok, task, LoraSpec(**{**spec.to_dict(), "steps": 2}), device, targets)
+    run_lora_lens(factory, tok, task, world, LoraSpec(**{**spec.to_dict(), "steps": 2}), device)
     runs = {"train_lora": [], "plain": []}
-    for i in range(a.repeats):
+    for i in range(repeats):
         order = ("train_lora", "plain") if i % 2 == 0 else ("plain", "train_lora")
         for name in order:
             if name == "train_lora":
-                runs[name].append(run_lora_lens(factory, tok, task, world, spec, a.device))
+                runs[name].append(run_lora_lens(factory, tok, task, world, spec, device))
             else:
-                runs[name].append(run_plain(factory, tok, task, spec, a.device, targets))
-    peak = matmul_peak(a.device)
+                runs[name].append(run_plain(factory, tok, task, spec, device, targets))
+    peak = matmul_peak(device)
 
     summary = {}
     for name, rs in runs.items():
@@ -241,18 +217,52 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = summary["train_lora"]["tokens_per_s_best"] / summary["plain"]["tokens_per_s_best"]
     ratio_median = summary["train_lora"]["tokens_per_s_median"] / summary["plain"]["tokens_per_s_median"]
     ratio_cpu = summary["train_lora"]["tokens_per_cpu_s_best"] / summary["plain"]["tokens_per_cpu_s_best"]
-    report = {"meta": {"size": a.size, "family": a.family, "task": a.task, "model": source, "device": a.device,
-                       "threads": torch.get_num_threads(), "steps": a.steps, "batch_size": spec.batch_size,
-                       "examples": len(task.examples), "repeats": a.repeats, "spec": spec.to_dict(),
+    report = {"meta": {"size": size, "family": family, "task": task_name, "model": source, "device": device,
+                       "threads": torch.get_num_threads(), "steps": steps, "batch_size": spec.batch_size,
+                       "examples": len(task.examples), "repeats": repeats, "spec": spec.to_dict(),
                        "torch": torch.__version__, "transformers": transformers.__version__},
               "flops": {**fl, "mean_padded_seq_len": seq, "padded_per_real_token": padded_per_real,
                         "formula": "T_pad * (4*N_matmul + 6*N_lora + 12*L*S*d_attn)"},
               "matmul_peak": peak, "summary": summary, "ratio_best": ratio, "ratio_median": ratio_median,
               "ratio_cpu_time_best": ratio_cpu,
               "runs": runs}
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="base", help="zoo size preset (default base)")
+    p.add_argument("--family", default="llama")
+    p.add_argument("--task", default="fact_edit")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's default spec")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--pretrained", action="store_true", help="use the cached pretrained model (built if absent)")
+    p.add_argument("--out", default="bench_train.json")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    report = measure(a.size, a.family, a.task, a.steps, a.batch_size, a.repeats, a.device, a.pretrained)
     write_json(a.out, report)
     print(format_table(report))
     return report
+
+
+TARGET = 0.95
+"""Issue 3's target for the throughput ratio ``train_lora / plain`` (best wall-clock tokens/s)."""
+
+
+def run(quick: bool = False, device: str = "cpu") -> dict:
+    """The suite's entry: the throughput ratio as a row, and ``train_lora``'s FLOP/s for the utilisation row."""
+    report = measure(size="tiny", steps=3, repeats=1, device=device) if quick else measure(device=device)
+    s, m = report["summary"], report["meta"]
+    rows = [row(f"train_lora vs plain Trainer+peft, tokens/s ({m['family']}-{m['size']}, {m['steps']} steps)",
+                s["plain"]["train_seconds_best"], s["train_lora"]["train_seconds_best"], report["ratio_best"],
+                TARGET, f"median {report['ratio_median']:.3f}, per CPU-s {report['ratio_cpu_time_best']:.3f}")]
+    return {"name": "train", "rows": rows, "details": report,
+            "flops_per_s": {f"train_lora training ({m['family']}-{m['size']})": s["train_lora"]["flops_per_s"]}}
 
 
 def format_table(report: dict) -> str:

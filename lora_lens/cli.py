@@ -1,7 +1,11 @@
 """The ``lora-lens`` command.
 
 Subcommands:
-    run      execute the notebook series into a fresh run folder (see :mod:`lora_lens.runner`).
+    run      execute the notebook series into a fresh run folder, ``--jobs N`` at once, or ``--resume`` one
+             (see :mod:`lora_lens.runner`); writes ``index.html`` into the run folder.
+    report   rebuild a run folder's ``index.html`` (see :mod:`lora_lens.report`).
+    bench    the performance suite; every argument after ``bench`` goes to ``python -m benchmarks``
+             (a checkout's ``benchmarks/`` folder).
     inspect  report on any PEFT LoRA adapter of a causal LM: weight space, vocabulary, behaviour (see
              :mod:`lora_lens.inspect`); writes report.json and report.html.
     ledger   the hypothesis ledger; every argument after ``ledger`` goes to :func:`lora_lens.ledger.main`.
@@ -10,6 +14,8 @@ Exit codes: 0 success, 1 a notebook failed while running, 2 any other lora_lens 
 
 Example:
     $ lora-lens run --preset smoke --only 00 -p seed=1
+    $ lora-lens run --jobs 3 --resume runs/20260101-120000
+    $ lora-lens report runs/20260101-120000
     $ lora-lens inspect out/adapters/fact_edit --prompts prompts.txt --out inspect-fact_edit
 """
 
@@ -17,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lora_lens import __version__
-from lora_lens.errors import LoraLensError
+from lora_lens.errors import LoraLensError, NotFoundError
 from lora_lens.presets import DEFAULT_PRESET, PRESETS
 from lora_lens.runner import NotebookFailed, parse_assignments, run_series
 
@@ -31,8 +38,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="execute the notebook series into a fresh run folder")
     run.add_argument(
-        "--preset", default=DEFAULT_PRESET,
-        help=f"parameter preset: {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET})",
+        "--preset", default=None,
+        help=f"parameter preset: {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET}; with --resume the "
+        "recorded one)",
     )
     run.add_argument(
         "-p", "--param", action="append", default=[], metavar="[NN.]NAME=VALUE",
@@ -45,8 +53,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<YYYYmmdd-HHMMSS>)")
     run.add_argument("--notebooks", default=None, metavar="DIR", help="folder holding NN_*.ipynb")
+    run.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                     help="run up to N notebooks at once when what they need is done (default 1)")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="complete RUN_DIR in place: skip notebooks done with the same parameters, rerun failed or "
+                     "changed ones (preset, overrides, selection default to the recorded ones)")
     run.add_argument("-v", "--verbose", action="store_true", help="stream cell output from the notebooks")
     run.set_defaults(handler=_run)
+
+    rep = sub.add_parser("report", help="rebuild RUN_DIR/index.html from a run folder")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a run folder made by `lora-lens run`")
+    rep.set_defaults(handler=_report)
 
     insp = sub.add_parser(
         "inspect", help="report what a PEFT LoRA adapter changed (tables; report.json and report.html)",
@@ -69,6 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     insp.set_defaults(handler=_inspect)
 
     sub.add_parser("ledger", add_help=False, help="hypothesis ledger (lora-lens ledger --help)")
+    sub.add_parser("bench", add_help=False, help="performance suite (lora-lens bench --help)")
     return parser
 
 
@@ -83,8 +101,30 @@ def _run(args: argparse.Namespace) -> int:
         out=args.out,
         notebooks_dir=args.notebooks,
         verbose=args.verbose,
+        jobs=args.jobs,
+        resume=args.resume,
     )
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lora_lens.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """Run ``python -m benchmarks`` of this checkout in-process."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise NotFoundError(f"no benchmarks/ folder next to the package ({root}); `lora-lens bench` needs a "
+                            "checkout of the repository (run it there, or `python -m benchmarks` from its root)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.__main__ import main as bench_main
+
+    return int(bench_main(argv) or 0)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -118,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "ledger":
             return _ledger(argv[1:])
+        if argv and argv[0] == "bench":
+            return _bench(argv[1:])
         parser = _build_parser()
         args = parser.parse_args(argv)
         if args.command is None:

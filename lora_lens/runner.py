@@ -8,9 +8,28 @@ Parameters come from three layers, later ones winning: the notebook's own defaul
 (:mod:`lora_lens.presets`), and explicit overrides (``NAME`` for every notebook that declares it, ``NN.NAME`` for
 notebook ``NN`` only). Every name is checked against the parameters the notebooks declare before anything runs.
 
+Scheduling: every notebook runs in its own worker process (spawned) with its own kernel, so ``jobs`` notebooks can
+run at once (jupyter_client gives each kernel free ports). A notebook may declare what it needs in its notebook
+metadata, ``{"lora_lens": {"needs": ["00"]}}`` (prefixes) or ``{"lora_lens": {"needs": "all"}}`` (every selected
+notebook with a lower prefix; the journal declares this, so it runs last). Without a declaration, a notebook needs
+``00`` (which pretrains the models the others load from the shared cache) and ``00`` needs nothing. Needs are
+about scheduling only: a need that is not selected is ignored, because every notebook can build what it lacks
+through the (locked) cache. A notebook starts when everything it needs has finished ``ok``; ties go to the lower
+prefix, so ``jobs=1`` runs the series in prefix order. After the first failure no new notebook starts; those
+already running finish. With ``jobs > 1`` each kernel gets ``OMP_NUM_THREADS = CPUs // jobs`` (at least 1) unless
+``$OMP_NUM_THREADS`` is set, so that parallel notebooks do not oversubscribe the CPUs.
+
+``<run>/run.json`` (written atomically after every change) records per notebook: status, wall seconds, peak RSS of
+its kernel (``max_rss_mb``, from ``getrusage(RUSAGE_CHILDREN)`` of its worker), parameters and ``inputs_hash``
+(parameters + the notebook file). ``resume=RUN_DIR`` reruns a run folder in place: notebooks that finished ``ok``
+with the same ``inputs_hash`` are skipped; failed, pending or changed ones run again, and so does every notebook
+that needs one of those (its input may have changed). After every run (also a
+failed one) the runner writes ``<run>/index.html`` (:mod:`lora_lens.report`).
+
 While a notebook runs, the kernel sees the run context in these environment variables:
 ``LORA_LENS_RUN_ID`` (run folder name), ``LORA_LENS_RUN_DIR`` (absolute run folder), ``LORA_LENS_NOTEBOOK``
-(notebook stem) and ``LORA_LENS_PARAMS`` (JSON of the parameters passed).
+(notebook stem) and ``LORA_LENS_PARAMS`` (JSON of the parameters passed); ``MPLBACKEND`` is set to the inline
+backend so that figures land in the executed notebook (and the report) even where ``MPLBACKEND=Agg``.
 
 Example:
     >>> from lora_lens.runner import run_series
@@ -21,13 +40,18 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import fcntl
+import hashlib
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import nbformat
 
@@ -36,6 +60,8 @@ from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 
 ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS")
 RESERVED = "output_dir"
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+"""The kernels' matplotlib backend, whatever ``$MPLBACKEND`` says: executed notebooks keep their figures."""
 _NOTEBOOK_RE = re.compile(r"^(\d{2})_.+\.ipynb$")
 _KEY_RE = re.compile(r"^(?:(\d{2})\.)?([A-Za-z_]\w*)$")
 
@@ -61,6 +87,7 @@ class Notebook:
     prefix: str
     path: Path
     declared: dict[str, dict[str, Any]]
+    needs: list[str] | str | None = field(default=None)
 
     @property
     def stem(self) -> str:
@@ -121,6 +148,71 @@ def declared_parameters(path: Path) -> dict[str, dict[str, Any]]:
     if RESERVED not in declared:
         raise NotebookError(f"notebook {path.name} must declare `{RESERVED}: str = ...` in its parameters cell")
     return declared
+
+
+def declared_needs(path: Path) -> list[str] | str | None:
+    """Return what the notebook declares it needs: ``metadata.lora_lens.needs`` (None when not declared).
+
+    Raises:
+        NotebookError: if the declaration is not ``"all"`` or a list of two-digit prefixes.
+    """
+    meta = nbformat.read(path, as_version=4).metadata.get("lora_lens", {})
+    needs = meta.get("needs") if isinstance(meta, dict) else None
+    if needs is None or needs == "all":
+        return needs
+    if isinstance(needs, list) and all(isinstance(x, str) and re.fullmatch(r"\d{2}", x) for x in needs):
+        return list(needs)
+    raise NotebookError(
+        f"notebook {path.name}: metadata lora_lens.needs = {needs!r}; use \"all\" or a list of two-digit "
+        'prefixes such as ["00", "01"]'
+    )
+
+
+def dependencies(notebooks: list[Notebook], available: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Resolve what each selected notebook waits for (see the module docstring for the rule).
+
+    Args:
+        notebooks: the selected notebooks.
+        available: every prefix in the notebooks folder (a need outside it is an error); default: the selected.
+
+    Returns:
+        prefix -> prefixes (selected ones only) that must finish ``ok`` before it starts.
+
+    Raises:
+        ConfigError: a need names a prefix that is not in the folder, or the needs form a cycle.
+    """
+    selected = [nb.prefix for nb in notebooks]
+    known = set(available if available is not None else selected)
+    deps: dict[str, list[str]] = {}
+    for nb in notebooks:
+        if nb.needs == "all":
+            wanted = [p for p in selected if p < nb.prefix]
+        elif nb.needs is None:
+            wanted = ["00"] if nb.prefix != "00" else []
+        else:
+            missing = [p for p in nb.needs if p not in known]
+            if missing:
+                raise ConfigError(
+                    f"notebook {nb.stem} needs {', '.join(missing)}, which is not in the notebooks folder; "
+                    f"fix metadata lora_lens.needs (available: {', '.join(sorted(known))})"
+                )
+            wanted = list(nb.needs)
+        deps[nb.prefix] = [p for p in wanted if p in selected and p != nb.prefix]
+    done: set[str] = set()
+    while len(done) < len(deps):
+        ready = [p for p in deps if p not in done and all(d in done for d in deps[p])]
+        if not ready:
+            cycle = ", ".join(f"{p} needs {','.join(deps[p])}" for p in deps if p not in done)
+            raise ConfigError(f"notebook needs form a cycle ({cycle}); fix metadata lora_lens.needs")
+        done.update(ready)
+    return deps
+
+
+def inputs_hash(path: Path, params: Mapping[str, Any]) -> str:
+    """A short hash of what determines a notebook's result here: its file's bytes and its parameters."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    blob = json.dumps({"notebook": digest, "parameters": params}, sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def parse_value(text: str) -> Any:
@@ -255,119 +347,307 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _failure_message(nb: Notebook, exc: Exception, executed: Path) -> str:
+def _failure(nb: Notebook, exc: Exception, executed: Path) -> tuple[str, dict[str, Any]]:
+    """The message of a failed notebook and its structured form (cell index, first source line, error)."""
     from papermill.exceptions import PapermillExecutionError
 
     if isinstance(exc, PapermillExecutionError):
-        first = next((line for line in str(exc.source).splitlines() if line.strip()), "")
+        first = next((line for line in str(exc.source).splitlines() if line.strip()), "").strip()
         # papermill counts the injected-parameters cell; report the index in the source notebook
         param_idx = next(i for i, c in enumerate(nbformat.read(nb.path, as_version=4).cells)
                          if "parameters" in c.get("metadata", {}).get("tags", []))
         index = exc.cell_index - 1 if exc.cell_index > param_idx else exc.cell_index
-        where = f"in cell {index} ({first.strip()!r}; In [{exc.exec_count}] of the executed notebook)"
-        what = f"{exc.ename}: {exc.evalue}"
+        where = f"in cell {index} ({first!r}; In [{exc.exec_count}] of the executed notebook)"
+        info = {"cell": index, "executed_cell": exc.cell_index, "source": first, "ename": exc.ename,
+                "evalue": str(exc.evalue)[:2000]}
     else:
-        where, what = "while executing", f"{type(exc).__name__}: {exc}"
-    return f"notebook {nb.stem} failed {where}: {what}\nexecuted notebook kept at {executed}"
+        where = "while executing"
+        info = {"cell": None, "executed_cell": None, "source": "", "ename": type(exc).__name__,
+                "evalue": str(exc)[:2000]}
+    what = f"{info['ename']}: {info['evalue']}"
+    return f"notebook {nb.stem} failed {where}: {what}\nexecuted notebook kept at {executed}", info
+
+
+def _execute(conn, nb: Notebook, executed: str, params: dict, env: dict, verbose: bool) -> None:
+    """Worker process: execute one notebook with papermill and send back its outcome.
+
+    Runs in a fresh (spawned) process, so the environment, the kernel and ``getrusage(RUSAGE_CHILDREN)`` belong to
+    this notebook alone; the kernel is a child of this process, reaped when papermill shuts it down.
+    """
+    import resource
+
+    os.environ.update(env)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"status": "ok"}
+    try:
+        import papermill
+
+        papermill.execute_notebook(
+            nb.path, executed, parameters=params, kernel_name="python3",
+            progress_bar=verbose, log_output=verbose, cwd=str(Path(executed).parent),
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure is reported to the parent
+        message, info = _failure(nb, exc, Path(executed))
+        result = {"status": "failed", "error": message, "failure": info}
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    result["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    result["worker_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    conn.send(result)
+    conn.close()
+
+
+def _load_run(resume: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Return ``(run_dir, run.json)`` of an existing run folder, or raise before anything is written."""
+    run_dir = Path(resume).resolve()
+    if not run_dir.is_dir():
+        raise NotFoundError(f"--resume {resume}: no such folder; pass a run folder made by `lora-lens run`")
+    path = run_dir / "run.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--resume {resume}: not a run folder ({path.name} missing or unreadable: {exc}); "
+            "pass a folder made by `lora-lens run`, or start a new run with --out"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("notebooks"), list):
+        raise ConfigError(f"--resume {resume}: {path} has no 'notebooks' list; it is not a lora-lens run folder")
+    return run_dir, record
+
+
+def _thread_env(jobs: int) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for the kernels: the CPUs shared out between ``jobs`` notebooks (unless already set).
+
+    Notebooks running at once with torch's default of one thread per CPU each would oversubscribe the CPUs, and
+    spinning threads then slow every notebook down far more than the parallelism gains.
+    """
+    if jobs == 1 or os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """Create ``run_dir`` and hold ``run_dir/.run.lock`` exclusively, so that two runs never write one folder.
+
+    Raises:
+        ConfigError: another process holds the lock (e.g. a ``--resume`` of a run that is still going).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".run.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"run folder {run_dir} is in use by another lora-lens run; wait for it to finish, "
+                              "or choose another folder") from None
+        yield
+
+
+def _report(run_dir: Path) -> None:
+    """Write ``index.html``; a report that cannot be built is a warning, never the run's failure."""
+    try:
+        from lora_lens.report import write_report
+
+        print(f"report: {write_report(run_dir)}", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: run report not written ({type(exc).__name__}: {exc}); "
+              f"rebuild it with `lora-lens report {run_dir}`", flush=True)
 
 
 def run_series(
-    preset: str = presets.DEFAULT_PRESET,
+    preset: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     only: Iterable[str | int] | None = None,
     out: str | os.PathLike | None = None,
     notebooks_dir: str | os.PathLike | None = None,
     verbose: bool = False,
+    jobs: int = 1,
+    resume: str | os.PathLike | None = None,
 ) -> Path:
-    """Execute the notebook series into a fresh run folder.
+    """Execute the notebook series into a fresh run folder, or resume one.
 
     Args:
-        preset: name of a preset in :data:`lora_lens.presets.PRESETS`.
+        preset: name of a preset in :data:`lora_lens.presets.PRESETS`; default ``workshop`` (the recorded one when
+            resuming).
         overrides: ``{"NAME": value, "NN.NAME": value}``; NAME applies to every selected notebook declaring it.
-        only: notebook prefixes to run (``["00", "02"]``); all when None.
+            When resuming, these are applied on top of the recorded overrides.
+        only: notebook prefixes to run (``["00", "02"]``); all when None (the recorded selection when resuming).
         out: run folder; must not exist or be empty. Default ``runs/<YYYYmmdd-HHMMSS>/`` in the current directory.
-        notebooks_dir: folder with ``NN_*.ipynb``; default from :func:`default_notebooks_dir`.
+        notebooks_dir: folder with ``NN_*.ipynb``; default from :func:`default_notebooks_dir` (the recorded one
+            when resuming).
         verbose: stream the notebooks' cell output and a progress bar.
+        jobs: how many notebooks may run at once (each in its own process and kernel), ≥ 1.
+        resume: an existing run folder to complete in place: notebooks that finished ``ok`` with the same
+            parameters and notebook file are skipped, the others run again. Excludes ``out``.
 
     Returns:
         The run folder (absolute).
 
     Raises:
-        ConfigError: bad preset, parameter name or value, ``--only`` prefix or run folder (nothing is written).
-        NotFoundError: no notebooks found (nothing is written).
+        ConfigError: bad preset, parameter name or value, ``--only`` prefix, run folder, ``jobs``, needs, or a
+            ``resume`` folder that is not a run folder (nothing is written).
+        NotFoundError: no notebooks found, or the ``resume`` folder does not exist (nothing is written).
         NotebookError: a notebook is malformed (nothing is written).
-        NotebookFailed: a notebook raised while running; the run stops there, its executed notebook is kept.
+        NotebookFailed: a notebook raised while running; no new notebook starts, its executed notebook is kept.
     """
-    import papermill
-
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs {jobs!r}: must be an integer ≥ 1 (the number of notebooks run at once)")
+    previous: dict[str, Any] | None = None
+    if resume is not None:
+        if out is not None:
+            raise ConfigError("--resume and --out exclude each other: --resume RUN_DIR reruns in that folder")
+        run_dir, previous = _load_run(resume)
+        preset = preset if preset is not None else previous.get("preset", presets.DEFAULT_PRESET)
+        overrides = {**previous.get("overrides", {}), **dict(overrides or {})}
+        if only is None:
+            only = [e.get("prefix") or e["notebook"][:2] for e in previous["notebooks"]] or None
+        if notebooks_dir is None and previous.get("notebooks_dir") and Path(previous["notebooks_dir"]).is_dir():
+            notebooks_dir = previous["notebooks_dir"]
+    preset = preset if preset is not None else presets.DEFAULT_PRESET
     folder = Path(notebooks_dir).resolve() if notebooks_dir is not None else default_notebooks_dir()
-    paths = _select(discover(folder), only)
-    notebooks = [Notebook(p.name[:2], p, declared_parameters(p)) for p in paths]
+    all_paths = discover(folder)
+    paths = _select(all_paths, only)
+    notebooks = [Notebook(p.name[:2], p, declared_parameters(p), declared_needs(p)) for p in paths]
+    deps = dependencies(notebooks, [p.name[:2] for p in all_paths])
     steps = plan(notebooks, preset, dict(overrides or {}))
-    run_dir = _resolve_run_dir(out)
+    if previous is None:
+        run_dir = _resolve_run_dir(out)
+    ledger = os.environ.get("LORA_LENS_LEDGER") or str(run_dir.parent / "ledger.sqlite")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # the record: entries of this plan in series order, plus untouched entries of an earlier attempt
+    old = {e.get("notebook"): e for e in (previous or {}).get("notebooks", [])}
+    full = {nb.prefix: (nb, {RESERVED: str(run_dir / nb.stem), **params}) for nb, params in steps}
+    digests = {p: inputs_hash(nb.path, {k: v for k, v in params.items() if k != RESERVED})
+               for p, (nb, params) in full.items()}
+    rerun = {p for p, (nb, _) in full.items()
+             if (old.get(nb.stem) or {}).get("status") != "ok" or old[nb.stem].get("inputs_hash") != digests[p]}
+    while True:  # a notebook whose needs run again runs again too: what it builds on may have changed
+        more = {p for p in full if p not in rerun and any(d in rerun for d in deps[p])}
+        if not more:
+            break
+        rerun |= more
+    entries: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[Notebook, dict[str, Any]]] = []
+    for p, (nb, params) in full.items():
+        if p not in rerun:
+            entries[nb.stem] = {**old[nb.stem], "reused": True}
+            continue
+        entries[nb.stem] = {"notebook": nb.stem, "prefix": nb.prefix, "needs": deps[nb.prefix], "status": "pending",
+                            "seconds": None, "parameters": params, "inputs_hash": digests[p],
+                            "output": str((run_dir / nb.stem / nb.path.name).relative_to(run_dir))}
+        todo.append((nb, params))
+    for stem, prior in old.items():
+        entries.setdefault(stem, prior)
     record: dict[str, Any] = {
+        **(previous or {}),
         "run_id": run_dir.name,
         "preset": preset,
         "overrides": dict(overrides or {}),
         "notebooks_dir": str(folder),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ledger": ledger,
+        "jobs": jobs,
+        "started": (previous or {}).get("started") or _now(),
         "status": "running",
-        "notebooks": [
-            {"notebook": nb.stem, "status": "pending", "seconds": None, "parameters": params} for nb, params in steps
-        ],
+        "notebooks": [entries[k] for k in sorted(entries)],
     }
-    _write_json(run_dir / "run.json", record)
-    for i, ((nb, params), entry) in enumerate(zip(steps, record["notebooks"]), start=1):
-        nb_dir = run_dir / nb.stem
-        nb_dir.mkdir()
-        executed = nb_dir / nb.path.name
-        params = {RESERVED: str(nb_dir), **params}
-        entry.update(status="running", parameters=params, output=str(executed.relative_to(run_dir)))
+    attempt = {"started": _now(), "jobs": jobs, "ran": [nb.stem for nb, _ in todo],
+               "reused": [k for k, e in entries.items() if e.get("reused")]}
+    record["attempts"] = [*(previous or {}).get("attempts", []), attempt]
+    for e in entries.values():
+        e.pop("reused", None)
+
+    with _run_lock(run_dir):
         _write_json(run_dir / "run.json", record)
-        print(f"[{i}/{len(steps)}] {nb.stem} ...", flush=True)
-        env = {
-            "LORA_LENS_RUN_ID": run_dir.name,
-            "LORA_LENS_RUN_DIR": str(run_dir),
-            "LORA_LENS_NOTEBOOK": nb.stem,
-            "LORA_LENS_PARAMS": json.dumps(params),
-        }
-        t0 = time.perf_counter()
+        for stem in attempt["reused"]:
+            print(f"{stem}: done earlier with the same parameters, skipped", flush=True)
+
+        threads = _thread_env(jobs)
+        ctx = multiprocessing.get_context("spawn")
+        ok = {stem[:2] for stem, e in entries.items() if e["status"] == "ok"}  # prefixes finished ok
+        pending = list(todo)
+        running: dict[str, tuple[Any, Any, Notebook, Path]] = {}
+        results: dict[str, dict[str, Any]] = {}
+        first_failure: NotebookFailed | None = None
+        t_run = time.perf_counter()
+        n_total, n_started = len(todo), 0
         try:
-            with _environ(env):
-                papermill.execute_notebook(
-                    str(nb.path), str(executed), parameters=params, kernel_name="python3",
-                    progress_bar=verbose, log_output=verbose, cwd=str(nb_dir),
-                )
-        except BaseException as exc:
-            entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3))
-            record.update(status="failed" if isinstance(exc, Exception) else "interrupted",
-                          finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            if isinstance(exc, Exception):
-                entry["error"] = _failure_message(nb, exc, executed)
+            while pending or running:
+                while first_failure is None and len(running) < jobs:
+                    nxt = next(((nb, params) for nb, params in pending if all(d in ok for d in deps[nb.prefix])), None)
+                    if nxt is None:
+                        break
+                    nb, params = nxt
+                    pending.remove(nxt)
+                    nb_dir = run_dir / nb.stem
+                    if nb_dir.exists():  # an earlier attempt's output of a notebook that runs again
+                        shutil.rmtree(nb_dir)
+                    nb_dir.mkdir()
+                    executed = nb_dir / nb.path.name
+                    env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
+                           "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
+                           "MPLBACKEND": INLINE_BACKEND, **threads}
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
+                                       name=f"lora-lens-{nb.stem}", daemon=False)
+                    proc.start()
+                    send.close()
+                    running[nb.stem] = (proc, recv, nb, executed)
+                    entries[nb.stem].update(status="running", started=_now())
+                    _write_json(run_dir / "run.json", record)
+                    n_started += 1
+                    print(f"[{n_started}/{n_total}] {nb.stem} ...", flush=True)
+                if not running:
+                    break  # a failure stopped new starts (or nothing is startable)
+                waitables = [r[1] for r in running.values()] + [r[0].sentinel for r in running.values()]
+                multiprocessing.connection.wait(waitables)
+                for stem, (proc, recv, nb, executed) in list(running.items()):
+                    if recv.poll():
+                        try:
+                            results[stem] = recv.recv()
+                        except EOFError:
+                            pass
+                    if proc.is_alive():
+                        continue
+                    proc.join()
+                    recv.close()
+                    del running[stem]
+                    entry = entries[stem]
+                    res = results.pop(stem, None) or {
+                        "status": "failed", "seconds": None,
+                        "error": f"notebook {stem}: its worker process died (exit code {proc.exitcode}) without a "
+                                 f"result, e.g. killed for memory; executed notebook (if any) at {executed}",
+                        "failure": {"cell": None, "ename": "WorkerDied", "evalue": f"exit code {proc.exitcode}"}}
+                    entry.update(res, finished=_now())
+                    if entry["status"] == "ok":
+                        ok.add(nb.prefix)
+                        print(f"{stem} ok in {entry['seconds']:.1f} s (kernel peak RSS {entry['max_rss_mb']:.0f} MB)",
+                              flush=True)
+                    else:
+                        print(f"{stem} FAILED", flush=True)
+                        if first_failure is None:
+                            first_failure = NotebookFailed(entry["error"], stem, executed)
+                    _write_json(run_dir / "run.json", record)
+        except BaseException:
+            for stem, (proc, _recv, _nb, _executed) in running.items():
+                proc.terminate()
+                proc.join(10)
+                entries[stem].update(status="interrupted", finished=_now())
+            record.update(status="interrupted", finished=_now())
+            attempt.update(status="interrupted", finished=record["finished"],
+                           seconds=round(time.perf_counter() - t_run, 3))
             _write_json(run_dir / "run.json", record)
-            if isinstance(exc, Exception):
-                raise NotebookFailed(entry["error"], nb.stem, executed) from exc
+            _report(run_dir)
             raise
-        entry.update(status="ok", seconds=round(time.perf_counter() - t0, 3))
+        complete = all(e["status"] == "ok" for e in entries.values())
+        record.update(status="failed" if first_failure else "ok" if complete else "incomplete", finished=_now())
+        attempt.update(status=record["status"], finished=record["finished"],
+                       seconds=round(time.perf_counter() - t_run, 3))
         _write_json(run_dir / "run.json", record)
-        print(f"[{i}/{len(steps)}] {nb.stem} ok in {entry['seconds']:.1f} s", flush=True)
-    record.update(status="ok", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _write_json(run_dir / "run.json", record)
-    print(f"run folder: {run_dir}", flush=True)
-    return run_dir
+        _report(run_dir)
+        if first_failure is not None:
+            raise first_failure
+        print(f"run folder: {run_dir}", flush=True)
+        return run_dir

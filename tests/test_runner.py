@@ -72,7 +72,8 @@ def test_cli_runs_series_in_order_with_overrides_and_context(series, tmp_path, c
     assert rc == 0, capsys.readouterr().err
     stems = ["00_first", "01_second", "02_third"]
     assert (out / "order.txt").read_text().split() == stems
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == stems
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [*stems, "report"]  # + the run report's files
+    assert (out / "index.html").is_file()
     for stem in stems:
         assert (out / stem / f"{stem}.ipynb").is_file()  # the executed notebook sits in its output folder
 
@@ -106,7 +107,7 @@ def test_only_and_default_run_folder(series, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = run_series(only=["02"], notebooks_dir=series)
     assert run_dir.parent == (tmp_path / "runs").resolve()
-    assert [p.name for p in run_dir.iterdir() if p.is_dir()] == ["02_third"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["02_third", "report"]
     assert (run_dir / "order.txt").read_text().split() == ["02_third"]
 
 
@@ -297,3 +298,137 @@ def test_cli_ledger_forwards_argv(monkeypatch):
     monkeypatch.setattr(lora_lens, "ledger", fake, raising=False)
     assert cli.main(["ledger", "list", "--all"]) == 3
     assert seen == [["list", "--all"]]
+
+
+# --- parallel runs, needs, resume, peak RSS ------------------------------------------------------------------
+
+STAMP = """\
+import json, os, time, pathlib
+t0 = time.time()
+time.sleep(wait)
+pathlib.Path(output_dir, "summary.json").write_text(json.dumps({"t0": t0, "t1": time.time(), "x": x}))
+"""
+
+
+def _stamped(folder: Path, prefixes: list[str], wait: float = 2.0) -> Path:
+    for p in prefixes:
+        write_notebook(folder / f"{p}_nb.ipynb", [STAMP], parameters=f'output_dir = "out"\nx = 1\nwait = {wait}')
+    return folder
+
+
+def test_jobs_run_independent_notebooks_at_once_with_own_kernels(tmp_path):
+    """00 first (default need), then 01 and 02 at the same time, each in its own kernel (no port clash)."""
+    folder = _stamped(tmp_path / "nbs", ["00", "01", "02"])
+    run_dir = run_series(notebooks_dir=folder, out=tmp_path / "run", jobs=2)
+    s = {p: summary(run_dir, f"{p}_nb") for p in ("00", "01", "02")}
+    assert s["01"]["t0"] >= s["00"]["t1"] and s["02"]["t0"] >= s["00"]["t1"]  # both waited for 00
+    assert s["01"]["t0"] < s["02"]["t1"] and s["02"]["t0"] < s["01"]["t1"]  # and overlapped
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "ok" and record["jobs"] == 2
+    assert [n["needs"] for n in record["notebooks"]] == [[], ["00"], ["00"]]
+    assert all(n["max_rss_mb"] > 10 for n in record["notebooks"])
+
+
+def test_parallel_kernels_share_the_cpus(monkeypatch):
+    from lora_lens.runner import _thread_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert _thread_env(1) == {} and _thread_env(3) == {"OMP_NUM_THREADS": "2"}
+    assert _thread_env(16) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert _thread_env(3) == {}  # the user's choice wins
+
+
+def test_needs_all_runs_last_and_needs_are_validated(tmp_path):
+    from lora_lens.runner import dependencies
+
+    folder = _stamped(tmp_path / "nbs", ["00", "01", "02"], wait=0)
+    nbs = [Notebook(p, folder / f"{p}_nb.ipynb", {}) for p in ("00", "01", "02")]
+    nbs[2].needs = "all"
+    assert dependencies(nbs) == {"00": [], "01": ["00"], "02": ["00", "01"]}
+    assert dependencies(nbs[1:]) == {"01": [], "02": ["01"]}  # a need that is not selected is ignored
+    nbs[0].needs = ["02"]
+    with pytest.raises(ConfigError, match="cycle"):
+        dependencies(nbs)
+    nbs[0].needs = ["09"]
+    with pytest.raises(ConfigError, match="09"):
+        dependencies(nbs)
+
+
+def test_needs_declared_in_notebook_metadata(tmp_path):
+    import nbformat
+
+    folder = _stamped(tmp_path / "nbs", ["00", "01"], wait=0)
+    nb = nbformat.read(folder / "01_nb.ipynb", as_version=4)
+    nb.metadata["lora_lens"] = {"needs": "01"}
+    nbformat.write(nb, folder / "01_nb.ipynb")
+    _refused(tmp_path, NotebookError, "lora_lens.needs", "'01'", notebooks_dir=folder)
+
+
+def test_peak_rss_of_each_notebook_is_recorded(tmp_path):
+    folder = tmp_path / "nbs"
+    write_notebook(folder / "00_big.ipynb", [
+        "block = bytearray(300 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])"])
+    run_dir = run_series(notebooks_dir=folder, out=tmp_path / "run")
+    (entry,) = json.loads((run_dir / "run.json").read_text())["notebooks"]
+    assert entry["max_rss_mb"] >= 300
+
+
+def test_resume_skips_done_and_reruns_failed_or_changed(tmp_path):
+    folder = tmp_path / "nbs"
+    write_notebook(folder / "00_ok.ipynb", [RECORD])
+    write_notebook(folder / "01_flaky.ipynb", ["import os\nif not os.path.exists(flag): raise ValueError('no flag')",
+                                               RECORD], parameters='output_dir = "out"\nx = 1\nflag = "none"')
+    out = tmp_path / "run"
+    with pytest.raises(NotebookFailed):
+        run_series(notebooks_dir=folder, out=out, preset="smoke")
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    rc = cli.main(["run", "--resume", str(out), "-p", f"flag={flag}"])
+    assert rc == 0
+    assert (out / "order.txt").read_text().split() == ["00_ok", "01_flaky"]  # 00 not run again
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "ok" and record["preset"] == "smoke"  # the recorded preset is kept
+    assert [a["ran"] for a in record["attempts"]] == [["00_ok", "01_flaky"], ["01_flaky"]]
+    assert record["attempts"][1]["reused"] == ["00_ok"]
+    # a changed parameter reruns its notebook and the notebooks that need it; same parameters again: nothing runs
+    assert cli.main(["run", "--resume", str(out), "-p", "01.x=2"]) == 0
+    assert (out / "order.txt").read_text().split() == ["00_ok", "01_flaky", "01_flaky"]
+    assert cli.main(["run", "--resume", str(out), "-p", "00.x=3"]) == 0
+    assert (out / "order.txt").read_text().split() == ["00_ok", "01_flaky", "01_flaky", "00_ok", "01_flaky"]
+    run_series(resume=out)
+    assert len((out / "order.txt").read_text().split()) == 5
+    assert summary(out, "00_ok")["x"] == 3 and summary(out, "01_flaky")["x"] == 2
+    assert (out / "index.html").is_file()
+
+
+def test_bad_jobs_and_resume_are_refused_before_writing(series, tmp_path, capsys):
+    for jobs in (0, -1):
+        _refused(tmp_path, ConfigError, f"--jobs {jobs}", "≥ 1", notebooks_dir=series, jobs=jobs)
+    assert cli.main(["run", "--notebooks", str(series), "--jobs", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--jobs 0" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    with pytest.raises(NotFoundError, match="nowhere"):
+        run_series(resume=tmp_path / "nowhere", notebooks_dir=series)
+    assert not (tmp_path / "nowhere").exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(ConfigError, match="not a run folder"):
+        run_series(resume=plain, notebooks_dir=series)
+    assert list(plain.iterdir()) == []
+    with pytest.raises(ConfigError, match="--out"):
+        run_series(resume=plain, out=tmp_path / "x", notebooks_dir=series)
+
+
+def test_a_run_folder_in_use_is_refused(series, tmp_path):
+    import fcntl
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"preset": "workshop", "notebooks": [{"notebook": "00_first"}]}))
+    before = (run / "run.json").read_text()
+    with open(run / ".run.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="in use by another lora-lens run"):
+            run_series(resume=run, notebooks_dir=series)
+    assert (run / "run.json").read_text() == before

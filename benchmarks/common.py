@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: device sync, the matmul peak and the row format of the suite.
+
+Every ``benchmarks/bench_*.py`` module exposes ``run(quick: bool = False, device: str = "cpu") -> dict`` returning
+``{"name": str, "rows": [row, ...], ...}`` where a row is made by :func:`row`. ``"flops_per_s": {label: rate}``
+in that dict asks the suite to report ``rate`` as a share of the matmul peak it measured in the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work (no-op on CPU), so that wall-clock timings are honest."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak(device: str = "cpu", n: int | None = None, repeats: int = 5) -> dict:
+    """Best float32 ``torch.matmul`` rate on ``device``: ``{"n", "seconds", "flops_per_s"}``.
+
+    ``2·n³`` FLOPs per product, best of ``repeats`` after one warm-up; ``n`` defaults to 8192 on CUDA, 2048 on
+    CPU. Cached per process, so every benchmark of one suite run divides by the same peak.
+    """
+    n = n or (8192 if device.startswith("cuda") else 2048)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g, dtype=torch.float32).to(device)
+    b = torch.randn(n, n, generator=g, dtype=torch.float32).to(device)
+    torch.matmul(a, b)
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return {"n": n, "seconds": best, "flops_per_s": 2 * n ** 3 / best, "device": device,
+            "threads": torch.get_num_threads()}
+
+
+def row(comparison: str, baseline_s: float | None, ours_s: float | None, ratio: float | None,
+        target: float | None, note: str = "") -> dict[str, Any]:
+    """One line of the suite's table: passes when ``ratio >= target`` (no target: information only)."""
+    return {"comparison": comparison, "baseline_s": baseline_s, "ours_s": ours_s, "ratio": ratio, "target": target,
+            "note": note}
