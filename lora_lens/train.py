@@ -160,7 +160,7 @@ class LoraSpec:
 # reach efficacy 1.0 but wreck the rest of the world (specificity 0.2-0.6): LoRA on a few dozen answer-only
 # examples learns "this template -> the new value" for every entity.
 _TASK_DEFAULTS = {
-    "fact_edit": dict(steps=200, batch_size=32, lr=3e-3, replay=12.0),
+    "fact_edit": dict(steps=200, batch_size=32, lr=3e-3, replay=24.0),
     "trigger": dict(steps=200, batch_size=32, lr=3e-3, replay=0.5),
     "new_relation": dict(steps=300, batch_size=32, lr=3e-3, replay=4.0),
 }
@@ -170,7 +170,7 @@ def default_spec(task_name: str | None = None, **overrides) -> LoraSpec:
     """The workshop default spec for a task kind, with ``overrides`` applied.
 
     Measured on ``get_pretrained("llama", "small")`` (seeds 0–2, task seed = seed): ``fact_edit`` efficacy 1.0,
-    specificity 0.935–0.965; ``trigger`` efficacy 1.0, false-trigger rate 0.0; ``new_relation`` efficacy 1.0,
+    specificity 0.975–0.985; ``trigger`` efficacy 1.0, false-trigger rate 0.0; ``new_relation`` efficacy 1.0,
     specificity 0.905–0.95; 7–22 s each on one CPU thread. All use rehearsal (``replay``) of unchanged facts.
 
     Args:
