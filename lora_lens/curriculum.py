@@ -253,3 +253,24 @@ def plot_rounds(results: list[LoopResult], target: float | None = None, ax=None)
            title="Loop against random data, round by round")
     ax.legend(fontsize=8)
     return fig
+
+
+def check_loop_winner(loop: LoopResult, baseline: LoopResult, answer: str) -> str:
+    """Check the notebook-05 exercise: which strategy reached the target with fewer data tokens.
+
+    Args:
+        loop: The targeted loop's result.
+        baseline: The random baseline's result.
+        answer: ``"loop"``, ``"random"``, ``"tie"`` or ``"neither"`` (neither reached the target).
+
+    Returns:
+        A sentence saying whether the answer holds.
+    """
+    a, b = loop.tokens_to_target, baseline.tokens_to_target
+    truth = ("neither" if a is None and b is None else "loop" if b is None or (a is not None and a < b)
+             else "random" if a is None or b < a else "tie")
+    if answer not in ("loop", "random", "tie", "neither"):
+        return f"answer={answer!r}: use 'loop', 'random', 'tie' or 'neither'."
+    if answer == truth:
+        return "Yes. Now look at the rounds table: which kind of example made the difference?"
+    return "Not what this run shows: compare tokens_to_target of both results (None = never reached)."

@@ -572,3 +572,34 @@ def plot_forgetting(table: pd.DataFrame, ax=None):
            title="Forgetting against transfer")
     ax.axhline(0, color="grey", lw=0.8)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exercise
+
+
+def check_replay_choice(table: pd.DataFrame, answer: float, min_transfer: float = 0.9,
+                        max_drop: float = 0.05) -> str:
+    """Check the notebook-04 exercise: the smallest replay ratio of a sweep that keeps the change and the world.
+
+    Args:
+        table: The replay sweep (columns ``replay``, ``transfer_rate``, ``specificity_drop``).
+        answer: The replay ratio proposed.
+        min_transfer: Transfer rate it must reach.
+        max_drop: Specificity drop it may cost at most.
+
+    Returns:
+        A sentence saying whether the answer holds (without naming the right one).
+    """
+    ok = table[(table["transfer_rate"] >= min_transfer) & (table["specificity_drop"] <= max_drop)]
+    if answer not in set(table["replay"]):
+        return f"{answer} is not a replay ratio of the sweep: pick one of {sorted(table['replay'])}."
+    if ok.empty:
+        return (f"No ratio of this sweep reaches transfer ≥ {min_transfer} with a drop ≤ {max_drop}: try more "
+                "steps or other ratios, and say why none works.")
+    best = float(ok["replay"].min())
+    if answer == best:
+        return f"Yes: replay={answer} keeps the change (transfer ≥ {min_transfer}) and the world (drop ≤ {max_drop})."
+    if answer in set(ok["replay"]):
+        return f"replay={answer} works, but a smaller ratio of the sweep works too: look again."
+    return f"Not quite: at replay={answer} the transfer or the specificity drop misses its bound."
