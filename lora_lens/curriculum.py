@@ -102,9 +102,9 @@ def next_layer(evaluation, task: Task, world, collateral: list[tuple[str, str, s
         budget: Tokens this layer may add.
 
     Returns:
-        ``(examples, n_anchors)``: every training-template paraphrase of each failing behaviour with its intended
-        answer (the failing prompts themselves first), then anchors (each collateral fact with its original answer), cut to
-        the budget.
+        ``(examples, n_anchors)``: the failing prompts with their intended answers, then every training-template
+        paraphrase of those behaviours, then anchors (each collateral fact with its original answer), cut to the
+        budget.
     """
     rows = evaluation.table("efficacy")
     failing = rows[~rows["adapted_correct"].astype(bool)]

@@ -599,7 +599,8 @@ def check_replay_choice(table: pd.DataFrame, answer: float, min_transfer: float 
                 "steps or other ratios, and say why none works.")
     best = float(ok["replay"].min())
     if answer == best:
-        return f"Yes: replay={answer} keeps the change (transfer ≥ {min_transfer}) and the world (drop ≤ {max_drop})."
+        return (f"Yes: replay={answer} keeps the change (transfer ≥ {min_transfer}) and the world "
+                f"(drop ≤ {max_drop}).")
     if answer in set(ok["replay"]):
         return f"replay={answer} works, but a smaller ratio of the sweep works too: look again."
     return f"Not quite: at replay={answer} the transfer or the specificity drop misses its bound."

@@ -157,3 +157,17 @@ def test_adapter_on_another_base_is_refused(fit, tiny_llama, tmp_path):
     alien = Pretrained(other, tiny_llama.tokenizer, world, "llama", "tiny", path, {"key": "y"})
     with pytest.raises(MismatchError, match="world"):
         distill.distill(alien, fit, ["Dasur lives in Kokura ."])
+
+
+def test_a_zoo_model_of_another_family_keeps_the_world_tokenizer(tiny_llama, tmp_path):
+    """Cross-family distillation needs the same words as tokens: a qwen2 zoo folder loads the world tokenizer."""
+    from lora_lens.zoo import load_model
+    from lora_lens.utils import write_json
+
+    qwen = build_model("qwen2", "tiny", tiny_llama.tokenizer, seed=0)
+    qwen.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    write_json(tmp_path / "lora_lens.json", {"family": "qwen2"})
+    _, tok = load_model(tmp_path)
+    text = [f"{tiny_llama.world.entities[0]} likes the colour brown ."]
+    assert tok(text)["input_ids"] == tiny_llama.tokenizer(text)["input_ids"]
