@@ -41,7 +41,8 @@ class LoopResult:
         strategy: ``targeted`` or ``random``.
         target: The efficacy target.
         rounds: One dict per round: ``round``, ``efficacy``, ``paraphrase``, ``specificity``, ``tokens`` (data
-            tokens trained on, cumulative), ``examples``, ``added`` (examples the layer added), ``failing``
+            tokens trained on, cumulative), ``examples``, ``added`` / ``added_tokens`` (what the round's layer
+            added), ``failing``
             (efficacy probes still wrong), ``collateral`` (moved facts outside the truth), ``anchors`` (anchor
             examples in the data), ``seconds``.
         tokens_to_target: Data tokens of the first round at or above the target (None if never reached).
@@ -140,7 +141,8 @@ def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: f
 
 
 def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, max_rounds: int = 4,
-             token_budget: int | None = None, round_tokens: int | None = None, spec: LoraSpec | None = None,
+             token_budget: int | None = None, round_tokens: int | None = None, schedule: list[int] | None = None,
+             spec: LoraSpec | None = None,
              anchors: bool = True, seed: int = 0, device: str = "cpu", ledger_id: str | None = None) -> LoopResult:
     """Run the loop (or its random baseline) on a zoo base.
 
@@ -153,6 +155,9 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
         max_rounds: Rounds at most, ≥ 1.
         token_budget: Data tokens at most (default: unlimited within ``max_rounds``).
         round_tokens: Tokens each round may add (default: the tokens of layer 0).
+        schedule: Tokens added per round by another run (``[r["added_tokens"] for r in loop.rounds[1:]]``): the
+            baseline then adds as many tokens as the loop did in each round (``round_tokens`` after its end), so
+            both are compared at equal data tokens round by round.
         spec: LoRA spec of every round (default :func:`lora_lens.train.default_spec` for the task).
         anchors: Add anchor examples for collateral damage (targeted loop); their tokens count like any other.
         seed: Training and sampling seed.
@@ -182,6 +187,9 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer{' or None' if optional else ''}")
+    if schedule is not None and (not isinstance(schedule, (list, tuple)) or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in schedule)):
+        raise ConfigError(f"schedule={schedule!r} must be a list of token counts ≥ 0, one per round after the first")
     if not task.probes.get("efficacy"):
         raise ConfigError(f"task {task.name!r} has no efficacy probes: the loop needs target behaviours to reach")
     check_task_world(task, pre.world)
@@ -204,7 +212,8 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
         anchored = collateral if anchors else []
         tokens = count_tokens(tokenizer, data)
         rec = {"round": k, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"], "specificity": m["specificity"],
-               "tokens": tokens, "examples": len(data), "added": len(layers[-1]),
+               "tokens": tokens, "examples": len(data), "added": len(layers[-1]) if k else len(data),
+               "added_tokens": count_tokens(tokenizer, layers[-1]) if k else tokens,
                "failing": int((~ev.table("efficacy")["adapted_correct"].astype(bool)).sum()),
                "collateral": len(collateral) if strategy == "targeted" else None,
                "anchors": n_anchors,
@@ -217,7 +226,8 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
         reached = m["efficacy"] >= target
         if reached and result.tokens_to_target is None:
             result.tokens_to_target = tokens
-        budget = round_tokens if token_budget is None else min(round_tokens, token_budget - tokens)
+        budget = schedule[k] if schedule is not None and k < len(schedule) else round_tokens
+        budget = budget if token_budget is None else min(budget, token_budget - tokens)
         if reached or k + 1 == max_rounds or budget <= 0:
             rec["seconds"] = time.perf_counter() - t0
             result.rounds.append(rec)
