@@ -79,12 +79,12 @@ def initial_layer(task: Task, world, per_fact: int = 1) -> list[tuple[str, str]]
 
 
 def _fill(candidates: list[tuple[str, str]], tokenizer, budget: int) -> list[tuple[str, str]]:
-    """Take candidates in order while they fit in ``budget`` tokens (at least one)."""
+    """Take candidates in order, skipping any that would overflow ``budget`` tokens (at least one is taken)."""
     out, used = [], 0
     for ex in candidates:
         n = count_tokens(tokenizer, [ex])
         if out and used + n > budget:
-            break
+            continue
         out.append(ex)
         used += n
     return out
