@@ -171,3 +171,13 @@ def test_a_zoo_model_of_another_family_keeps_the_world_tokenizer(tiny_llama, tmp
     _, tok = load_model(tmp_path)
     text = [f"{tiny_llama.world.entities[0]} likes the colour brown ."]
     assert tok(text)["input_ids"] == tiny_llama.tokenizer(text)["input_ids"]
+
+
+def test_bench_generate_quick_reports_rows():
+    from benchmarks import bench_generate
+
+    result = bench_generate.run(quick=True)
+    assert result["name"] == "generate" and result["meta"]["greedy_outputs_equal"]
+    for row in result["rows"]:
+        assert set(row) == {"comparison", "baseline_s", "ours_s", "ratio", "target"}
+        assert row["baseline_s"] > 0 and row["ours_s"] > 0 and row["ratio"] == row["baseline_s"] / row["ours_s"]
