@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from lora_lens.diff import _max_length, discovered_changes
-from lora_lens.errors import ConfigError
+from lora_lens.errors import ConfigError, TrainingError
 from lora_lens.probes import _check_base, _inference, evaluate, keeps_logits
 from lora_lens.tokenizer import token_id
 from lora_lens.utils import set_seed
@@ -423,7 +423,6 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         if not torch.isfinite(loss):
-            from lora_lens.errors import TrainingError
             raise TrainingError(f"continued pretraining stopped at step {step + 1}: the loss is {loss.item()} "
                                 f"(non-finite); lower lr={lr:g}")
         loss.backward()
