@@ -179,5 +179,5 @@ def test_bench_generate_quick_reports_rows():
     result = bench_generate.run(quick=True)
     assert result["name"] == "generate" and result["meta"]["greedy_outputs_equal"]
     for row in result["rows"]:
-        assert set(row) == {"comparison", "baseline_s", "ours_s", "ratio", "target"}
+        assert set(row) == {"comparison", "baseline_s", "ours_s", "ratio", "target", "note"}
         assert row["baseline_s"] > 0 and row["ours_s"] > 0 and row["ratio"] == row["baseline_s"] / row["ours_s"]
