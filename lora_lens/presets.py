@@ -21,6 +21,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "01": {},
         "02": {},
         "03": {},
+        "04": {},
+        "05": {},
         "07": {},
     },
     "smoke": {
@@ -29,6 +31,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "02": {"size": "tiny", "n_entities": 24, "rank": 4, "small_rank": 4, "large_rank": 16, "low_rank": 1},
         "03": {"size": "tiny", "n_entities": 24, "rank": 4, "n_probes": 16, "ig_steps": 8, "shapley_samples": 3,
                "deletion_k": 6},
+        "04": {"size": "tiny", "n_entities": 24, "rank": 4, "steps": 60, "lr": 0.002, "replay_sweep": [0.0, 0.5]},
+        "05": {"size": "tiny", "n_entities": 24, "rank": 4, "k_edits": 6, "loop_steps": 60, "max_rounds": 2},
         "07": {"max_hypotheses": 12},
     },
 }

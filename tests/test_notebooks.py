@@ -99,6 +99,42 @@ def check_03(summary: dict) -> None:
     assert summary["n_components"]["layer"] >= 1
 
 
+def check_04(summary: dict) -> None:
+    """Notebook 04 distils the smoke fact-edit adapter back into the base (tiny llama) and into another family."""
+    assert summary["family"] == "llama" and summary["size"] == "tiny"
+    for key in ("transfer_rate", "paraphrase_transfer", "specificity_drop", "merge_transfer_rate",
+                "data_route_transfer_rate", "cross_family_transfer_rate"):
+        assert isinstance(summary[key], float), key
+    # the edits written as text and pretrained in carry over, into the base and into another family
+    assert summary["transfer_rate"] > 0.5 and summary["data_route_transfer_rate"] > 0.5
+    assert summary["cross_family_transfer_rate"] > 0.0
+    # merging the adapter reproduces it exactly
+    assert summary["merge_transfer_rate"] == pytest.approx(1.0)
+    assert -1.0 <= summary["specificity_drop"] <= 1.0 and summary["perplexity_ratio"] > 0
+    assert summary["corpus_lines"] > 0 and summary["changed_facts"] > 0
+    assert [r["replay"] for r in summary["replay_sweep"]] == [0.0, 0.5]
+    assert {"transfer_vs_replay.png", "forgetting_vs_transfer.png"} <= {Path(p).name for p in summary["figures"]}
+
+
+def check_05(summary: dict) -> None:
+    """Notebook 05 runs the loop and its random baseline (smoke: tiny llama, 6 edits, at most 2 rounds)."""
+    assert summary["family"] == "llama" and summary["size"] == "tiny" and summary["target"] == 0.95
+    for rounds in (summary["rounds"], summary["random_rounds"]):
+        assert 1 <= len(rounds) <= 2
+        tokens = [r["tokens"] for r in rounds]
+        assert tokens == sorted(tokens) and tokens[0] > 0
+        for r in rounds:
+            assert 0.0 <= r["efficacy"] <= 1.0 and 0.0 <= r["specificity"] <= 1.0
+    # both start from the same layer 0 and seed
+    assert summary["rounds"][0] == {**summary["random_rounds"][0], "collateral": summary["rounds"][0]["collateral"]}
+    for key in ("tokens_to_target", "random_tokens_to_target"):
+        assert summary[key] is None or isinstance(summary[key], int)
+    if summary["tokens_to_target"] is not None:
+        reached = [r for r in summary["rounds"] if r["efficacy"] >= 0.95]
+        assert summary["tokens_to_target"] == reached[0]["tokens"]
+    assert "rounds.png" in {Path(p).name for p in summary["figures"]}
+
+
 def check_07(summary: dict) -> None:
     """Notebook 07 renders the hypothesis ledger; its counts add up."""
     keys = ("hypotheses", "supported", "refuted", "inconclusive", "evidence")
@@ -113,6 +149,8 @@ CHECKS = {
     "01": check_01,
     "02": check_02,
     "03": check_03,
+    "04": check_04,
+    "05": check_05,
     "07": check_07,
 }
 
