@@ -552,8 +552,9 @@ def plot_replay_sweep(table: pd.DataFrame, ax=None):
     for col, label in (("transfer_rate", "transfer rate"), ("paraphrase_transfer", "paraphrase transfer"),
                        ("specificity_drop", "specificity drop (forgetting)")):
         ax.plot(table["replay"], table[col], marker="o", lw=2, label=label)
+    top = max(1.0, float(table[["transfer_rate", "paraphrase_transfer", "specificity_drop"]].max().max()))
     ax.set(xlabel="replay ratio (share of each batch from the original corpus)", ylabel="rate",
-           title="Distilled change against replay", ylim=(-0.05, 1.1))
+           title="Distilled change against replay", ylim=(-0.05, top + 0.1))
     ax.legend(fontsize=9)
     return fig
 
@@ -564,9 +565,11 @@ def plot_forgetting(table: pd.DataFrame, ax=None):
 
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
     ax.scatter(table["transfer_rate"], table["specificity_drop"], s=70, alpha=0.8)
-    for _, row in table.iterrows():
-        ax.annotate(str(row["label"]), (row["transfer_rate"], row["specificity_drop"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+    # routes that land on the same point share one label instead of overprinting each other
+    points = table.assign(x=table["transfer_rate"].round(6), y=table["specificity_drop"].round(6))
+    for (x, y), group in points.groupby(["x", "y"], sort=False):
+        ax.annotate(", ".join(group["label"].astype(str)), (x, y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
     ax.set(xlabel="transfer rate (edits carried over)", ylabel="specificity drop (facts forgotten)",
            title="Forgetting against transfer")
     ax.axhline(0, color="grey", lw=0.8)
