@@ -656,5 +656,44 @@ def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed:
     df = pd.DataFrame(rows)
     df.insert(0, "family", pre.family)
     df["efficacy_ratio"] = df["efficacy"] / rows[0]["efficacy"] if rows[0]["efficacy"] > 0 else math.nan
-    df.attrs["continued_drift"] = drift  # ‖θ_continued − θ‖ / ‖θ‖ over all parameters
+    df["drift"] = [drift if t == "continued" else math.nan for t in df["target"]]  # ‖θ_cont − θ‖ / ‖θ‖
     return df
+
+
+def pattern_records(table: pd.DataFrame) -> list[dict]:
+    """The pattern table as JSON-ready records: the pooled row of each pattern plus its per-family rows.
+
+    Returns:
+        ``[{"id", "name", "statistic", "ci_low", "ci_high", "verdict", "threshold", "comparator",
+        "by_family": {family: {"statistic", "ci_low", "ci_high", "verdict"}}}]``.
+    """
+    out = []
+    for pid, t in table.groupby("pattern", sort=False):
+        pooled = t[t["family"] == "all"].iloc[0]
+        out.append({"id": pid, "name": pooled["name"], "statistic": float(pooled["statistic"]),
+                    "ci_low": float(pooled["ci_low"]), "ci_high": float(pooled["ci_high"]),
+                    "verdict": pooled["verdict"], "threshold": float(pooled["threshold"]),
+                    "comparator": pooled["comparator"],
+                    "by_family": {r.family: {"statistic": float(r.statistic), "ci_low": float(r.ci_low),
+                                             "ci_high": float(r.ci_high), "verdict": r.verdict}
+                                  for r in t[t["family"] != "all"].itertuples(index=False)}})
+    return out
+
+
+def portability_summary(table: pd.DataFrame) -> dict:
+    """``{family: {"original_efficacy", "<target>": {"ported_efficacy", "efficacy_ratio", "retrained_efficacy",
+    "ported_specificity"}, "continued_drift"}}`` from :func:`portability` tables (concatenated)."""
+    out = {}
+    for fam, t in table.groupby("family", sort=False):
+        t = t.set_index(["target", "how"])
+        entry = {"original_efficacy": float(t.loc[("same base", "original"), "efficacy"])}
+        for target in ("other seed", "continued"):
+            entry[target.replace(" ", "_")] = {
+                "ported_efficacy": float(t.loc[(target, "ported"), "efficacy"]),
+                "efficacy_ratio": float(t.loc[(target, "ported"), "efficacy_ratio"]),
+                "ported_specificity": float(t.loc[(target, "ported"), "specificity"]),
+                "retrained_efficacy": float(t.loc[(target, "retrained"), "efficacy"])}
+        if "drift" in t.columns:
+            entry["continued_drift"] = float(t["drift"].dropna().iloc[0])
+        out[fam] = entry
+    return out

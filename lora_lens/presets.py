@@ -21,6 +21,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "01": {},
         "02": {},
         "03": {},
+        "06": {},
         "07": {},
     },
     "smoke": {
@@ -29,6 +30,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "02": {"size": "tiny", "n_entities": 24, "rank": 4, "small_rank": 4, "large_rank": 16, "low_rank": 1},
         "03": {"size": "tiny", "n_entities": 24, "rank": 4, "n_probes": 16, "ig_steps": 8, "shapley_samples": 3,
                "deletion_k": 6},
+        "06": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24, "seeds": 2, "rank": 4,
+               "n_probes": 8, "ig_steps": 8, "n_boot": 500, "portability_families": ["llama"],
+               "continue_steps": 50},
         "07": {"max_hypotheses": 12},
     },
 }
