@@ -622,8 +622,9 @@ def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed:
 
     Returns:
         DataFrame, one row per (target base, how): ``family, target, how`` (``original``, ``ported``,
-        ``retrained``), ``efficacy, paraphrase, specificity, base_efficacy`` and ``efficacy_ratio`` (efficacy
-        over the original adapter's efficacy on its own base).
+        ``retrained``), ``efficacy, paraphrase, specificity, base_efficacy``, ``efficacy_ratio`` (efficacy
+        over the original adapter's efficacy on its own base) and ``drift`` (on the ``continued`` rows: how far
+        continued pretraining moved the weights, ‖θ' − θ‖ / ‖θ‖ over all parameters).
 
     Raises:
         ConfigError: ``continue_steps`` < 1 or ``other_seed`` equal to the base's seed.
