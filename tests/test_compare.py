@@ -162,3 +162,16 @@ def test_attribution_agreement():
     assert compare.attribution_agreement(a, [-x for x in a]) == pytest.approx(-1.0)
     with pytest.raises(ConfigError, match="different probes"):
         compare.attribution_agreement(a, a[:1])
+
+
+def test_portability_summary_reads_the_table():
+    rows = [("same base", "original", 1.0, float("nan")), ("other seed", "ported", 0.1, float("nan")),
+            ("other seed", "retrained", 0.9, float("nan")), ("continued", "ported", 0.8, 0.05),
+            ("continued", "retrained", 1.0, 0.05)]
+    table = pd.DataFrame([{"family": "llama", "target": t, "how": h, "efficacy": e, "specificity": 0.9,
+                           "efficacy_ratio": e / 1.0, "drift": d} for t, h, e, d in rows])
+    s = compare.portability_summary(table)["llama"]
+    assert s["original_efficacy"] == 1.0 and s["continued_drift"] == 0.05
+    assert s["other_seed"] == {"ported_efficacy": 0.1, "efficacy_ratio": 0.1, "ported_specificity": 0.9,
+                               "retrained_efficacy": 0.9}
+    assert s["continued"]["ported_efficacy"] == 0.8
