@@ -25,7 +25,7 @@ import platformdirs
 import torch
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          MistralConfig, Phi3Config, Qwen2Config)
+                          MistralConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config)
 
 from lora_lens.errors import ConfigError, NotFoundError
 from lora_lens.probes import accuracy
@@ -360,7 +360,12 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=offline)
-        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
+        if local.exists() and (local / "lora_lens.json").is_file():
+            # a zoo entry: its tokenizer is the world's plain tokenizers-backed one. AutoTokenizer would pick the
+            # family's own class from config.json (Qwen2Tokenizer for qwen2), which splits words differently.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(src)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
     except OSError as exc:
         how = ("HF_HUB_OFFLINE=1 is set, so nothing is downloaded" if offline
                else "it could not be fetched from the hub")

@@ -175,3 +175,19 @@ def test_portability_summary_reads_the_table():
     assert s["other_seed"] == {"ported_efficacy": 0.1, "efficacy_ratio": 0.1, "ported_specificity": 0.9,
                                "retrained_efficacy": 0.9}
     assert s["continued"]["ported_efficacy"] == 0.8
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_a_zoo_entry_loads_with_the_world_tokenizer(family, tiny_world, tmp_path):
+    """AutoTokenizer would pick Qwen2Tokenizer for a qwen2 entry, which splits world words: compare needs the same
+    tokens in every family."""
+    from lora_lens.utils import write_json
+    from lora_lens.zoo import load_model
+
+    tok = build_tokenizer(tiny_world)
+    build_model(family, "tiny", tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    write_json(tmp_path / "lora_lens.json", {"family": family})
+    _, loaded = load_model(tmp_path)
+    words = " ".join(sorted(tiny_world.values["profession"]))
+    assert loaded(words)["input_ids"] == tok(words)["input_ids"]
