@@ -126,6 +126,27 @@ def check_seed_vs_rank(small, large, other_seed, answer: str) -> str:
     return "not yet: compute delta.phi_table for both pairs and compare the means of their phi column"
 
 
+def check_universal_pattern(table, answer: str) -> str:
+    """Exercise 06-1: name a pattern that holds in every family (or ``"none"`` when no pattern does).
+
+    Args:
+        table: The pattern table of notebook 06 (:func:`lora_lens.compare.pattern_table`).
+        answer: A pattern id (e.g. ``"xf-upper-half"``) or ``"none"``.
+    """
+    overall = table[table["family"] == "all"].set_index("pattern")["verdict"]
+    universal = set(overall[overall == "universal"].index)
+    if answer == "none":
+        return ("correct: no pattern holds in every family here" if not universal
+                else "not yet: at least one pattern holds in every family; look at the rows marked 'all'")
+    if answer not in overall.index:
+        return f"not yet: {answer!r} is not a pattern of the table; patterns are {sorted(overall.index)}"
+    if answer in universal:
+        return f"correct: {answer} holds in every family (each family's whole interval is on the claimed side)"
+    fams = table[(table["pattern"] == answer) & (table["family"] != "all")]
+    return (f"not yet: {answer} does not hold everywhere - in {int((fams['verdict'] != 'holds').sum())} of "
+            f"{len(fams)} families the interval is not entirely on the claimed side")
+
+
 def check_direction_reads_edit(fit, module: str, entity: str, top: int = 5) -> str:
     """Exercise 02-2: a write-side module whose leading direction names an edited person's new value.
 

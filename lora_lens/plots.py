@@ -205,6 +205,87 @@ def rank_profile(summaries: dict, ax=None):
     return fig
 
 
+def energy_depth_curves(energy: pd.DataFrame, ax=None):
+    """Share of update energy against relative depth, one line per family (mean over seeds, seeds as thin lines).
+
+    Args:
+        energy: Long table ``family, seed, depth, share`` (``lora_lens.compare.Study.energy``).
+        ax: Optional axes.
+    """
+    fig, ax = _axes(ax, size=(7.0, 4.2))
+    fams = list(dict.fromkeys(energy["family"]))
+    palette = dict(zip(fams, sns.color_palette("tab10", len(fams))))
+    for fam in fams:
+        e = energy[energy["family"] == fam]
+        for _, g in e.groupby("seed"):
+            ax.plot(g["depth"], g["share"], color=palette[fam], lw=0.7, alpha=0.35)
+        mean = e.groupby("depth")["share"].mean()
+        ax.plot(mean.index, mean.to_numpy(), color=palette[fam], lw=2.2, marker="o", ms=4,
+                label=f"{fam} ({e['layer'].nunique()} layers)")
+    ax.axvline(0.5, color="grey", ls=":", lw=1)
+    ax.set(xlabel="relative depth (layer / (layers − 1))", ylabel="share of update energy ‖ΔW‖²_F per layer",
+           title="Where the update lives, by relative depth", xlim=(-0.03, 1.03))
+    ax.legend(fontsize=8, title="family (mean over seeds)")
+    return fig
+
+
+def pattern_forest(table: pd.DataFrame, ax=None):
+    """Forest plot: each pattern's statistic per family with its bootstrap interval, against its threshold.
+
+    Args:
+        table: :func:`lora_lens.compare.pattern_table` output.
+        ax: Optional axes (one per pattern, as an array), else a grid is made.
+    """
+    import numpy as np
+
+    pats = list(dict.fromkeys(table["pattern"]))
+    if ax is None:
+        ncols = min(3, len(pats))
+        nrows = -(-len(pats) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 0.35 * table["family"].nunique() * nrows + 1.6
+                                                         * nrows), constrained_layout=True, squeeze=False)
+        axes = axes.ravel()
+        for extra in axes[len(pats):]:
+            extra.set_visible(False)
+    else:
+        axes = np.atleast_1d(ax)
+        fig = axes[0].figure
+    colours = {"holds": "#2ca02c", "fails": "#d62728", "unclear": "#7f7f7f", "universal": "#2ca02c",
+               "none": "#d62728", "some families": "#ff7f0e"}
+    for a, pid in zip(axes, pats):
+        t = table[table["pattern"] == pid].reset_index(drop=True)
+        y = np.arange(len(t))[::-1]
+        for yi, r in zip(y, t.itertuples(index=False)):
+            c = colours.get(r.verdict, "black")
+            a.plot([r.ci_low, r.ci_high], [yi, yi], color=c, lw=2.5)
+            a.plot([r.statistic], [yi], marker="D" if r.family == "all" else "o", color=c, ms=6)
+        a.axvline(t["threshold"].iloc[0], color="black", ls="--", lw=1)
+        a.set_yticks(y, [f"{r.family} · {r.verdict}" for r in t.itertuples(index=False)], fontsize=8)
+        a.set_title(f"{t['name'].iloc[0]}\n({t['comparator'].iloc[0]} {t['threshold'].iloc[0]:g})", fontsize=9)
+        a.tick_params(axis="x", labelsize=8)
+    return fig
+
+
+def portability_bars(table: pd.DataFrame, ax=None):
+    """Efficacy of an adapter on its own base, ported to other bases, and re-trained there (bars per family).
+
+    Args:
+        table: Rows of :func:`lora_lens.compare.portability` (one or more families concatenated).
+        ax: Optional axes.
+    """
+    fig, ax = _axes(ax, size=(max(6.0, 2.2 * table["family"].nunique() + 3), 4.0))
+    t = table.assign(setting=table["target"] + " · " + table["how"], label=table["family"])
+    order = list(dict.fromkeys(t["setting"]))
+    sns.barplot(t, x="label", y="efficacy", hue="setting", hue_order=order, ax=ax,
+                palette=sns.color_palette("Set2", len(order)))
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.2f", fontsize=8, padding=2)
+    ax.set(ylim=(0, 1.15), xlabel="", ylabel="efficacy (edited facts answered)",
+           title="Does the adapter still work on another base of its family?")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(order)), frameon=False)
+    return fig
+
+
 def intruder_curves(counts: pd.DataFrame, epsilon: float = 0.5, ax=None):
     """Intruder dimensions against the similarity threshold ε, one line per adapter (Shuttleworth et al. 2024).
 

@@ -135,6 +135,42 @@ def check_05(summary: dict) -> None:
     assert "rounds.png" in {Path(p).name for p in summary["figures"]}
 
 
+def check_06(summary: dict) -> None:
+    """Notebook 06 compares families (smoke: tiny llama and gpt2, 2 seeds) and ports an adapter to other bases."""
+    assert summary["families"] == ["llama", "gpt2"] and summary["seeds"] == 2 and summary["n_runs"] == 4
+    patterns = summary["patterns"]
+    assert len(patterns) >= 4
+    for p in patterns:
+        assert {"name", "statistic", "ci_low", "ci_high", "verdict"} <= set(p), p
+        assert p["ci_low"] <= p["statistic"] <= p["ci_high"], p
+        assert p["verdict"] in {"universal", "some families", "none", "unclear"}, p
+        assert set(p["by_family"]) == {"llama", "gpt2"}, p
+        for fam in p["by_family"].values():
+            assert fam["ci_low"] <= fam["statistic"] <= fam["ci_high"]
+            assert fam["verdict"] in {"holds", "fails", "unclear"}
+        # the overall verdict follows from the per-family ones
+        fam_verdicts = {f["verdict"] for f in p["by_family"].values()}
+        assert (p["verdict"] == "universal") == (fam_verdicts == {"holds"}), p
+    by_id = {p["id"]: p for p in patterns}
+    # shares are shares; a rank-4 update cannot have an effective rank above 4
+    for pid in ("xf-upper-half", "xf-mlp-over-attention"):
+        assert 0.0 <= by_id[pid]["ci_low"] <= by_id[pid]["ci_high"] <= 1.0
+    assert 0.0 < by_id["xf-effective-rank-low"]["statistic"] <= 1.0
+    assert set(summary["ledger_verdicts"]) == set(by_id)
+    assert set(summary["ledger_verdicts"].values()) <= {"supported", "refuted", "inconclusive"}
+    # a tiny llama learns the edits; an adapter does nothing on a base pretrained from another seed, but keeps
+    # most of its effect on the same base pretrained a little further
+    assert summary["behaviour"]["llama"]["efficacy"] >= 0.8
+    port = summary["portability"]["llama"]
+    assert port["original_efficacy"] >= 0.8
+    assert port["other_seed"]["ported_efficacy"] < 0.5 <= port["other_seed"]["retrained_efficacy"]
+    assert port["continued"]["ported_efficacy"] > port["other_seed"]["ported_efficacy"]
+    assert 0.0 < port["continued_drift"] < 1.0
+    assert summary["wall_seconds"] >= summary["study_seconds"] > 0
+    names = {Path(p).name for p in summary["figures"]}
+    assert {"energy_by_depth.png", "patterns.png", "portability.png", "shared_space.png"} <= names
+
+
 def check_07(summary: dict) -> None:
     """Notebook 07 renders the hypothesis ledger; its counts add up."""
     keys = ("hypotheses", "supported", "refuted", "inconclusive", "evidence")
@@ -151,6 +187,7 @@ CHECKS = {
     "03": check_03,
     "04": check_04,
     "05": check_05,
+    "06": check_06,
     "07": check_07,
 }
 
