@@ -28,7 +28,9 @@ failed one) the runner writes ``<run>/index.html`` (:mod:`lora_lens.report`).
 
 While a notebook runs, the kernel sees the run context in these environment variables:
 ``LORA_LENS_RUN_ID`` (run folder name), ``LORA_LENS_RUN_DIR`` (absolute run folder), ``LORA_LENS_NOTEBOOK``
-(notebook stem) and ``LORA_LENS_PARAMS`` (JSON of the parameters passed); ``MPLBACKEND`` is set to the inline
+(notebook stem), ``LORA_LENS_PARAMS`` (JSON of the parameters passed) and ``LORA_LENS_LEDGER`` (the hypothesis
+ledger: ``$LORA_LENS_LEDGER`` when set, else ``ledger.sqlite`` next to the run folder for the default preset and
+``ledger-<preset>.sqlite`` for any other, so smoke runs never count as evidence); ``MPLBACKEND`` is set to the inline
 backend so that figures land in the executed notebook (and the report) even where ``MPLBACKEND=Agg``.
 
 Example:
@@ -515,7 +517,10 @@ def run_series(
     steps = plan(notebooks, preset, dict(overrides or {}))
     if previous is None:
         run_dir = _resolve_run_dir(out)
-    ledger = os.environ.get("LORA_LENS_LEDGER") or str(run_dir.parent / "ledger.sqlite")
+    # runs of the default preset accumulate evidence in one ledger; other presets (smoke: tiny models) keep their
+    # own, so that a quick test run never decides the verdicts of the real experiments
+    ledger = os.environ.get("LORA_LENS_LEDGER") or str(
+        run_dir.parent / ("ledger.sqlite" if preset == presets.DEFAULT_PRESET else f"ledger-{preset}.sqlite"))
 
     # the record: entries of this plan in series order, plus untouched entries of an earlier attempt
     old = {e.get("notebook"): e for e in (previous or {}).get("notebooks", [])}
@@ -588,7 +593,7 @@ def run_series(
                     executed = nb_dir / nb.path.name
                     env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
                            "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
-                           "MPLBACKEND": INLINE_BACKEND, **threads}
+                           "LORA_LENS_LEDGER": ledger, "MPLBACKEND": INLINE_BACKEND, **threads}
                     recv, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
                                        name=f"lora-lens-{nb.stem}", daemon=False)

@@ -415,7 +415,7 @@ def test_two_runs_of_a_series_double_the_evidence_not_the_hypotheses(monkeypatch
     for n in ("00", "01"):
         write_notebook(nbs / f"{n}_nb.ipynb", [cell.format(n=n)])
     for name in ("a", "b"):
-        run_series("smoke", out=tmp_path / "runs" / name, notebooks_dir=nbs)
+        run_series("workshop", out=tmp_path / "runs" / name, notebooks_dir=nbs)
     db = tmp_path / "runs" / "ledger.sqlite"
     assert sorted(ledger.hypotheses(path=db)["id"]) == ["h-00", "h-01"]
     ev = ledger.evidence(path=db)
@@ -424,3 +424,7 @@ def test_two_runs_of_a_series_double_the_evidence_not_the_hypotheses(monkeypatch
     assert all(ledger.verdict(h, path=db) == "supported" for h in ("h-00", "h-01"))
     md = ledger.export("md", path=db)
     assert "h-00" in md and "h-01" in md and all(run_id in md for run_id in ev["run_id"].unique())
+    # a smoke run keeps its evidence apart: it never decides the verdicts of the real runs
+    run_series("smoke", out=tmp_path / "runs" / "quick", notebooks_dir=nbs)
+    assert len(ledger.evidence(path=db)) == 4
+    assert len(ledger.evidence(path=tmp_path / "runs" / "ledger-smoke.sqlite")) == 2
