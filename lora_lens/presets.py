@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "04": {"size": "tiny", "n_entities": 24, "rank": 4, "steps": 60, "lr": 0.002, "replay_sweep": [0.0, 0.5]},
         "05": {"size": "tiny", "n_entities": 24, "rank": 4, "k_edits": 6, "loop_steps": 60, "max_rounds": 2},
         "06": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24, "seeds": 2, "rank": 4,
-               "n_probes": 8, "ig_steps": 8, "n_boot": 500, "portability_families": ["llama"],
+               "steps": 100, "n_probes": 8, "ig_steps": 8, "n_boot": 500, "portability_families": ["llama"],
                "continue_steps": 50},
         "07": {"max_hypotheses": 12},
     },
