@@ -655,4 +655,5 @@ def run_series(
         if first_failure is not None:
             raise first_failure
         print(f"run folder: {run_dir}", flush=True)
+        print(f"ledger: {ledger}  (lora-lens ledger --ledger {ledger} export --format md)", flush=True)
         return run_dir
