@@ -102,8 +102,10 @@ def test_bad_records_raise_and_write_nothing(db, tmp_path):
     assert not db.exists()
     declare_acc(db)
     before = counts(db)
-    for value in (float("nan"), float("inf"), "0.5", None, True):
-        with pytest.raises(ConfigError):
+    for value, match in ((float("nan"), "value=nan is not finite"), (float("inf"), "value=inf is not finite"),
+                         ("0.5", "value='0.5' is not a number"), (None, "value=None is not a number"),
+                         (True, "value=True is not a number")):
+        with pytest.raises(ConfigError, match=match):
             ledger.record("acc-high", value, path=db)
     with pytest.raises(NotFoundError, match=r"unknown hypothesis 'acc-hihg'; did you mean 'acc-high'.*known: acc-high"):
         ledger.record("acc-hihg", 0.95, path=db)
