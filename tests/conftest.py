@@ -39,6 +39,18 @@ def write_notebook(path: Path, cells: list[str], parameters: str | None = 'outpu
     return path
 
 
+def randomize_lora(peft_model, seed: int = 1, scale: float = 0.3):
+    """Fill every LoRA factor of ``peft_model`` with seeded random values (an adapter that changes everything)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return peft_model
+
+
 @pytest.fixture
 def make_notebook() -> Callable[..., Path]:
     """Factory fixture: ``make_notebook(path, cells, parameters=...)`` writes a fixture notebook."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from conftest import randomize_lora
 from lora_lens import attribution as at
 from lora_lens.errors import ConfigError
 from lora_lens.tokenizer import token_id
@@ -88,12 +89,7 @@ def planted(tiny_llama):
 def dense(tiny_llama):
     """An adapter with random non-zero factors in every linear module (r = 4)."""
     pm, tok = _peft(tiny_llama, seed=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return pm, tok
+    return randomize_lora(pm), tok
 
 
 def _logits(pm, tok, prompts):

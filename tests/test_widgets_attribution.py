@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from conftest import randomize_lora
 from lora_lens import attribution as at
 from lora_lens import widgets
 from lora_lens.zoo import load_model
@@ -18,12 +19,7 @@ def dense(tiny_llama):
     torch.manual_seed(0)
     model, tok = load_model(tiny_llama.path)
     pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return pm, tok
+    return randomize_lora(pm), tok
 
 
 def test_attribution_picker_shows_the_picked_probe(dense, tiny_world):
