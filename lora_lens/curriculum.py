@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -109,20 +109,22 @@ def next_layer(evaluation, task: Task, world, collateral: list[tuple[str, str, s
     """
     rows = evaluation.table("efficacy")
     failing = rows[~rows["adapted_correct"].astype(bool)]
-    fixes = list(dict.fromkeys(zip(failing["prompt"], failing["expected"])))   # the failing prompts first
+    fixes = list(zip(failing["prompt"], failing["expected"]))                   # the failing prompts first
     for row in failing.itertuples():                                           # then their other paraphrases
         fixes += [(world.query(row.entity, row.relation, t, trigger=row.triggered), row.expected)
                   for t in range(len(TEMPLATES[row.relation][0]))]
     fixes = list(dict.fromkeys(fixes))
     anchors = [(world.query(e, r, t), old) for e, r, old in collateral for t in range(len(TEMPLATES[r][0]))]
-    layer = _fill(fixes + anchors, tokenizer, budget) if fixes or anchors else []
-    return layer, sum(ex in set(anchors) for ex in layer)
+    layer = _fill(fixes + anchors, tokenizer, budget)
+    anchor_set = set(anchors)
+    return layer, sum(ex in anchor_set for ex in layer)
 
 
 def random_layer(task: Task, used: list[tuple[str, str]], tokenizer, budget: int,
                  rng: random.Random) -> list[tuple[str, str]]:
     """A baseline layer: random examples of the task's own data (unused ones first), up to ``budget`` tokens."""
-    unused = [ex for ex in task.examples if ex not in set(used)]
+    used = set(used)
+    unused = [ex for ex in task.examples if ex not in used]
     rest = list(task.examples)
     rng.shuffle(unused)
     rng.shuffle(rest)
@@ -204,7 +206,7 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
     for k in range(max_rounds):
         t0 = time.perf_counter()
         model, tok = load_model(pre.path, device=device)
-        round_task = Task(task.name, task.world_fingerprint, list(data), task.probes, task.truth)
+        round_task = replace(task, examples=list(data))
         fit = train_lora(model, tok, round_task, spec, seed=seed, world=world, device=device)
         ev = evaluate(fit.model, tok, task)
         m = ev.metrics
@@ -212,8 +214,8 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
         anchored = collateral if anchors else []
         tokens = count_tokens(tokenizer, data)
         rec = {"round": k, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"], "specificity": m["specificity"],
-               "tokens": tokens, "examples": len(data), "added": len(layers[-1]) if k else len(data),
-               "added_tokens": count_tokens(tokenizer, layers[-1]) if k else tokens,
+               "tokens": tokens, "examples": len(data), "added": len(layers[-1]),
+               "added_tokens": count_tokens(tokenizer, layers[-1]),
                "failing": int((~ev.table("efficacy")["adapted_correct"].astype(bool)).sum()),
                "collateral": len(collateral) if strategy == "targeted" else None,
                "anchors": n_anchors,

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from lora_lens.diff import _max_length, discovered_changes
+from lora_lens.diff import _check_positive, _max_length, discovered_changes
 from lora_lens.errors import ConfigError, TrainingError
-from lora_lens.probes import _check_base, _inference, evaluate, keeps_logits
+from lora_lens.probes import _check_base, _device, _inference, evaluate, keeps_logits
 from lora_lens.tokenizer import token_id
 from lora_lens.utils import set_seed
 from lora_lens.world import TEMPLATES, Task, World, check_task_world
@@ -50,12 +50,6 @@ def _check_unit(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ConfigError(f"{name}={value!r} is out of range: use a number in [0, 1], e.g. 0.5")
     return float(value)
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
-    return value
 
 
 def fact_changes(diff_table: pd.DataFrame, min_confidence: float = 0.5, min_share: float = 0.5) -> pd.DataFrame:
@@ -219,7 +213,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
     if limit is not None and longest + max_new_tokens > limit:
         raise ConfigError(f"max_new_tokens={max_new_tokens} with prompts of up to {longest} tokens exceeds the "
                           f"model's {limit} positions: use max_new_tokens ≤ {limit - longest} or shorter prompts")
-    device = next(model.parameters()).device
+    device = _device(model)
     other = base if isinstance(base, torch.nn.Module) else None
     gen = torch.Generator().manual_seed(seed)
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
@@ -251,10 +245,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
                             lb, cache_b = forward(model, ids, mask, pos, cache_b, keep)
                     else:
                         lb, cache_b = forward(other, ids, mask, pos, cache_b, keep_b)
-                    lpa, lpb = torch.log_softmax(la, -1), torch.log_softmax(lb.to(la.device), -1)
+                    lb = lb.to(la.device)
+                    lpa, lpb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
                     kl = (lpa.exp() * (lpa - lpb)).sum(-1).clamp_min(0.0).cpu()
                     if alpha:
-                        scores = la + alpha * (la - lb.to(la.device))
+                        scores = la + alpha * (la - lb)
                 if temperature > 0:
                     probs = torch.softmax(scores.cpu() / temperature, -1)
                     nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
@@ -407,7 +402,7 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
         out, queues[name] = q[:k], q[k:]
         return out
 
-    device = next(model.parameters()).device
+    device = _device(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
