@@ -217,7 +217,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
     other = base if isinstance(base, torch.nn.Module) else None
     gen = torch.Generator().manual_seed(seed)
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
-    keep_b = {"logits_to_keep": 1} if other is not None and keeps_logits(other) else keep
+    keep_b = keep if other is None else {"logits_to_keep": 1} if keeps_logits(other) else {}
     tokens, kls = [], []
     t0 = time.perf_counter()
 
