@@ -20,14 +20,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@functools.lru_cache(maxsize=None)
 def matmul_peak(device: str = "cpu", n: int | None = None, repeats: int = 5) -> dict:
     """Best float32 ``torch.matmul`` rate on ``device``: ``{"n", "seconds", "flops_per_s"}``.
 
     ``2·n³`` FLOPs per product, best of ``repeats`` after one warm-up; ``n`` defaults to 8192 on CUDA, 2048 on
-    CPU. Cached per process, so every benchmark of one suite run divides by the same peak.
+    CPU. Cached per process (on the resolved size), so every benchmark of one suite run divides by the same peak.
     """
-    n = n or (8192 if device.startswith("cuda") else 2048)
+    return _matmul_peak(device, n or (8192 if device.startswith("cuda") else 2048), repeats)
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_peak(device: str, n: int, repeats: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g, dtype=torch.float32).to(device)
     b = torch.randn(n, n, generator=g, dtype=torch.float32).to(device)
