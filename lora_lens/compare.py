@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from lora_lens import attribution as at
@@ -581,9 +580,8 @@ def record_patterns(table: pd.DataFrame, patterns=PATTERNS, path=None) -> dict[s
     for r in table[table["family"] != "all"].itertuples(index=False):
         p = by_id[r.pattern]
         value = r.ci_low if p.comparator == ">" else r.ci_high
-        ledger.record(p.id, float(value), notes=f"{r.family}: mean {r.statistic:.3f}, 95% CI [{r.ci_low:.3f}, "
-                      f"{r.ci_high:.3f}] over {r.n} seeds", path=path)
-        verdicts[p.id] = ledger.verdict(p.id, path=path)
+        verdicts[p.id] = ledger.record(p.id, float(value), notes=f"{r.family}: mean {r.statistic:.3f}, 95% CI "
+                                       f"[{r.ci_low:.3f}, {r.ci_high:.3f}] over {r.n} seeds", path=path).verdict
     return verdicts
 
 

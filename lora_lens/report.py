@@ -155,7 +155,7 @@ def export_html(nb, path: Path) -> None:
     path.write_text(body, encoding="utf-8")
 
 
-def _error_output(nb, failure: dict | None) -> str:
+def _error_output(nb) -> str:
     """The traceback of the failing cell of an executed notebook, without ANSI colours (last 40 lines)."""
     for cell in nb.cells:
         for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
@@ -226,7 +226,7 @@ def _notebook_section(run_dir: Path, entry: dict, report_dir: Path) -> tuple[str
         info = entry.get("failure") or {}
         failure = {"notebook": stem, "cell": info.get("cell"), "source": info.get("source", ""),
                    "error": f"{info.get('ename', '')}: {info.get('evalue', '')}".strip(": ")}
-        trace = _error_output(nb, info) if nb is not None else ""
+        trace = _error_output(nb) if nb is not None else ""
         parts.append(f'<div class="failure"><p><b>Failed</b></p><pre>{_e(entry.get("error", ""))}</pre>'
                      + (f"<details><summary>traceback</summary><pre>{_e(trace)}</pre></details>" if trace else "")
                      + "</div>")
@@ -345,7 +345,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     """
     path, record = load_run(run_dir)
     with atomic_dir(path / "report") as tmp:
-        page = render(path, record, Path(tmp))
+        page = render(path, record, tmp)
     index = path / "index.html"
     part = index.with_name(f".index.html.{os.getpid()}.tmp")
     part.write_text(page, encoding="utf-8")
