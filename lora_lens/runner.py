@@ -525,8 +525,7 @@ def run_series(
     # the record: entries of this plan in series order, plus untouched entries of an earlier attempt
     old = {e.get("notebook"): e for e in (previous or {}).get("notebooks", [])}
     full = {nb.prefix: (nb, {RESERVED: str(run_dir / nb.stem), **params}) for nb, params in steps}
-    digests = {p: inputs_hash(nb.path, {k: v for k, v in params.items() if k != RESERVED})
-               for p, (nb, params) in full.items()}
+    digests = {nb.prefix: inputs_hash(nb.path, params) for nb, params in steps}
     rerun = {p for p, (nb, _) in full.items()
              if (old.get(nb.stem) or {}).get("status") != "ok" or old[nb.stem].get("inputs_hash") != digests[p]}
     while True:  # a notebook whose needs run again runs again too: what it builds on may have changed
@@ -538,7 +537,7 @@ def run_series(
     todo: list[tuple[Notebook, dict[str, Any]]] = []
     for p, (nb, params) in full.items():
         if p not in rerun:
-            entries[nb.stem] = {**old[nb.stem], "reused": True}
+            entries[nb.stem] = old[nb.stem]
             continue
         entries[nb.stem] = {"notebook": nb.stem, "prefix": nb.prefix, "needs": deps[nb.prefix], "status": "pending",
                             "seconds": None, "parameters": params, "inputs_hash": digests[p],
@@ -559,10 +558,8 @@ def run_series(
         "notebooks": [entries[k] for k in sorted(entries)],
     }
     attempt = {"started": _now(), "jobs": jobs, "ran": [nb.stem for nb, _ in todo],
-               "reused": [k for k, e in entries.items() if e.get("reused")]}
+               "reused": [nb.stem for p, (nb, _) in full.items() if p not in rerun]}
     record["attempts"] = [*(previous or {}).get("attempts", []), attempt]
-    for e in entries.values():
-        e.pop("reused", None)
 
     with _run_lock(run_dir):
         _write_json(run_dir / "run.json", record)
