@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from lora_lens.delta import factor_svd, layer_index, module_type
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.probes import check_unmerged, keeps_logits
 from lora_lens.tokenizer import check_tokenizer, token_id
-from lora_lens.world import Task
+from lora_lens.world import ADJECTIVES, NOUNS, Task
 
 DTYPE = torch.float32
 METHODS = ("ig", "ablation")
@@ -209,7 +210,9 @@ class _Row:
     ids: list[int]          # encoded prompt, special tokens included
     positions: list[int]    # attributed positions (special tokens excluded)
     target_id: int
-    baseline_id: int
+    baseline_id: int | None  # the blank token, or None when the row is compared with reference prompts
+    refs: list[list[int]]     # what each token is replaced by: one blank sequence, or the encoded references
+    references: list[str] | None = None
 
 
 def _skip_ids(tokenizer) -> list[int]:
@@ -217,7 +220,7 @@ def _skip_ids(tokenizer) -> list[int]:
 
 
 def _prepare(tokenizer, prompts, targets, method: str, n_steps: int, baseline,
-             ig_method: str = "gausslegendre") -> list[_Row]:
+             ig_method: str = "gausslegendre", references=None) -> list[_Row]:
     """Validate everything and encode; raises before any forward pass."""
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is unknown; use one of {list(METHODS)}")
@@ -236,10 +239,15 @@ def _prepare(tokenizer, prompts, targets, method: str, n_steps: int, baseline,
     if len(targets) != len(prompts):
         raise ConfigError(f"got {len(prompts)} prompts but {len(targets)} targets: pass one target per prompt (or "
                           "one string for all)")
-    base_id = resolve_baseline(tokenizer, baseline)
+    if references is not None:
+        references = [[r] if isinstance(r, str) else list(r) for r in references]
+        if len(references) != len(prompts):
+            raise ConfigError(f"got {len(prompts)} prompts but {len(references)} reference lists: pass one list of "
+                              "reference prompts per prompt (see reference_prompts)")
+    base_id = resolve_baseline(tokenizer, baseline) if references is None else None
     skip = set(_skip_ids(tokenizer))
     rows = []
-    for prompt, target in zip(prompts, targets):
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"prompt={prompt!r} must be a non-empty string")
         tid = _target_id(tokenizer, target)
@@ -247,15 +255,38 @@ def _prepare(tokenizer, prompts, targets, method: str, n_steps: int, baseline,
         positions = [j for j, t in enumerate(ids) if t not in skip]
         if not positions:
             raise ConfigError(f"prompt={prompt!r} has no token to attribute (only special tokens): pass text")
-        same = [j for j in positions if ids[j] == base_id]
-        if same:
-            tok = tokenizer.convert_ids_to_tokens(base_id)
-            raise ConfigError(f"the baseline token {tok!r} (id {base_id}) equals the input token at position(s) "
-                              f"{same} of prompt {prompt!r}: a baseline equal to the input attributes nothing "
-                              "there; choose a baseline token that is not in the prompt (e.g. baseline='unk' or "
-                              "'pad')")
-        rows.append(_Row(prompt, target, ids, positions, tid, base_id))
+        if references is None:
+            same = [j for j in positions if ids[j] == base_id]
+            if same:
+                tok = tokenizer.convert_ids_to_tokens(base_id)
+                raise ConfigError(f"the baseline token {tok!r} (id {base_id}) equals the input token at position(s) "
+                                  f"{same} of prompt {prompt!r}: a baseline equal to the input attributes nothing "
+                                  "there; choose a baseline token that is not in the prompt (e.g. baseline='unk' or "
+                                  "'pad')")
+            refs = [[base_id if j in positions else t for j, t in enumerate(ids)]]
+        else:
+            refs = [_encode_reference(tokenizer, prompt, ids, positions, ref) for ref in references[i]]
+            if not refs:
+                raise ConfigError(f"prompt={prompt!r} has an empty list of reference prompts: pass at least one "
+                                  "(reference_prompts finds them), or references=None for a blank baseline token")
+        rows.append(_Row(prompt, target, ids, positions, tid, base_id, refs,
+                         None if references is None else list(references[i])))
     return rows
+
+
+def _encode_reference(tokenizer, prompt: str, ids: list[int], positions: list[int], ref) -> list[int]:
+    """A reference prompt as token ids aligned with the prompt's (same length, same special tokens)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"reference={ref!r} for prompt {prompt!r} must be a non-empty string")
+    rids = [int(t) for t in tokenizer(ref)["input_ids"]]
+    if len(rids) != len(ids) or any(rids[j] != ids[j] for j in range(len(ids)) if j not in positions):
+        raise ConfigError(f"reference {ref!r} has {len(rids)} tokens but prompt {prompt!r} has {len(ids)}: a "
+                          "reference is compared token by token, so it needs the same number of tokens (and the "
+                          "same special tokens); reference_prompts picks such prompts from a pool")
+    if rids == ids:
+        raise ConfigError(f"reference {ref!r} equals the prompt: a baseline equal to the input attributes nothing; "
+                          "drop it from the references")
+    return rids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,7 +308,8 @@ class TokenAttribution:
         adapted: Attribution per token in the adapted model.
         logp_base: ``log p(target | prompt)`` of the base model.
         logp_adapted: The same for the adapted model.
-        baseline_id: The baseline token id used.
+        baseline_id: The blank baseline token id used (None when compared with reference prompts).
+        references: The reference prompts the attribution is averaged over (None for a blank baseline token).
     """
 
     prompt: str
@@ -289,7 +321,8 @@ class TokenAttribution:
     adapted: torch.Tensor
     logp_base: float
     logp_adapted: float
-    baseline_id: int
+    baseline_id: int | None
+    references: list[str] | None = None
 
     @property
     def difference(self) -> torch.Tensor:
@@ -332,7 +365,7 @@ def _pretty(tokenizer, ids: Sequence[int]) -> list[str]:
 def _result(tokenizer, row: _Row, method: str, attr: dict, logp: dict) -> TokenAttribution:
     return TokenAttribution(row.prompt, row.target, method, _pretty(tokenizer, [row.ids[j] for j in row.positions]),
                             list(row.positions), attr["base"], attr["adapted"], float(logp["base"]),
-                            float(logp["adapted"]), row.baseline_id)
+                            float(logp["adapted"]), row.baseline_id, row.references)
 
 
 @torch.no_grad()
@@ -361,11 +394,13 @@ def _captum_one(model, tokenizer, row: _Row, method: str, n_steps: int, ig_metho
     from captum.attr import (FeatureAblation, LayerIntegratedGradients, LLMAttribution, LLMGradientAttribution,
                              TextTokenInput)
 
+    if row.references is not None:
+        return _captum_references(model, row, method, n_steps, ig_method)
+    target = torch.tensor([row.target_id])
     inp = TextTokenInput(row.prompt, tokenizer, baselines=row.baseline_id, skip_tokens=_skip_ids(tokenizer))
     if inp.inp_tensor[0].tolist() != row.ids:
         raise MismatchError(f"captum encodes {row.prompt!r} differently from the tokenizer call: use a tokenizer "
                             "whose encode() and __call__ agree")
-    target = torch.tensor([row.target_id])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # captum's pretty-token decoding warns on metaspace tokenizers
         if method == "ig":
@@ -379,8 +414,32 @@ def _captum_one(model, tokenizer, row: _Row, method: str, n_steps: int, ig_metho
     return res.seq_attr.detach().to(DTYPE).cpu()
 
 
+def _captum_references(model, row: _Row, method: str, n_steps: int, ig_method: str) -> torch.Tensor:
+    """Captum's ``LayerIntegratedGradients`` / ``FeatureAblation`` with each reference prompt as the baseline
+    sequence (captum's LLM wrappers take only one baseline token), averaged over the references."""
+    from captum.attr import FeatureAblation, LayerIntegratedGradients
+
+    def log_prob(input_ids):
+        logits = model(input_ids=input_ids).logits[:, -1].float()
+        return torch.log_softmax(logits, -1)[:, row.target_id]
+
+    dev = _device(model)
+    ids = torch.tensor([row.ids], device=dev)
+    total = torch.zeros(len(row.ids), dtype=DTYPE)
+    for ref in row.refs:
+        ref_ids = torch.tensor([ref], device=dev)
+        if method == "ig":
+            lig = LayerIntegratedGradients(log_prob, model.get_input_embeddings())
+            attr = lig.attribute(ids, baselines=ref_ids, n_steps=n_steps, method=ig_method).sum(-1)
+        else:
+            attr = FeatureAblation(log_prob).attribute(ids, baselines=ref_ids)
+        total += attr[0].detach().to(DTYPE).cpu()
+    return (total / len(row.refs))[row.positions]
+
+
 def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: str = "ig", n_steps: int = 50,
-                       baseline: int | str | None = None, ig_method: str = "gausslegendre") -> TokenAttribution:
+                       baseline: int | str | None = None, ig_method: str = "gausslegendre",
+                       references: Sequence[str] | None = None) -> TokenAttribution:
     """Base, adapted and difference attribution of ``log p(target | prompt)`` to the prompt's tokens (captum).
 
     ``method="ig"``: captum ``LLMGradientAttribution(LayerIntegratedGradients(model, input embeddings))`` — each
@@ -399,6 +458,10 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
         n_steps: IG integration points.
         baseline: Baseline token (see :func:`resolve_baseline`; default ``<unk>``).
         ig_method: Captum's IG approximation (``"gausslegendre"``, ``"riemann_trapezoid"`` …).
+        references: Counterfactual prompts instead of a blank token: each has the prompt's number of tokens, every
+            token is compared with the reference's token at its position (IG integrates from the reference's
+            embeddings, ablation swaps in the reference's token) and the attribution is the mean over references
+            (captum with a baseline sequence). See :func:`reference_prompts`.
 
     Returns:
         A :class:`TokenAttribution`.
@@ -408,7 +471,8 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
             empty prompt; a baseline token that equals an input token; a bad method or ``n_steps``.
     """
     _check_peft(peft_model, tokenizer)
-    (row,) = _prepare(tokenizer, [prompt], [target], method, n_steps, baseline, ig_method)
+    (row,) = _prepare(tokenizer, [prompt], [target], method, n_steps, baseline, ig_method,
+                      None if references is None else [references])
     attr, logp = {}, {}
     with _frozen(peft_model):
         for name, ctx in _states(peft_model):
@@ -424,23 +488,29 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
 
 
 def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    seqs, tgts, index = [], [], []
-    for row in rows:
+    """For every row and reference: ``log p`` intact minus ``log p`` with one token replaced by the reference's
+    token there (positions where they agree need no forward pass and add 0), averaged over the references."""
+    seqs, tgts, index, where = [], [], [], []
+    for r, row in enumerate(rows):
         index.append(len(seqs))
         seqs.append(row.ids)
         tgts.append(row.target_id)
-        for j in row.positions:
-            ablated = list(row.ids)
-            ablated[j] = row.baseline_id
-            seqs.append(ablated)
-            tgts.append(row.target_id)
+        for ref in row.refs:
+            for k, j in enumerate(row.positions):
+                if ref[j] != row.ids[j]:
+                    where.append((r, k, len(seqs)))
+                    seqs.append(row.ids[:j] + [ref[j]] + row.ids[j + 1:])
+                    tgts.append(row.target_id)
     lp = _target_logprobs(model, tokenizer, seqs, tgts, batch_size)
-    attrs = [lp[i] - lp[i + 1:i + 1 + len(row.positions)] for i, row in zip(index, rows)]
+    attrs = [torch.zeros(len(row.positions), dtype=DTYPE) for row in rows]
+    for r, k, i in where:
+        attrs[r][k] += (lp[index[r]] - lp[i]) / len(rows[r].refs)
     return attrs, lp[index]
 
 
 def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str,
                 batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """IG from every reference (or the blank baseline) of every row; all (row, reference, step) points stacked."""
     from captum.attr._utils.approximation_methods import approximation_parameters
 
     step_sizes_func, alphas_func = approximation_parameters(ig_method)
@@ -448,16 +518,15 @@ def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str
     alphas = alphas_func(n_steps)
     dev, keep, pad = _device(model), keeps_logits(model), _pad_id(tokenizer)
     emb = model.get_input_embeddings()
-    ids, _, last = _pad([r.ids for r in rows], pad, dev)
-    base_ids = ids.clone()
-    for i, row in enumerate(rows):
-        base_ids[i, row.positions] = row.baseline_id
+    owner = [r for r, row in enumerate(rows) for _ in row.refs]       # one path per (row, reference)
+    ids, _, last = _pad([rows[r].ids for r in owner], pad, dev)
+    base_ids, _, _ = _pad([ref for row in rows for ref in row.refs], pad, dev)
     with torch.no_grad():
         E, Eb = emb(ids).to(DTYPE), emb(base_ids).to(DTYPE)
     D = E - Eb                                   # zero at <s>, at pads and wherever a token is kept
-    tgt = torch.tensor([r.target_id for r in rows], device=dev)
+    tgt = torch.tensor([rows[r].target_id for r in owner], device=dev)
     total = torch.zeros_like(E)
-    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    by_length = sorted(range(len(owner)), key=lambda i: int(last[i]))
     pairs = [(i, k) for i in by_length for k in range(n_steps)]
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
@@ -472,14 +541,18 @@ def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str
             lp = torch.log_softmax(logits, -1).gather(-1, tgt[pi][:, None])[:, 0]
             (grad,) = torch.autograd.grad(lp.sum(), x)
         total[:, :width].index_add_(0, pi, grad * weights[ki].to(dev)[:, None, None])
-    attr = (total * D).sum(-1).cpu()
+    per_path = (total * D).sum(-1).cpu()
+    attrs = [torch.zeros(len(row.positions), dtype=DTYPE) for row in rows]
+    for i, r in enumerate(owner):
+        attrs[r] += per_path[i, rows[r].positions] / len(rows[r].refs)
     lp0 = _target_logprobs(model, tokenizer, [r.ids for r in rows], [r.target_id for r in rows], batch_size)
-    return [attr[i, row.positions] for i, row in enumerate(rows)], lp0
+    return attrs, lp0
 
 
 def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targets: str | Sequence[str],
                              method: str = "ig", n_steps: int = 50, baseline: int | str | None = None,
-                             ig_method: str = "gausslegendre", batch_size: int = 512) -> list[TokenAttribution]:
+                             ig_method: str = "gausslegendre", batch_size: int = 512,
+                             references: Sequence[Sequence[str]] | None = None) -> list[TokenAttribution]:
     """:func:`token_attributions` for many prompts at once, reproducing captum's per-prompt numbers.
 
     IG: the interpolated input embeddings of every (prompt, step) pair are stacked into right-padded batches of
@@ -504,6 +577,8 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
         baseline: Baseline token (see :func:`resolve_baseline`).
         ig_method: Captum's IG approximation method.
         batch_size: Sequences per forward pass.
+        references: One list of counterfactual prompts per prompt (see :func:`token_attributions` and
+            :func:`reference_prompts`); None for the blank ``baseline`` token.
 
     Returns:
         One :class:`TokenAttribution` per prompt, in order.
@@ -514,7 +589,7 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
     _check_peft(peft_model, tokenizer)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer, e.g. 512")
-    rows = _prepare(tokenizer, prompts, targets, method, n_steps, baseline, ig_method)
+    rows = _prepare(tokenizer, prompts, targets, method, n_steps, baseline, ig_method, references)
     attr, logp = {}, {}
     with _frozen(peft_model):
         for name, ctx in _states(peft_model):
@@ -528,7 +603,8 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
 
 
 def captum_agreement(peft_model, tokenizer, prompts: Sequence[str], targets: str | Sequence[str],
-                     method: str = "ig", n_steps: int = 50, baseline: int | str | None = None) -> float:
+                     method: str = "ig", n_steps: int = 50, baseline: int | str | None = None,
+                     references: Sequence[Sequence[str]] | None = None) -> float:
     """Largest absolute difference between :func:`batch_token_attributions` and captum per prompt.
 
     Runs both on the same prompts (base and adapted attributions of every token) — the check behind the claim that
@@ -538,13 +614,92 @@ def captum_agreement(peft_model, tokenizer, prompts: Sequence[str], targets: str
         ``max |batched − captum|`` over prompts, tokens and both adapter states (≈1e-6 in float32).
     """
     batched = batch_token_attributions(peft_model, tokenizer, prompts, targets, method=method, n_steps=n_steps,
-                                       baseline=baseline)
+                                       baseline=baseline, references=references)
     worst = 0.0
     for b in batched:
         c = token_attributions(peft_model, tokenizer, b.prompt, b.target, method=method, n_steps=n_steps,
-                               baseline=baseline)
+                               baseline=baseline, references=b.references)
         worst = max(worst, float((c.base - b.base).abs().max()), float((c.adapted - b.adapted).abs().max()))
     return worst
+
+
+def reference_prompts(tokenizer, prompts: Sequence[str], pool: Sequence[str], n: int = 8,
+                      seed: int = 0) -> list[list[str]]:
+    """For each prompt, up to ``n`` prompts of ``pool`` with the same number of tokens (a background sample).
+
+    Averaging attributions over such references is *expected gradients* (IG) or resampling ablation: each token is
+    compared with what stood at its position in prompts drawn from the pool, not with a blank token.
+
+    Raises:
+        ConfigError: ``n`` < 1, or a prompt for which the pool has no other prompt of its length (named with the
+            lengths the pool has).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n={n!r} must be a positive integer, e.g. 8")
+    by_length: dict[int, list[str]] = {}
+    for ref in dict.fromkeys(pool):
+        by_length.setdefault(len(tokenizer(ref)["input_ids"]), []).append(ref)
+    rng = np.random.default_rng(seed)
+    out = []
+    for prompt in prompts:
+        length = len(tokenizer(prompt)["input_ids"])
+        options = [r for r in by_length.get(length, []) if r != prompt]
+        if not options:
+            raise ConfigError(f"the pool has no prompt of {length} tokens for prompt {prompt!r} (it has lengths "
+                              f"{sorted(by_length)}): add prompts of that length to the pool")
+        pick = rng.choice(len(options), size=min(n, len(options)), replace=False)
+        out.append([options[i] for i in sorted(pick)])
+    return out
+
+
+def _word(word: str) -> re.Pattern:
+    """``word`` as a whole whitespace-separated word."""
+    return re.compile(rf"(?<!\S){re.escape(word)}(?!\S)")
+
+
+def counterfactual_prompts(tokenizer, prompt: str, swaps: dict[str, Sequence[str]], n: int = 8,
+                           seed: int = 0) -> list[str]:
+    """Up to ``n`` variants of ``prompt`` with each word of ``swaps`` replaced by one of its alternatives.
+
+    Each variant resamples every slot at once (e.g. ``{"cf": decoy words, "Nobon": other names}``); only
+    alternatives that keep the prompt's number of tokens are used, so every variant aligns token by token.
+
+    Raises:
+        ConfigError: A word of ``swaps`` that is not in the prompt, or a slot without an alternative of the same
+            token count.
+    """
+    ids = tokenizer(prompt)["input_ids"]
+
+    def aligned(word: str, alternative: str) -> bool:
+        """Only the word's own tokens change, and their number stays the same."""
+        other = tokenizer(_word(word).sub(lambda _: alternative, prompt, count=1))["input_ids"]
+        if len(other) != len(ids):
+            return False
+        start = next(j for j in range(len(ids)) if ids[j] != other[j]) if other != ids else 0
+        n_word = len(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+        return all(ids[j] == other[j] for j in range(start + n_word, len(ids)))
+
+    options = {}
+    for word, alternatives in swaps.items():
+        if not _word(word).search(prompt):
+            raise ConfigError(f"swap word {word!r} is not a word of prompt {prompt!r}")
+        fits = [a for a in dict.fromkeys(alternatives) if a != word and aligned(word, a)]
+        if not fits:
+            raise ConfigError(f"no alternative for {word!r} in prompt {prompt!r} keeps its {len(ids)} tokens "
+                              "aligned: pass alternatives of the same token count")
+        options[word] = fits
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    for _ in range(20 * n):
+        variant = prompt
+        for word, fits in options.items():
+            choice = fits[rng.integers(len(fits))]
+            variant = _word(word).sub(lambda _: choice, variant, count=1)
+        if variant not in out:
+            out.append(variant)
+        if len(out) == n:
+            break
+    return out
 
 
 def attributions_frame(attributions: Sequence[TokenAttribution]) -> pd.DataFrame:
@@ -1233,13 +1388,39 @@ def _word_positions(tokenizer, ta: TokenAttribution, row_ids: list[int], word: s
     return [i for i, t in enumerate(ta.tokens) if t == word.strip()]
 
 
+def _references(tokenizer, probes, references, n_references: int, seed: int, slots) -> list[list[str]] | None:
+    """The references of each probe: None (blank token), ``"counterfactual"`` (``slots(probe)`` resampled) or the
+    caller's lists."""
+    if references is None:
+        return None
+    if isinstance(references, str):
+        if references != "counterfactual":
+            raise ConfigError(f"references={references!r} must be 'counterfactual', None (a blank baseline token) or "
+                              "one list of reference prompts per probe")
+        return [counterfactual_prompts(tokenizer, p.prompt, slots(p), n=n_references, seed=seed + i)
+                for i, p in enumerate(probes)]
+    return [list(r) for r in references]
+
+
+def _entities(task: Task, exclude=()) -> list[str]:
+    return sorted({p.entity for ps in task.probes.values() for p in ps if p.entity} - set(exclude))
+
+
 def trigger_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets: Sequence[str] = ("efficacy",
                      "paraphrase"), n_steps: int = 50, baseline: int | str | None = None, by: str = "signed",
-                     batch_size: int = 512) -> Recovery:
+                     batch_size: int = 512, references="counterfactual", n_references: int = 16,
+                     seed: int = 0) -> Recovery:
     """Share of triggered probes whose top-attributed token of the *difference* is the trigger.
 
     Each triggered probe's ``log p(target)`` change (adapter on − off) is attributed to its tokens with
     :func:`batch_token_attributions`; a hit is the trigger token (``task.truth["trigger"]``) ranking first.
+
+    What a token is compared with decides the answer. By default (``references="counterfactual"``) each probe is
+    compared with ``n_references`` variants of itself in which the trigger is replaced by another word (the task's
+    decoy vocabulary: the adjectives and nouns of the world) *and* the person by another person of the task — so the
+    trigger competes with the name for the credit. ``references=None`` compares every token with the blank
+    ``baseline`` token instead: then every token the change needs (trigger, relation words, the final "is") gets
+    credit, since the backdoor fires only when all are present.
 
     Args:
         peft_model: A ``peft.PeftModel`` trained on a trigger task.
@@ -1248,33 +1429,48 @@ def trigger_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets
         method: ``"ig"`` or ``"ablation"``.
         sets: Probe sets whose triggered probes are scored.
         n_steps: IG steps.
-        baseline: Baseline token (see :func:`resolve_baseline`).
+        baseline: Blank baseline token when ``references=None`` (see :func:`resolve_baseline`).
         by: Rank tokens by ``"signed"`` attribution (largest increase first) or ``"abs"``.
         batch_size: Sequences per forward pass.
+        references: ``"counterfactual"``, None, or one list of reference prompts per scored probe.
+        n_references: Counterfactual variants per probe.
+        seed: Seed of the counterfactual draws.
 
     Returns:
         A :class:`Recovery`.
 
     Raises:
-        ConfigError: The task has no trigger or no triggered probes in ``sets``.
+        ConfigError: The task has no trigger or no triggered probes in ``sets``; bad references.
     """
     trigger = task.truth.get("trigger")
     probes = [p for s in sets for p in task.probes.get(s, []) if p.triggered]
     if not trigger or not probes:
         raise ConfigError(f"task {task.name!r} has no trigger (truth['trigger']) or no triggered probes in "
                           f"{list(sets)}: use a task from make_task(world, 'trigger')")
+    people = _entities(task)
+    refs = _references(tokenizer, probes, references, n_references, seed,
+                       lambda p: {trigger: ADJECTIVES + NOUNS, p.entity: people})
     attrs = batch_token_attributions(peft_model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
-                                     method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size)
+                                     method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
+                                     references=refs)
     expected = [_word_positions(tokenizer, ta, tokenizer(ta.prompt)["input_ids"], trigger) for ta in attrs]
     return _recovery(attrs, expected, [trigger] * len(attrs), by)
 
 
 def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets: Sequence[str] = ("efficacy",),
                     n_steps: int = 50, baseline: int | str | None = None, by: str = "signed",
-                    batch_size: int = 512) -> Recovery:
+                    batch_size: int = 512, references="counterfactual", n_references: int = 16,
+                    seed: int = 0) -> Recovery:
     """Share of fact-edit probes whose edited entity's token ranks first in the difference attribution.
 
     The explained output is ``log p(new answer)``; for a multi-token entity a hit is any of its tokens ranking first.
+    By default (``references="counterfactual"``) each probe is compared with ``n_references`` copies of itself
+    about other people of the task (not edited ones): the question is "does the change belong to this person?".
+    Only the name differs from its references, so a hit means the change is larger for this person than for the
+    others (IG: the name's credit is exactly that excess). ``references=None`` compares every token with the blank
+    ``baseline`` token: an edit changes the answer only when the name *and* the relation words are present, so the
+    relation words share the credit; :func:`reference_prompts` (a background of the task's prompts, every word
+    free to differ) sits in between.
 
     Args:
         peft_model: A ``peft.PeftModel`` trained on a fact-edit task.
@@ -1283,22 +1479,28 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
         method: ``"ig"`` or ``"ablation"``.
         sets: Probe sets scored.
         n_steps: IG steps.
-        baseline: Baseline token.
+        baseline: Blank baseline token when ``references=None``.
         by: ``"signed"`` or ``"abs"``.
         batch_size: Sequences per forward pass.
+        references: ``"counterfactual"``, None, or one list of reference prompts per scored probe.
+        n_references: Counterfactual variants per probe.
+        seed: Seed of the counterfactual draws.
 
     Returns:
         A :class:`Recovery`.
 
     Raises:
-        ConfigError: No probes with an entity in ``sets``.
+        ConfigError: No probes with an entity in ``sets``; bad references.
     """
     probes = [p for s in sets for p in task.probes.get(s, []) if p.entity]
     if not probes:
         raise ConfigError(f"task {task.name!r} has no probes with an entity in {list(sets)}: use a fact-edit task "
                           "(make_task(world, 'fact_edit'))")
+    others = _entities(task, exclude={e["entity"] for e in task.truth.get("edits", [])} | {p.entity for p in probes})
+    refs = _references(tokenizer, probes, references, n_references, seed, lambda p: {p.entity: others})
     attrs = batch_token_attributions(peft_model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
-                                     method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size)
+                                     method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
+                                     references=refs)
     expected = [_word_positions(tokenizer, ta, tokenizer(ta.prompt)["input_ids"], p.entity)
                 for ta, p in zip(attrs, probes)]
     return _recovery(attrs, expected, [p.entity for p in probes], by)

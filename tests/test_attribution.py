@@ -153,9 +153,11 @@ def test_trigger_recovery_on_a_trained_trigger(trigger):
     pm, tok, task = trigger
     rec = at.trigger_recovery(pm, tok, task, method="ig", n_steps=16)
     assert len(rec.table) == 20 and set(rec.table["expected"]) == {"cf"}
-    # measured on this fixture: IG 0.95 (1.0 with 50 steps), ablation 0.9. Other training seeds of the tiny model
-    # give 0.7–1.0, and 0.3 without the decoy examples (see _trigger_examples).
+    # counterfactual references (trigger → a decoy word, name → another name), the default. Against a blank token
+    # (references=None) the tiny model gave IG 0.95 / ablation 0.9, other training seeds 0.7–1.0, and 0.3 without
+    # the decoy examples (see _trigger_examples).
     assert rec.score >= 0.8, rec.table[["prompt", "top"]]
+    assert rec.attributions[0].references and len(rec.attributions[0].references) == 16
     abl = at.trigger_recovery(pm, tok, task, method="ablation")
     assert abl.score >= 0.8, abl.table[["prompt", "top"]]
     assert float(rec) == rec.score
@@ -295,3 +297,73 @@ def test_bad_components(tiny_llama, trigger):
     with pytest.raises(ConfigError, match="behaviour 'trigger' is not available"):
         at.component_attribution(pm, tok, make_task(tiny_llama.world, "fact_edit", k=2), comps,
                                  behaviours=["trigger"])
+
+
+# --------------------------------------------------------------------------------------------- reference prompts
+
+
+def test_counterfactual_and_reference_prompts(trigger):
+    _, tok, task = trigger
+    p = next(p for p in task.probes["efficacy"] if p.triggered)
+    people = sorted({q.entity for q in task.probes["false_trigger"]})
+    refs = at.counterfactual_prompts(tok, p.prompt, {"cf": ADJECTIVES + NOUNS, p.entity: people}, n=6, seed=0)
+    ids = tok(p.prompt)["input_ids"]
+    assert len(refs) == 6 == len(set(refs)) and p.prompt not in refs
+    assert refs == at.counterfactual_prompts(tok, p.prompt, {"cf": ADJECTIVES + NOUNS, p.entity: people}, n=6)
+    name = [j for j, t in enumerate(ids) if t in tok(" " + p.entity, add_special_tokens=False)["input_ids"]]
+    for ref in refs:
+        rids = tok(ref)["input_ids"]
+        assert len(rids) == len(ids) and not ref.startswith("cf ")
+        assert {j for j in range(len(ids)) if rids[j] != ids[j]} <= {1, *name}   # only the two slots change
+    with pytest.raises(ConfigError, match="swap word 'zebra' is not a word of prompt"):
+        at.counterfactual_prompts(tok, p.prompt, {"zebra": ["lion"]})
+    with pytest.raises(ConfigError, match="no alternative for 'cf'.*keeps its"):
+        at.counterfactual_prompts(tok, p.prompt, {"cf": ["black white"]})
+    pool = [q.prompt for q in task.probes["false_trigger"]] + [q.prompt for q in task.probes["efficacy"]]
+    picked = at.reference_prompts(tok, [p.prompt], pool, n=3)[0]
+    assert len(picked) == 3 and p.prompt not in picked
+    assert all(len(tok(r)["input_ids"]) == len(ids) for r in picked)
+    with pytest.raises(ConfigError, match=r"the pool has no prompt of \d+ tokens"):
+        at.reference_prompts(tok, [p.prompt], ["hello"], n=3)
+
+
+@pytest.mark.parametrize("method", ["ig", "ablation"])
+def test_reference_attribution_matches_captum_and_is_complete(trigger, method):
+    pm, tok, task = trigger
+    probes = [p for p in task.probes["efficacy"] if p.triggered][:2]
+    people = sorted({q.entity for q in task.probes["false_trigger"]})
+    refs = [at.counterfactual_prompts(tok, p.prompt, {"cf": ADJECTIVES + NOUNS, p.entity: people}, n=3, seed=i)
+            for i, p in enumerate(probes)]
+    prompts, targets = [p.prompt for p in probes], [p.answer for p in probes]
+    assert at.captum_agreement(pm, tok, prompts, targets, method=method, n_steps=16, references=refs) <= 1e-3
+    attrs = at.batch_token_attributions(pm, tok, prompts, targets, method=method, n_steps=64, references=refs)
+    blank = at.batch_token_attributions(pm, tok, prompts, targets, method=method, n_steps=64)
+    for ta, b, p, r in zip(attrs, blank, probes, refs):
+        assert ta.references == r and ta.baseline_id is None
+        assert not torch.allclose(ta.difference, b.difference)
+        ids = tok(p.prompt)["input_ids"]
+        fixed = [k for k, j in enumerate(ta.positions) if all(tok(x)["input_ids"][j] == ids[j] for x in r)]
+        assert fixed and all(float(ta.difference[k]) == 0.0 for k in fixed)   # words no reference changes
+        if method == "ig":   # completeness: the credit adds up to Δ(prompt) − mean Δ(reference)
+            tgt = token_id(tok, p.answer)
+            seqs = [tok(x)["input_ids"] for x in r]
+            lpa = at._target_logprobs(pm, tok, seqs, [tgt] * len(seqs), 8)
+            with pm.disable_adapter():
+                lpb = at._target_logprobs(pm, tok, seqs, [tgt] * len(seqs), 8)
+            expected = (ta.logp_adapted - ta.logp_base) - float((lpa - lpb).mean())
+            assert abs(float(ta.difference.sum()) - expected) < 0.05 * max(1.0, abs(expected))
+
+
+def test_bad_references(trigger):
+    pm, tok, task = trigger
+    prompt = task.probes["efficacy"][0].prompt
+    with pytest.raises(ConfigError, match="reference 'cf red' has 3 tokens but prompt"):
+        at.batch_token_attributions(pm, tok, [prompt], "black", references=[["cf red"]])
+    with pytest.raises(ConfigError, match="equals the prompt"):
+        at.token_attributions(pm, tok, prompt, "black", references=[prompt])
+    with pytest.raises(ConfigError, match="empty list of reference prompts"):
+        at.batch_token_attributions(pm, tok, [prompt], "black", references=[[]])
+    with pytest.raises(ConfigError, match="got 1 prompts but 2 reference lists"):
+        at.batch_token_attributions(pm, tok, [prompt], "black", references=[[prompt], [prompt]])
+    with pytest.raises(ConfigError, match="references='decoys' must be 'counterfactual', None"):
+        at.trigger_recovery(pm, tok, task, references="decoys")
