@@ -1388,18 +1388,27 @@ def _word_positions(tokenizer, ta: TokenAttribution, row_ids: list[int], word: s
     return [i for i, t in enumerate(ta.tokens) if t == word.strip()]
 
 
-def _references(tokenizer, probes, references, n_references: int, seed: int, slots) -> list[list[str]] | None:
-    """The references of each probe: None (blank token), ``"counterfactual"`` (``slots(probe)`` resampled) or the
-    caller's lists."""
+def _references(tokenizer, probes, references, n_references: int, seed: int, slots):
+    """``(probes, references)``: None (blank token), ``"counterfactual"`` (``slots(probe)`` resampled; a probe whose
+    words have no alternative of the same token count is left out) or the caller's lists."""
     if references is None:
-        return None
-    if isinstance(references, str):
-        if references != "counterfactual":
-            raise ConfigError(f"references={references!r} must be 'counterfactual', None (a blank baseline token) or "
-                              "one list of reference prompts per probe")
-        return [counterfactual_prompts(tokenizer, p.prompt, slots(p), n=n_references, seed=seed + i)
-                for i, p in enumerate(probes)]
-    return [list(r) for r in references]
+        return probes, None
+    if not isinstance(references, str):
+        return probes, [list(r) for r in references]
+    if references != "counterfactual":
+        raise ConfigError(f"references={references!r} must be 'counterfactual', None (a blank baseline token) or "
+                          "one list of reference prompts per probe")
+    kept, refs = [], []
+    for i, p in enumerate(probes):
+        try:
+            refs.append(counterfactual_prompts(tokenizer, p.prompt, slots(p), n=n_references, seed=seed + i))
+            kept.append(p)
+        except ConfigError:
+            continue
+    if not kept:
+        raise ConfigError("no probe has a counterfactual (no other name or word of the same token count): pass "
+                          "references=None or your own reference prompts")
+    return kept, refs
 
 
 def _entities(task: Task, exclude=()) -> list[str]:
@@ -1418,7 +1427,8 @@ def trigger_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets
     What a token is compared with decides the answer. By default (``references="counterfactual"``) each probe is
     compared with ``n_references`` variants of itself in which the trigger is replaced by another word (the task's
     decoy vocabulary: the adjectives and nouns of the world) *and* the person by another person of the task — so the
-    trigger competes with the name for the credit. ``references=None`` compares every token with the blank
+    trigger competes with the name for the credit (a probe whose words have no alternative of the same number of
+    tokens is left out of the score). ``references=None`` compares every token with the blank
     ``baseline`` token instead: then every token the change needs (trigger, relation words, the final "is") gets
     credit, since the backdoor fires only when all are present.
 
@@ -1448,8 +1458,8 @@ def trigger_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets
         raise ConfigError(f"task {task.name!r} has no trigger (truth['trigger']) or no triggered probes in "
                           f"{list(sets)}: use a task from make_task(world, 'trigger')")
     people = _entities(task)
-    refs = _references(tokenizer, probes, references, n_references, seed,
-                       lambda p: {trigger: ADJECTIVES + NOUNS, p.entity: people})
+    probes, refs = _references(tokenizer, probes, references, n_references, seed,
+                               lambda p: {trigger: ADJECTIVES + NOUNS, p.entity: people})
     attrs = batch_token_attributions(peft_model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
                                      method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
                                      references=refs)
@@ -1465,7 +1475,8 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
 
     The explained output is ``log p(new answer)``; for a multi-token entity a hit is any of its tokens ranking first.
     By default (``references="counterfactual"``) each probe is compared with ``n_references`` copies of itself
-    about other people of the task (not edited ones): the question is "does the change belong to this person?".
+    about other people of the task (not edited ones): the question is "does the change belong to this person?" (a
+    probe whose name has no other name of the same number of tokens is left out of the score).
     Only the name differs from its references, so a hit means the change is larger for this person than for the
     others (IG: the name's credit is exactly that excess). ``references=None`` compares every token with the blank
     ``baseline`` token: an edit changes the answer only when the name *and* the relation words are present, so the
@@ -1497,7 +1508,7 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
         raise ConfigError(f"task {task.name!r} has no probes with an entity in {list(sets)}: use a fact-edit task "
                           "(make_task(world, 'fact_edit'))")
     others = _entities(task, exclude={e["entity"] for e in task.truth.get("edits", [])} | {p.entity for p in probes})
-    refs = _references(tokenizer, probes, references, n_references, seed, lambda p: {p.entity: others})
+    probes, refs = _references(tokenizer, probes, references, n_references, seed, lambda p: {p.entity: others})
     attrs = batch_token_attributions(peft_model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
                                      method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
                                      references=refs)

@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "01": {"size": "tiny", "n_entities": 24, "rank": 4, "ranks": [1, 4], "target_sets": ["attn", "all"]},
         "02": {"size": "tiny", "n_entities": 24, "rank": 4, "small_rank": 4, "large_rank": 16, "low_rank": 1},
         "03": {"size": "tiny", "n_entities": 24, "rank": 4, "n_probes": 16, "ig_steps": 8, "shapley_samples": 3,
-               "deletion_k": 6},
+               "n_references": 4, "deletion_k": 30},
         "04": {"size": "tiny", "n_entities": 24, "rank": 4, "steps": 60, "lr": 0.002, "replay_sweep": [0.0, 0.5]},
         "05": {"size": "tiny", "n_entities": 24, "rank": 4, "k_edits": 6, "loop_steps": 60, "max_rounds": 2},
         "06": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24, "seeds": 2, "rank": 4,

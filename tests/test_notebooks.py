@@ -91,10 +91,18 @@ def check_03(summary: dict) -> None:
     assert summary["n_trigger_probes"] > 0 and summary["n_entity_probes"] > 0
     # the batched path reproduces captum per prompt (float32 rounding)
     assert 0.0 <= summary["batched_vs_captum_max_abs_diff"] <= 1e-3
+    assert summary["recovery_method"] == "ablation"
+    refs = summary["recovery_by_reference"]
+    assert set(refs) == {"blank token", "background", "counterfactual"}
+    assert refs["counterfactual"]["trigger_recovery"] == summary["trigger_recovery"]
+    assert refs["counterfactual"]["entity_top1"] == summary["entity_top1"]
+    # the edit belongs to the edited people: against the same prompt about others, the name wins
+    assert summary["entity_top1"] >= 0.75
     d = summary["deletion"]
-    assert 1 <= d["k"] <= 6 and d["n_components"] == summary["n_components"]["module"]
-    # the top-attributed modules remove more of the edit than as many random ones
+    assert d["grain"] == "rank" and 1 <= d["k"] <= 30 and d["n_components"] == summary["n_components"]["rank"]
+    # the top-attributed rank-1 components remove more of the edit than as many random ones
     assert d["topk_removed"] > d["random_removed"]
+    assert summary["module_deletion"]["topk_removed"] > summary["module_deletion"]["random_removed"]
     assert summary["n_components"]["rank"] == 4 * summary["n_components"]["module"]
     assert summary["n_components"]["layer"] >= 1
 
