@@ -10,7 +10,11 @@ difference (adapter on minus off), with captum's ``LLMGradientAttribution`` + ``
 input embeddings (``method="ig"``) or ``LLMAttribution`` + ``FeatureAblation`` (``method="ablation"``). IG and
 ablation are both linear in the explained output, so the attribution of ``log p_adapted − log p_base`` is exactly
 ``adapted − base``. The baseline token is explicit (``<unk>``, else ``<pad>``, else ``</s>``, or one you name) and
-special tokens such as ``<s>`` are neither attributed nor replaced. :func:`batch_token_attributions` computes the
+special tokens such as ``<s>`` are neither attributed nor replaced. Or each token is compared with what stands at
+its position in *reference prompts* of the same length (``references=``, averaged over them: expected gradients /
+resampling ablation): :func:`counterfactual_prompts` resamples chosen words of a prompt, :func:`reference_prompts`
+draws a background from a pool. A blank token gives credit to every word a change *needs*; a counterfactual asks
+which of the resampled words the change belongs to. :func:`batch_token_attributions` computes the
 same numbers for many prompts at once (all IG steps of all prompts, or all single-token ablations of all prompts,
 stacked into a few right-padded batches) — it matches captum per prompt to ~1e-6 and is many times faster.
 

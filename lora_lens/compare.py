@@ -271,8 +271,9 @@ def _measure(fit, task: Task, n_probes: int, ig_steps: int, top_tokens: int) -> 
     row["attr_upper_share"] = float((pos * _upper_weight(depth)).sum() / total) if total > 0 else math.nan
     row["top_component"] = a_types[attr.idxmax()]
     row["top_component_depth"] = float(depth[attr.idxmax()])
-    # input attribution of the change on the shared probes; hit = the edited entity ranks first
-    rec = at.entity_recovery(fit.model, fit.tokenizer, _first(task, n_probes), n_steps=ig_steps)
+    # input attribution of the change on the shared probes against a blank token (every token gets a value, so
+    # runs compare token by token); hit = the edited entity ranks first
+    rec = at.entity_recovery(fit.model, fit.tokenizer, _first(task, n_probes), n_steps=ig_steps, references=None)
     row["entity_top1"] = float(rec.score)
     # the leading write-side direction of the last layer's modules, read as tokens (both signs)
     dirs = delta.directions_table(fit.model, fit.tokenizer, k=1, top=top_tokens, role="write", sign="both")
