@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -159,6 +160,12 @@ def _stop_ids(tokenizer, stop: str | None) -> set[int]:
 
 
 @torch.no_grad()
+def _cache_name(model) -> str:
+    """The KV-cache argument of the model's forward: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batch_size: int = 64, base=None,
              alpha: float = 0.0, temperature: float = 0.0, stop: str | None = ".", seed: int = 0) -> Generation:
     """Batched generation with a KV cache: left padding, one forward pass over the whole batch per new token.
@@ -222,8 +229,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
     t0 = time.perf_counter()
 
     def forward(m, ids, mask, pos, cache, kw):
-        out = m(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, **kw)
-        return out.logits[:, -1].float(), out.cache
+        out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_name(m): cache}, **kw)
+        return out.logits[:, -1].float(), out.get("cache", out.get("past_key_values"))
 
     with _inference(model, other):
         for i in range(0, len(prompts), batch_size):
