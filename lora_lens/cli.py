@@ -28,7 +28,7 @@ from pathlib import Path
 from lora_lens import __version__
 from lora_lens.errors import LoraLensError, NotFoundError
 from lora_lens.presets import DEFAULT_PRESET, PRESETS
-from lora_lens.runner import NotebookFailed, parse_assignments, run_series
+from lora_lens.runner import DEFAULT_JOBS, NotebookFailed, parse_assignments, run_series
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -53,8 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<YYYYmmdd-HHMMSS>)")
     run.add_argument("--notebooks", default=None, metavar="DIR", help="folder holding NN_*.ipynb")
-    run.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
-                     help="run up to N notebooks at once when what they need is done (default 1)")
+    run.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
+                     help="run up to N notebooks at once when what they need is done (default: 2, or 1 on a "
+                     f"one-CPU machine; here {DEFAULT_JOBS})")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="complete RUN_DIR in place: skip notebooks done with the same parameters, rerun failed or "
                      "changed ones (preset, overrides, selection default to the recorded ones)")

@@ -53,9 +53,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+import sys
 from typing import Any, Iterable, Mapping
 
-import nbformat
+# nbformat imports jsonschema, which imports the optional rfc3987_syntax (when installed, as jupyter pulls it in)
+# for its "iri" format check — 1.6 s of grammar building, paid again in every notebook's worker process. Notebook
+# schemas never use that format: mark the module absent in this process (jsonschema then skips the check).
+sys.modules.setdefault("rfc3987_syntax", None)
+
+import nbformat  # noqa: E402
 
 from lora_lens import presets
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
@@ -418,6 +424,11 @@ def _load_run(resume: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not isinstance(record, dict) or not isinstance(record.get("notebooks"), list):
         raise ConfigError(f"--resume {resume}: {path} has no 'notebooks' list; it is not a lora-lens run folder")
     return run_dir, record
+
+
+DEFAULT_JOBS = min(2, os.cpu_count() or 1)
+"""``lora-lens run``'s default ``--jobs``: two notebooks at once where there are two CPUs (each notebook spends
+seconds starting its kernel and importing torch, which the other one's work overlaps)."""
 
 
 def _thread_env(jobs: int) -> dict[str, str]:

@@ -67,13 +67,14 @@ def summary(run_dir: Path, stem: str) -> dict:
 
 def test_cli_runs_series_in_order_with_overrides_and_context(series, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(["run", "--notebooks", str(series), "--out", str(out),
+    rc = cli.main(["run", "--notebooks", str(series), "--out", str(out), "--jobs", "1",
                    "-p", "x=[1, 'a']", "-p", "01.x=5", "-p", "label=hello world"])
     assert rc == 0, capsys.readouterr().err
     stems = ["00_first", "01_second", "02_third"]
     assert (out / "order.txt").read_text().split() == stems
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [*stems, "report"]  # + the run report's files
     assert (out / "index.html").is_file()
+    assert json.loads((out / "run.json").read_text())["jobs"] == 1
     for stem in stems:
         assert (out / stem / f"{stem}.ipynb").is_file()  # the executed notebook sits in its output folder
 
@@ -113,7 +114,7 @@ def test_only_and_default_run_folder(series, tmp_path, monkeypatch):
 
 def test_failing_cell_stops_run_and_names_notebook_cell_and_error(failing, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(["run", "--notebooks", str(failing), "--out", str(out)])
+    rc = cli.main(["run", "--notebooks", str(failing), "--out", str(out), "--jobs", "1"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "01_fail" in err and "cell 3" in err and "raise ValueError('boom here')" in err
@@ -327,6 +328,15 @@ def test_jobs_run_independent_notebooks_at_once_with_own_kernels(tmp_path):
     assert record["status"] == "ok" and record["jobs"] == 2
     assert [n["needs"] for n in record["notebooks"]] == [[], ["00"], ["00"]]
     assert all(n["max_rss_mb"] > 10 for n in record["notebooks"])
+
+
+def test_cli_runs_two_notebooks_at_once_by_default(tmp_path):
+    from lora_lens.runner import DEFAULT_JOBS
+
+    assert DEFAULT_JOBS == min(2, os.cpu_count() or 1)
+    folder = _stamped(tmp_path / "nbs", ["00", "01"])
+    assert cli.main(["run", "--notebooks", str(folder), "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["jobs"] == DEFAULT_JOBS
 
 
 def test_parallel_kernels_share_the_cpus(monkeypatch):
