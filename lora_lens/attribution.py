@@ -62,6 +62,8 @@ from lora_lens.tokenizer import check_tokenizer, token_id
 from lora_lens.world import ADJECTIVES, NOUNS, Task
 
 DTYPE = torch.float32
+OUTPUTS = ("logprob", "prob")
+"""What input attribution explains: ``log p(target)`` or ``p(target)`` (see :func:`token_attributions`)."""
 METHODS = ("ig", "ablation")
 """Input-attribution methods: integrated gradients on the input embeddings, or single-token feature ablation."""
 COMPONENT_METHODS = ("ablation", "shapley")
@@ -217,6 +219,7 @@ class _Row:
     baseline_id: int | None  # the blank token, or None when the row is compared with reference prompts
     refs: list[list[int]]     # what each token is replaced by: one blank sequence, or the encoded references
     references: list[str] | None = None
+    output: str = "logprob"   # the explained quantity: log p(target) or p(target)
 
 
 def _skip_ids(tokenizer) -> list[int]:
@@ -224,8 +227,10 @@ def _skip_ids(tokenizer) -> list[int]:
 
 
 def _prepare(tokenizer, prompts, targets, method: str, n_steps: int, baseline,
-             ig_method: str = "gausslegendre", references=None) -> list[_Row]:
+             ig_method: str = "gausslegendre", references=None, output: str = "logprob") -> list[_Row]:
     """Validate everything and encode; raises before any forward pass."""
+    if output not in OUTPUTS:
+        raise ConfigError(f"output={output!r} is unknown; use 'logprob' (log p of the target) or 'prob' (p)")
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is unknown; use one of {list(METHODS)}")
     if method == "ig" and ig_method not in IG_METHODS:
@@ -274,7 +279,7 @@ def _prepare(tokenizer, prompts, targets, method: str, n_steps: int, baseline,
                 raise ConfigError(f"prompt={prompt!r} has an empty list of reference prompts: pass at least one "
                                   "(reference_prompts finds them), or references=None for a blank baseline token")
         rows.append(_Row(prompt, target, ids, positions, tid, base_id, refs,
-                         None if references is None else list(references[i])))
+                         None if references is None else list(references[i]), output))
     return rows
 
 
@@ -283,10 +288,13 @@ def _encode_reference(tokenizer, prompt: str, ids: list[int], positions: list[in
     if not isinstance(ref, str) or not ref.strip():
         raise ConfigError(f"reference={ref!r} for prompt {prompt!r} must be a non-empty string")
     rids = [int(t) for t in tokenizer(ref)["input_ids"]]
-    if len(rids) != len(ids) or any(rids[j] != ids[j] for j in range(len(ids)) if j not in positions):
+    if len(rids) != len(ids):
         raise ConfigError(f"reference {ref!r} has {len(rids)} tokens but prompt {prompt!r} has {len(ids)}: a "
-                          "reference is compared token by token, so it needs the same number of tokens (and the "
-                          "same special tokens); reference_prompts picks such prompts from a pool")
+                          "reference is compared token by token, so it needs the same number of tokens; "
+                          "reference_prompts picks such prompts from a pool")
+    if any(rids[j] != ids[j] for j in range(len(ids)) if j not in positions):
+        raise ConfigError(f"reference {ref!r} has special tokens where prompt {prompt!r} has others: encode both "
+                          "the same way (special tokens are never attributed or replaced)")
     if rids == ids:
         raise ConfigError(f"reference {ref!r} equals the prompt: a baseline equal to the input attributes nothing; "
                           "drop it from the references")
@@ -314,6 +322,7 @@ class TokenAttribution:
         logp_adapted: The same for the adapted model.
         baseline_id: The blank baseline token id used (None when compared with reference prompts).
         references: The reference prompts the attribution is averaged over (None for a blank baseline token).
+        output: The explained quantity: ``"logprob"`` (``log p(target)``) or ``"prob"`` (``p(target)``).
     """
 
     prompt: str
@@ -327,6 +336,7 @@ class TokenAttribution:
     logp_adapted: float
     baseline_id: int | None
     references: list[str] | None = None
+    output: str = "logprob"
 
     @property
     def difference(self) -> torch.Tensor:
@@ -369,7 +379,7 @@ def _pretty(tokenizer, ids: Sequence[int]) -> list[str]:
 def _result(tokenizer, row: _Row, method: str, attr: dict, logp: dict) -> TokenAttribution:
     return TokenAttribution(row.prompt, row.target, method, _pretty(tokenizer, [row.ids[j] for j in row.positions]),
                             list(row.positions), attr["base"], attr["adapted"], float(logp["base"]),
-                            float(logp["adapted"]), row.baseline_id, row.references)
+                            float(logp["adapted"]), row.baseline_id, row.references, row.output)
 
 
 @torch.no_grad()
@@ -398,8 +408,8 @@ def _captum_one(model, tokenizer, row: _Row, method: str, n_steps: int, ig_metho
     from captum.attr import (FeatureAblation, LayerIntegratedGradients, LLMAttribution, LLMGradientAttribution,
                              TextTokenInput)
 
-    if row.references is not None:
-        return _captum_references(model, row, method, n_steps, ig_method)
+    if row.references is not None or row.output == "prob":
+        return _captum_baselines(model, row, method, n_steps, ig_method)
     target = torch.tensor([row.target_id])
     inp = TextTokenInput(row.prompt, tokenizer, baselines=row.baseline_id, skip_tokens=_skip_ids(tokenizer))
     if inp.inp_tensor[0].tolist() != row.ids:
@@ -418,14 +428,16 @@ def _captum_one(model, tokenizer, row: _Row, method: str, n_steps: int, ig_metho
     return res.seq_attr.detach().to(DTYPE).cpu()
 
 
-def _captum_references(model, row: _Row, method: str, n_steps: int, ig_method: str) -> torch.Tensor:
-    """Captum's ``LayerIntegratedGradients`` / ``FeatureAblation`` with each reference prompt as the baseline
-    sequence (captum's LLM wrappers take only one baseline token), averaged over the references."""
+def _captum_baselines(model, row: _Row, method: str, n_steps: int, ig_method: str) -> torch.Tensor:
+    """Captum's ``LayerIntegratedGradients`` / ``FeatureAblation`` with each reference prompt (or the blank
+    sequence) as the baseline sequence, averaged over them — for what captum's LLM wrappers do not take: baseline
+    sequences, and ``p(target)`` as the explained output."""
     from captum.attr import FeatureAblation, LayerIntegratedGradients
 
     def log_prob(input_ids):
         logits = model(input_ids=input_ids).logits[:, -1].float()
-        return torch.log_softmax(logits, -1)[:, row.target_id]
+        out = torch.log_softmax(logits, -1)[:, row.target_id]
+        return out.exp() if row.output == "prob" else out
 
     dev = _device(model)
     ids = torch.tensor([row.ids], device=dev)
@@ -443,7 +455,7 @@ def _captum_references(model, row: _Row, method: str, n_steps: int, ig_method: s
 
 def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: str = "ig", n_steps: int = 50,
                        baseline: int | str | None = None, ig_method: str = "gausslegendre",
-                       references: Sequence[str] | None = None) -> TokenAttribution:
+                       references: Sequence[str] | None = None, output: str = "logprob") -> TokenAttribution:
     """Base, adapted and difference attribution of ``log p(target | prompt)`` to the prompt's tokens (captum).
 
     ``method="ig"``: captum ``LLMGradientAttribution(LayerIntegratedGradients(model, input embeddings))`` — each
@@ -466,6 +478,9 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
             token is compared with the reference's token at its position (IG integrates from the reference's
             embeddings, ablation swaps in the reference's token) and the attribution is the mean over references
             (captum with a baseline sequence). See :func:`reference_prompts`.
+        output: ``"logprob"`` explains ``log p(target)``; ``"prob"`` explains ``p(target)`` — bounded, so a change
+            deep in the tail (an answer moved from 1e-7 to 1e-3) counts for little, and what counts is what made
+            the answer *likely* (captum with a probability-valued forward).
 
     Returns:
         A :class:`TokenAttribution`.
@@ -476,7 +491,7 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
     """
     _check_peft(peft_model, tokenizer)
     (row,) = _prepare(tokenizer, [prompt], [target], method, n_steps, baseline, ig_method,
-                      None if references is None else [references])
+                      None if references is None else [references], output)
     attr, logp = {}, {}
     with _frozen(peft_model):
         for name, ctx in _states(peft_model):
@@ -506,9 +521,10 @@ def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tu
                     seqs.append(row.ids[:j] + [ref[j]] + row.ids[j + 1:])
                     tgts.append(row.target_id)
     lp = _target_logprobs(model, tokenizer, seqs, tgts, batch_size)
+    f = lp.exp() if rows[0].output == "prob" else lp
     attrs = [torch.zeros(len(row.positions), dtype=DTYPE) for row in rows]
     for r, k, i in where:
-        attrs[r][k] += (lp[index[r]] - lp[i]) / len(rows[r].refs)
+        attrs[r][k] += (f[index[r]] - f[i]) / len(rows[r].refs)
     return attrs, lp[index]
 
 
@@ -543,7 +559,7 @@ def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str
             # right padding under a causal mask: no attention mask needed (real tokens never attend to pads)
             logits = _logits_at(model, last[pi], keep, inputs_embeds=x).float()
             lp = torch.log_softmax(logits, -1).gather(-1, tgt[pi][:, None])[:, 0]
-            (grad,) = torch.autograd.grad(lp.sum(), x)
+            (grad,) = torch.autograd.grad((lp.exp() if rows[0].output == "prob" else lp).sum(), x)
         total[:, :width].index_add_(0, pi, grad * weights[ki].to(dev)[:, None, None])
     per_path = (total * D).sum(-1).cpu()
     attrs = [torch.zeros(len(row.positions), dtype=DTYPE) for row in rows]
@@ -556,7 +572,8 @@ def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str
 def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targets: str | Sequence[str],
                              method: str = "ig", n_steps: int = 50, baseline: int | str | None = None,
                              ig_method: str = "gausslegendre", batch_size: int = 512,
-                             references: Sequence[Sequence[str]] | None = None) -> list[TokenAttribution]:
+                             references: Sequence[Sequence[str]] | None = None,
+                             output: str = "logprob") -> list[TokenAttribution]:
     """:func:`token_attributions` for many prompts at once, reproducing captum's per-prompt numbers.
 
     IG: the interpolated input embeddings of every (prompt, step) pair are stacked into right-padded batches of
@@ -583,6 +600,7 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
         batch_size: Sequences per forward pass.
         references: One list of counterfactual prompts per prompt (see :func:`token_attributions` and
             :func:`reference_prompts`); None for the blank ``baseline`` token.
+        output: ``"logprob"`` or ``"prob"`` (see :func:`token_attributions`).
 
     Returns:
         One :class:`TokenAttribution` per prompt, in order.
@@ -593,7 +611,7 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
     _check_peft(peft_model, tokenizer)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer, e.g. 512")
-    rows = _prepare(tokenizer, prompts, targets, method, n_steps, baseline, ig_method, references)
+    rows = _prepare(tokenizer, prompts, targets, method, n_steps, baseline, ig_method, references, output)
     attr, logp = {}, {}
     with _frozen(peft_model):
         for name, ctx in _states(peft_model):
@@ -608,7 +626,7 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
 
 def captum_agreement(peft_model, tokenizer, prompts: Sequence[str], targets: str | Sequence[str],
                      method: str = "ig", n_steps: int = 50, baseline: int | str | None = None,
-                     references: Sequence[Sequence[str]] | None = None) -> float:
+                     references: Sequence[Sequence[str]] | None = None, output: str = "logprob") -> float:
     """Largest absolute difference between :func:`batch_token_attributions` and captum per prompt.
 
     Runs both on the same prompts (base and adapted attributions of every token) — the check behind the claim that
@@ -618,11 +636,11 @@ def captum_agreement(peft_model, tokenizer, prompts: Sequence[str], targets: str
         ``max |batched − captum|`` over prompts, tokens and both adapter states (≈1e-6 in float32).
     """
     batched = batch_token_attributions(peft_model, tokenizer, prompts, targets, method=method, n_steps=n_steps,
-                                       baseline=baseline, references=references)
+                                       baseline=baseline, references=references, output=output)
     worst = 0.0
     for b in batched:
         c = token_attributions(peft_model, tokenizer, b.prompt, b.target, method=method, n_steps=n_steps,
-                               baseline=baseline, references=b.references)
+                               baseline=baseline, references=b.references, output=output)
         worst = max(worst, float((c.base - b.base).abs().max()), float((c.adapted - b.adapted).abs().max()))
     return worst
 
@@ -1355,9 +1373,12 @@ class Recovery:
     """How often attribution found the planted cause.
 
     Attributes:
-        score: Share of probes where the cause ranks first (NaN for no probes).
+        score: Share of the scored probes where the cause ranks first (NaN when none is scored).
         table: One row per probe: prompt, target, expected (the planted token), top (top-attributed token),
-            rank (1 = first) of the expected token, hit, and the expected token's attribution.
+            rank (1 = first) of the expected token, hit, the expected token's attribution, ``p_base`` and
+            ``p_adapted`` of the target, and ``scored``: whether the probe counts (by default only probes whose
+            answer the adapter changed: ``p_adapted ≥ 0.5 > p_base`` — where nothing changed there is no change
+            to explain).
         attributions: The :class:`TokenAttribution` of each probe (for heatmaps).
     """
 
@@ -1369,16 +1390,22 @@ class Recovery:
         return float(self.score)
 
 
-def _recovery(attrs: list[TokenAttribution], expected: list[list[int]], labels: list[str], by: str) -> Recovery:
+def _recovery(attrs: list[TokenAttribution], expected: list[list[int]], labels: list[str], by: str,
+              changed_only: bool) -> Recovery:
     records = []
     for ta, want, label in zip(attrs, expected, labels):
         order = ta.ranking("difference", by)
         rank = min((order.index(i) + 1 for i in want), default=None)
+        p_base, p_adapted = math.exp(ta.logp_base), math.exp(ta.logp_adapted)
         records.append({"prompt": ta.prompt, "target": ta.target, "expected": label, "top": ta.tokens[order[0]],
                         "rank": rank, "hit": rank == 1,
-                        "attribution": float(max(ta.difference[i] for i in want)) if want else float("nan")})
-    table = pd.DataFrame(records, columns=["prompt", "target", "expected", "top", "rank", "hit", "attribution"])
-    score = float(table["hit"].mean()) if len(table) else float("nan")
+                        "attribution": float(max(ta.difference[i] for i in want)) if want else float("nan"),
+                        "p_base": p_base, "p_adapted": p_adapted,
+                        "scored": not changed_only or p_adapted >= 0.5 > p_base})
+    table = pd.DataFrame(records, columns=["prompt", "target", "expected", "top", "rank", "hit", "attribution",
+                                           "p_base", "p_adapted", "scored"])
+    scored = table[table["scored"]]
+    score = float(scored["hit"].mean()) if len(scored) else float("nan")
     return Recovery(score, table, attrs)
 
 
@@ -1422,11 +1449,12 @@ def _entities(task: Task, exclude=()) -> list[str]:
 def trigger_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets: Sequence[str] = ("efficacy",
                      "paraphrase"), n_steps: int = 50, baseline: int | str | None = None, by: str = "signed",
                      batch_size: int = 512, references="counterfactual", n_references: int = 16,
-                     seed: int = 0) -> Recovery:
+                     seed: int = 0, output: str = "prob", changed_only: bool = True) -> Recovery:
     """Share of triggered probes whose top-attributed token of the *difference* is the trigger.
 
-    Each triggered probe's ``log p(target)`` change (adapter on − off) is attributed to its tokens with
-    :func:`batch_token_attributions`; a hit is the trigger token (``task.truth["trigger"]``) ranking first.
+    Each triggered probe's change of ``p(target)`` (adapter on − off; ``output="logprob"`` for ``log p``) is
+    attributed to its tokens with :func:`batch_token_attributions`; a hit is the trigger token
+    (``task.truth["trigger"]``) ranking first, scored on the probes whose answer the adapter changed.
 
     What a token is compared with decides the answer. By default (``references="counterfactual"``) each probe is
     compared with ``n_references`` variants of itself in which the trigger is replaced by another word (the task's
@@ -1449,6 +1477,11 @@ def trigger_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets
         references: ``"counterfactual"``, None, or one list of reference prompts per scored probe.
         n_references: Counterfactual variants per probe.
         seed: Seed of the counterfactual draws.
+        output: The explained quantity, ``"prob"`` (``p(target)``, the default: the change that made the target
+            *likely*) or ``"logprob"`` (which also counts moves deep in the tail, e.g. a decoy word lifting the
+            target from 1e-7 to 1e-3).
+        changed_only: Score only probes whose answer the adapter changed (``p_adapted ≥ 0.5 > p_base``; the table
+            keeps every probe, with its ``scored`` flag). False scores every probe.
 
     Returns:
         A :class:`Recovery`.
@@ -1466,18 +1499,19 @@ def trigger_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets
                                lambda p: {trigger: ADJECTIVES + NOUNS, p.entity: people})
     attrs = batch_token_attributions(peft_model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
                                      method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
-                                     references=refs)
+                                     references=refs, output=output)
     expected = [_word_positions(tokenizer, ta, tokenizer(ta.prompt)["input_ids"], trigger) for ta in attrs]
-    return _recovery(attrs, expected, [trigger] * len(attrs), by)
+    return _recovery(attrs, expected, [trigger] * len(attrs), by, changed_only)
 
 
 def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets: Sequence[str] = ("efficacy",),
                     n_steps: int = 50, baseline: int | str | None = None, by: str = "signed",
                     batch_size: int = 512, references="counterfactual", n_references: int = 16,
-                    seed: int = 0) -> Recovery:
+                    seed: int = 0, output: str = "prob", changed_only: bool = True) -> Recovery:
     """Share of fact-edit probes whose edited entity's token ranks first in the difference attribution.
 
-    The explained output is ``log p(new answer)``; for a multi-token entity a hit is any of its tokens ranking first.
+    The explained output is ``p(new answer)`` (``output="logprob"``: its log); for a multi-token entity a hit is any
+    of its tokens ranking first; scored on the probes whose answer the adapter changed.
     By default (``references="counterfactual"``) each probe is compared with ``n_references`` copies of itself
     about other people of the task (not edited ones): the question is "does the change belong to this person?" (a
     probe whose name has no other name of the same number of tokens is left out of the score).
@@ -1500,6 +1534,11 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
         references: ``"counterfactual"``, None, or one list of reference prompts per scored probe.
         n_references: Counterfactual variants per probe.
         seed: Seed of the counterfactual draws.
+        output: The explained quantity, ``"prob"`` (``p(target)``, the default: the change that made the target
+            *likely*) or ``"logprob"`` (which also counts moves deep in the tail, e.g. a decoy word lifting the
+            target from 1e-7 to 1e-3).
+        changed_only: Score only probes whose answer the adapter changed (``p_adapted ≥ 0.5 > p_base``; the table
+            keeps every probe, with its ``scored`` flag). False scores every probe.
 
     Returns:
         A :class:`Recovery`.
@@ -1515,10 +1554,10 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
     probes, refs = _references(tokenizer, probes, references, n_references, seed, lambda p: {p.entity: others})
     attrs = batch_token_attributions(peft_model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
                                      method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
-                                     references=refs)
+                                     references=refs, output=output)
     expected = [_word_positions(tokenizer, ta, tokenizer(ta.prompt)["input_ids"], p.entity)
                 for ta, p in zip(attrs, probes)]
-    return _recovery(attrs, expected, [p.entity for p in probes], by)
+    return _recovery(attrs, expected, [p.entity for p in probes], by, changed_only)
 
 
 def deletion_curve(peft_model, tokenizer, task: Task, attribution: pd.DataFrame, components: ComponentSet,

@@ -162,6 +162,12 @@ def test_trigger_recovery_on_a_trained_trigger(trigger):
     assert abl.score >= 0.8, abl.table[["prompt", "top"]]
     assert float(rec) == rec.score
     assert (rec.table.loc[rec.table["hit"], "top"] == "cf").all()
+    # scored: the probes whose answer the adapter changed; changed_only=False scores them all
+    t = rec.table
+    assert t["scored"].tolist() == [(a >= 0.5 > b) for a, b in zip(t["p_adapted"], t["p_base"])] and t["scored"].any()
+    assert rec.score == pytest.approx(t.loc[t["scored"], "hit"].mean())
+    every = at.trigger_recovery(pm, tok, task, method="ablation", changed_only=False)
+    assert every.table["scored"].all() and every.score == pytest.approx(every.table["hit"].mean())
 
 
 # --------------------------------------------------------------------------------------------- components
@@ -336,6 +342,10 @@ def test_reference_attribution_matches_captum_and_is_complete(trigger, method):
             for i, p in enumerate(probes)]
     prompts, targets = [p.prompt for p in probes], [p.answer for p in probes]
     assert at.captum_agreement(pm, tok, prompts, targets, method=method, n_steps=16, references=refs) <= 1e-3
+    # p(target) instead of log p: the same machinery, captum with a probability-valued forward
+    assert at.captum_agreement(pm, tok, prompts[:1], targets[:1], method=method, n_steps=16, output="prob") <= 1e-3
+    prob = at.batch_token_attributions(pm, tok, prompts, targets, method=method, n_steps=16, output="prob")
+    assert prob[0].output == "prob" and float(prob[0].difference.abs().max()) <= 2.0   # probabilities: |Δp| ≤ 1
     attrs = at.batch_token_attributions(pm, tok, prompts, targets, method=method, n_steps=64, references=refs)
     blank = at.batch_token_attributions(pm, tok, prompts, targets, method=method, n_steps=64)
     for ta, b, p, r in zip(attrs, blank, probes, refs):
@@ -365,5 +375,7 @@ def test_bad_references(trigger):
         at.batch_token_attributions(pm, tok, [prompt], "black", references=[[]])
     with pytest.raises(ConfigError, match="got 1 prompts but 2 reference lists"):
         at.batch_token_attributions(pm, tok, [prompt], "black", references=[[prompt], [prompt]])
+    with pytest.raises(ConfigError, match="output='odds' is unknown"):
+        at.token_attributions(pm, tok, prompt, "black", output="odds")
     with pytest.raises(ConfigError, match="references='decoys' must be 'counterfactual', None"):
         at.trigger_recovery(pm, tok, task, references="decoys")
