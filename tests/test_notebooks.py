@@ -89,6 +89,8 @@ def check_03(summary: dict) -> None:
     for key in ("trigger_recovery", "entity_top1"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["n_trigger_probes"] > 0 and summary["n_entity_probes"] > 0
+    assert 0 < summary["n_trigger_scored"] <= summary["n_trigger_probes"]
+    assert 0 < summary["n_entity_scored"] <= summary["n_entity_probes"]
     # the batched path reproduces captum per prompt (float32 rounding)
     assert 0.0 <= summary["batched_vs_captum_max_abs_diff"] <= 1e-3
     assert summary["recovery_method"] == "ablation"
