@@ -375,8 +375,12 @@ def token_heatmaps(attribution, ax=None):
                     xticklabels=attribution.tokens, yticklabels=[name], linewidths=0.5, annot_kws={"fontsize": 8})
         a.tick_params(axis="y", rotation=0)
         a.tick_params(axis="x", rotation=0)
-    axes[0].set_title(f"{attribution.prompt!r} → {attribution.target!r}  (log p {attribution.logp_base:.2f} → "
-                      f"{attribution.logp_adapted:.2f})", fontsize=10)
+    if getattr(attribution, "output", "logprob") == "prob":
+        change = f"p {np.exp(attribution.logp_base):.2f} → {np.exp(attribution.logp_adapted):.2f}, attribution of p"
+    else:
+        change = f"log p {attribution.logp_base:.2f} → {attribution.logp_adapted:.2f}"
+    compared = "vs reference prompts" if getattr(attribution, "references", None) else "vs a blank token"
+    axes[0].set_title(f"{attribution.prompt!r} → {attribution.target!r}  ({change}; {compared})", fontsize=10)
     return fig
 
 
