@@ -351,9 +351,10 @@ def discovery_tradeoff(table: pd.DataFrame, default: float | None = None, ax=Non
 def token_heatmaps(attribution, ax=None):
     """Input attribution of one probe: base, adapted and difference (adapter on − off), one heatmap row each.
 
-    Each row has its own symmetric colour scale (red raises ``log p(target)``, blue lowers it) and is annotated
-    with its values, so the token that carries the *change* stands out in the difference row even when the base
-    and adapted rows are dominated by other tokens.
+    Each row has its own symmetric colour scale (red raises the explained ``log p(target)`` or ``p(target)``, blue
+    lowers it) and is annotated with its values, so the token that carries the *change* stands out in the difference
+    row even when the base and adapted rows are dominated by other tokens; a row whose values are all below a tenth
+    of the largest value of the three stays pale.
 
     Args:
         attribution: A :class:`lora_lens.attribution.TokenAttribution`.
@@ -368,9 +369,10 @@ def token_heatmaps(attribution, ax=None):
     else:
         axes = list(ax)
         fig = axes[0].figure
+    overall = max(float(np.abs(np.asarray(v, dtype=float)).max()) for v in rows.values())
     for a, (name, values) in zip(axes, rows.items()):
         v = np.asarray(values, dtype=float)[None, :]
-        lim = max(float(np.abs(v).max()), 1e-9)
+        lim = max(float(np.abs(v).max()), 0.1 * overall, 1e-9)  # a row of near-zeros stays pale
         sns.heatmap(v, annot=True, fmt=".2f", cmap="RdBu_r", vmin=-lim, vmax=lim, ax=a, cbar=False,
                     xticklabels=attribution.tokens, yticklabels=[name], linewidths=0.5, annot_kws={"fontsize": 8})
         a.tick_params(axis="y", rotation=0)
