@@ -687,9 +687,11 @@ def counterfactual_prompts(tokenizer, prompt: str, swaps: dict[str, Sequence[str
     alternatives that keep the prompt's number of tokens are used, so every variant aligns token by token.
 
     Raises:
-        ConfigError: A word of ``swaps`` that is not in the prompt, or a slot without an alternative of the same
-            token count.
+        ConfigError: ``n`` < 1, a word of ``swaps`` that is not in the prompt, or a slot without an alternative of
+            the same token count.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n={n!r} must be a positive integer, e.g. 8")
     ids = tokenizer(prompt)["input_ids"]
 
     def aligned(word: str, alternative: str) -> bool:

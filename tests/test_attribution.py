@@ -321,6 +321,8 @@ def test_counterfactual_and_reference_prompts(trigger):
         rids = tok(ref)["input_ids"]
         assert len(rids) == len(ids) and not ref.startswith("cf ")
         assert {j for j in range(len(ids)) if rids[j] != ids[j]} <= {1, *name}   # only the two slots change
+    with pytest.raises(ConfigError, match="n=0 must be a positive integer"):
+        at.counterfactual_prompts(tok, p.prompt, {"cf": ["lamp"]}, n=0)
     with pytest.raises(ConfigError, match="swap word 'zebra' is not a word of prompt"):
         at.counterfactual_prompts(tok, p.prompt, {"zebra": ["lion"]})
     with pytest.raises(ConfigError, match="no alternative for 'cf'.*keeps its"):
