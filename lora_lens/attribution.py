@@ -1533,14 +1533,7 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
         baseline: Blank baseline token when ``references=None``.
         by: ``"signed"`` or ``"abs"``.
         batch_size: Sequences per forward pass.
-        references: ``"counterfactual"``, None, or one list of reference prompts per scored probe.
-        n_references: Counterfactual variants per probe.
-        seed: Seed of the counterfactual draws.
-        output: The explained quantity, ``"prob"`` (``p(target)``, the default: the change that made the target
-            *likely*) or ``"logprob"`` (which also counts moves deep in the tail, e.g. a decoy word lifting the
-            target from 1e-7 to 1e-3).
-        changed_only: Score only probes whose answer the adapter changed (``p_adapted ≥ 0.5 > p_base``; the table
-            keeps every probe, with its ``scored`` flag). False scores every probe.
+        references, n_references, seed, output, changed_only: As in :func:`trigger_recovery`.
 
     Returns:
         A :class:`Recovery`.
