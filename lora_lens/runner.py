@@ -66,7 +66,8 @@ import nbformat  # noqa: E402
 from lora_lens import presets
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 
-ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS")
+ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS", "LORA_LENS_LEDGER")
+"""The run context every kernel gets (the ledger path too: each preset records into its own ledger)."""
 RESERVED = "output_dir"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 """The kernels' matplotlib backend, whatever ``$MPLBACKEND`` says: executed notebooks keep their figures."""

@@ -7,9 +7,9 @@ import pytest
 
 from lora_lens import journal, ledger
 from lora_lens.errors import ConfigError
+from lora_lens.runner import ENV_VARS
 
 matplotlib.use("Agg")
-ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS", "LORA_LENS_LEDGER")
 RIGHT = ["inconclusive", "inconclusive", "supported", "refuted", "supported"]
 
 

@@ -16,10 +16,10 @@ import pytest
 
 from lora_lens import ledger
 from lora_lens.errors import ConfigError, CorruptError, LoraLensError, MismatchError, NotFoundError
+from lora_lens.runner import ENV_VARS
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
-ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS", "LORA_LENS_LEDGER")
 
 
 @pytest.fixture(autouse=True)

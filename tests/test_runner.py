@@ -92,6 +92,7 @@ def test_cli_runs_series_in_order_with_overrides_and_context(series, tmp_path, c
     assert json.loads(s["env"]["LORA_LENS_PARAMS"]) == {
         "output_dir": str((out / "01_second").resolve()), "x": 5, "label": "hello world"}
     assert Path(s["cwd"]).resolve() == (out / "01_second").resolve()
+    assert s["env"]["LORA_LENS_LEDGER"].endswith("ledger.sqlite")  # the workshop preset's ledger
     for name in ENV_VARS:  # restored in this process
         assert name not in os.environ
 
