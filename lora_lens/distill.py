@@ -159,13 +159,13 @@ def _stop_ids(tokenizer, stop: str | None) -> set[int]:
     return ids
 
 
-@torch.no_grad()
 def _cache_name(model) -> str:
     """The KV-cache argument of the model's forward: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batch_size: int = 64, base=None,
              alpha: float = 0.0, temperature: float = 0.0, stop: str | None = ".", seed: int = 0) -> Generation:
     """Batched generation with a KV cache: left padding, one forward pass over the whole batch per new token.
@@ -225,11 +225,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
     gen = torch.Generator().manual_seed(seed)
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
     keep_b = keep if other is None else {"logits_to_keep": 1} if keeps_logits(other) else {}
+    cache_arg = {m: _cache_name(m) for m in (model, other) if m is not None}  # once, not per token
     tokens, kls = [], []
     t0 = time.perf_counter()
 
     def forward(m, ids, mask, pos, cache, kw):
-        out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_name(m): cache}, **kw)
+        out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg[m]: cache}, **kw)
         return out.logits[:, -1].float(), out.get("cache", out.get("past_key_values"))
 
     with _inference(model, other):
