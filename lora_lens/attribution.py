@@ -56,6 +56,7 @@ import pandas as pd
 import torch
 
 from lora_lens.delta import factor_svd, layer_index, module_type
+from lora_lens.diff import _check_positive
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.probes import check_unmerged, keeps_logits
 from lora_lens.tokenizer import check_tokenizer, token_id
@@ -507,8 +508,9 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
 
 
 def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """For every row and reference: ``log p`` intact minus ``log p`` with one token replaced by the reference's
-    token there (positions where they agree need no forward pass and add 0), averaged over the references."""
+    """For every row and reference: the explained output (``log p`` or ``p`` of the target) intact minus with one
+    token replaced by the reference's token there (positions where they agree need no forward pass and add 0),
+    averaged over the references."""
     seqs, tgts, index, where = [], [], [], []
     for r, row in enumerate(rows):
         index.append(len(seqs))
@@ -656,8 +658,7 @@ def reference_prompts(tokenizer, prompts: Sequence[str], pool: Sequence[str], n:
         ConfigError: ``n`` < 1, or a prompt for which the pool has no other prompt of its length (named with the
             lengths the pool has).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n={n!r} must be a positive integer, e.g. 8")
+    _check_positive("n", n)
     by_length: dict[int, list[str]] = {}
     for ref in dict.fromkeys(pool):
         by_length.setdefault(len(tokenizer(ref)["input_ids"]), []).append(ref)
@@ -690,8 +691,7 @@ def counterfactual_prompts(tokenizer, prompt: str, swaps: dict[str, Sequence[str
         ConfigError: ``n`` < 1, a word of ``swaps`` that is not in the prompt, or a slot without an alternative of
             the same token count.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n={n!r} must be a positive integer, e.g. 8")
+    _check_positive("n", n)
     ids = tokenizer(prompt)["input_ids"]
 
     def aligned(word: str, alternative: str) -> bool:

@@ -50,10 +50,10 @@ import multiprocessing.connection
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-import sys
 from typing import Any, Iterable, Mapping
 
 # nbformat imports jsonschema, which imports the optional rfc3987_syntax (when installed, as jupyter pulls it in)
