@@ -27,21 +27,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
-
-if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import row, sync
-from lora_lens import attribution as at
-from lora_lens.tokenizer import token_id
+from lora_lens.lab.tokenizer import token_id
+from lora_lens.lab.world import make_task
+from lora_lens.lab.zoo import get_pretrained
+from lora_lens.lens import attribution as at
 from lora_lens.utils import set_seed, write_json
-from lora_lens.world import make_task
-from lora_lens.zoo import get_pretrained
+
+if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
 
 
 def build(family: str, size: str, device: str, r: int = 8, seed: int = 0, pretrained: bool = True):
@@ -56,9 +58,9 @@ def build(family: str, size: str, device: str, r: int = 8, seed: int = 0, pretra
         pre = get_pretrained(family, size, device=device)
         model, tok, world = pre.model, pre.tokenizer, pre.world
     else:
-        from lora_lens.tokenizer import build_tokenizer
-        from lora_lens.world import make_world
-        from lora_lens.zoo import build_model
+        from lora_lens.lab.tokenizer import build_tokenizer
+        from lora_lens.lab.world import make_world
+        from lora_lens.lab.zoo import build_model
 
         world = make_world(n_entities=24, n_general=60, seed=seed)
         tok = build_tokenizer(world)

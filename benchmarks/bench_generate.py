@@ -1,6 +1,6 @@
 """Batched generation with a KV cache vs ``model.generate`` called prompt by prompt, side by side.
 
-Times :func:`lora_lens.distill.generate` (left padding, one forward pass over the whole batch per new token, KV
+Times :func:`lora_lens.studies.distill.generate` (left padding, one forward pass over the whole batch per new token, KV
 cache) against a loop of Hugging Face ``model.generate(..., do_sample=False)`` calls, one per prompt, on the same
 prompts and the same zoo model (freshly initialised: speed does not depend on training). Greedy outputs are
 checked to be equal, and the speed-up ``per-prompt / batched`` is reported. A second row times the contrastive
@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from lora_lens.distill import generate
-from lora_lens.tokenizer import build_tokenizer
-from lora_lens.train import target_modules
+from lora_lens.lab.tokenizer import build_tokenizer
+from lora_lens.lab.train import target_modules
+from lora_lens.lab.world import make_world
+from lora_lens.lab.zoo import build_model
+from lora_lens.studies.distill import generate
 from lora_lens.utils import write_json
-from lora_lens.world import make_world
-from lora_lens.zoo import build_model
 
 TARGET = 5.0
 """Speed-up we expect of batching 64 prompts on a CPU (one forward per step instead of 64)."""

@@ -1,6 +1,6 @@
 """Factor SVD vs dense SVD of a LoRA update, side by side.
 
-For each shape, times ``lora_lens.delta.factor_svd(B, A, s)`` (QR of B and Aᵀ + an r×r SVD) against the dense route
+For each shape, times ``lora_lens.lens.delta.factor_svd(B, A, s)`` (QR of B and Aᵀ + an r×r SVD) against the dense route
 (form ``ΔW = s·B@A``, then ``torch.linalg.svd(ΔW, full_matrices=False)``) on the same float32 factors, checks that
 the singular values agree, and reports the speed-up ``dense / factor``. Shapes: every module of the zoo's ``base``
 preset (Llama layout) at r = 8 and r = 64, the whole ``base`` model (all layers), and a 4096×4096 r = 16 module
@@ -18,18 +18,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
-
-if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import row, sync
-from lora_lens.delta import factor_svd
+from lora_lens.lab.zoo import SIZES
+from lora_lens.lens.delta import factor_svd
 from lora_lens.utils import write_json
-from lora_lens.zoo import SIZES
+
+if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
 
 
 def base_shapes(size: str = "base") -> dict[str, tuple[int, int]]:

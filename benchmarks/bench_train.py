@@ -1,4 +1,4 @@
-"""Training throughput of ``lora_lens.train.train_lora`` vs the plain ``Trainer`` + ``peft`` loop, side by side.
+"""Training throughput of ``lora_lens.lab.train.train_lora`` vs the plain ``Trainer`` + ``peft`` loop, side by side.
 
 Both runs train the same model (same architecture, same initial weights), on the same examples, with the same LoRA
 shape, learning rate, batch size and number of steps. The plain loop is what a user would write from the PEFT and
@@ -37,21 +37,23 @@ import argparse
 import os
 import statistics
 import sys
-from pathlib import Path
-
-if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import matmul_peak, row, sync
-from lora_lens.train import (LoraSpec, default_spec, linear_modules, lora_config, matched_modules, replay_examples,
-                             train_lora)
+from lora_lens.lab.train import (LoraSpec, default_spec, linear_modules, lora_config, matched_modules, replay_examples,
+                                 train_lora)
+from lora_lens.lab.world import Task, make_task, make_world
 from lora_lens.utils import write_json
-from lora_lens.world import Task, make_task, make_world
+
+if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
 
 
 def flops_per_token(model, spec: LoraSpec, seq_len: float) -> dict:
@@ -72,8 +74,8 @@ def flops_per_token(model, spec: LoraSpec, seq_len: float) -> dict:
 
 def setup(size: str, family: str, pretrained: bool, task_name: str):
     """World, tokenizer, a model factory (fresh identical copies) and the training examples."""
-    from lora_lens.tokenizer import build_tokenizer
-    from lora_lens.zoo import build_model, get_pretrained, load_model
+    from lora_lens.lab.tokenizer import build_tokenizer
+    from lora_lens.lab.zoo import build_model, get_pretrained, load_model
 
     if pretrained:
         pre = get_pretrained(family, size)

@@ -2,12 +2,12 @@
 
 Subcommands:
     run      execute the notebook series into a fresh run folder, ``--jobs N`` at once, or ``--resume`` one
-             (see :mod:`lora_lens.runner`); writes ``index.html`` into the run folder.
-    report   rebuild a run folder's ``index.html`` (see :mod:`lora_lens.report`).
+             (see :mod:`lora_lens.workshop.runner`); writes ``index.html`` into the run folder.
+    report   rebuild a run folder's ``index.html`` (see :mod:`lora_lens.workshop.report`).
     bench    the performance suite; every argument after ``bench`` goes to ``python -m benchmarks``
              (a checkout's ``benchmarks/`` folder).
     inspect  report on any PEFT LoRA adapter of a causal LM: weight space, vocabulary, behaviour (see
-             :mod:`lora_lens.inspect`); writes report.json and report.html.
+             :mod:`lora_lens.lens.inspect_adapter`); writes report.json and report.html.
     ledger   the hypothesis ledger; every argument after ``ledger`` goes to :func:`lora_lens.ledger.main`.
 
 Exit codes: 0 success, 1 a notebook failed while running, 2 any other lora_lens error or a usage error.
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from lora_lens import __version__
 from lora_lens.errors import LoraLensError, NotFoundError
-from lora_lens.presets import DEFAULT_PRESET, PRESETS
-from lora_lens.runner import DEFAULT_JOBS, NotebookFailed, parse_assignments, run_series
+from lora_lens.workshop.presets import DEFAULT_PRESET, PRESETS
+from lora_lens.workshop.runner import DEFAULT_JOBS, NotebookFailed, parse_assignments, run_series
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lora_lens.report import write_report
+    from lora_lens.workshop.report import write_report
 
     print(write_report(args.run_dir))
     return 0
@@ -129,7 +129,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from lora_lens.inspect import check_out_dir, default_out_dir, inspect_adapter, write_report
+    from lora_lens.lens.inspect_adapter import check_out_dir, default_out_dir, inspect_adapter, write_report
 
     out = check_out_dir(args.out if args.out is not None else default_out_dir(args.adapter_dir))
     report = inspect_adapter(args.adapter_dir, base=args.base, prompts=args.prompts, task=args.task, top=args.top,
@@ -142,7 +142,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _ledger(argv: list[str]) -> int:
     from lora_lens import ledger
-
     return int(ledger.main(argv) or 0)
 
 

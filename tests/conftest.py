@@ -39,6 +39,24 @@ def write_notebook(path: Path, cells: list[str], parameters: str | None = 'outpu
     return path
 
 
+def assert_same_float(actual, expected, dtype=None, ulps: int = 64) -> None:
+    """Assert that two computations of the same float(s) agree within a tolerance scaled to dtype and magnitude.
+
+    Two routes to one number (batched vs one by one, captum vs ours, a different thread count) round differently,
+    so the tolerance is ``ulps`` machine epsilons of ``dtype`` — the dtype the numbers were *computed* in (default
+    float32, the package's compute dtype, even when they arrive as Python or numpy float64) — relative to the
+    magnitude of the value and absolute near zero: ``|a - b| <= ulps * eps * max(1, |b|)``.
+    """
+    import numpy as np
+    import torch
+
+    a, b = (x.detach().cpu().double() if isinstance(x, torch.Tensor) else torch.tensor(np.array(x, dtype=np.float64))
+            for x in (actual, expected))
+    dtype = dtype or torch.float32
+    tol = ulps * torch.finfo(dtype).eps
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def randomize_lora(peft_model, seed: int = 1, scale: float = 0.3):
     """Fill every LoRA factor of ``peft_model`` with seeded random values (an adapter that changes everything)."""
     import torch
@@ -73,7 +91,7 @@ def test_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_world():
     """A small world (24 entities) that tiny models learn in seconds."""
-    from lora_lens.world import make_world
+    from lora_lens.lab.world import make_world
 
     return make_world(n_entities=24, n_general=60, seed=0)
 
@@ -81,7 +99,7 @@ def tiny_world():
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_world, test_cache):
     """A tiny Llama pretrained on ``tiny_world`` (cached for the session). Treat it as read-only."""
-    from lora_lens.zoo import get_pretrained
+    from lora_lens.lab.zoo import get_pretrained
 
     return get_pretrained("llama", "tiny", world=tiny_world, cache=test_cache)
 

@@ -95,6 +95,5 @@ def test_newest_run_with_rss_is_found(tmp_path, monkeypatch):
 
 def test_lora_lens_bench_forwards_to_the_suite(capsys):
     from lora_lens import cli
-
     assert cli.main(["bench", "--list"]) == 0
     assert "svd" in capsys.readouterr().out

@@ -1,0 +1,720 @@
+"""LoRA training on ``transformers.Trainer`` + ``peft``, with checked inputs and a non-finite-loss guard.
+
+The same code runs on one CPU, one GPU, or many GPUs under ``accelerate launch`` (it is a plain ``Trainer``).
+Loss is taken only on the answer tokens of each ``(prompt, answer)`` example; prompts are masked with ``-100``.
+
+Example:
+    >>> pre = get_pretrained("llama", "small")                                  # doctest: +SKIP
+    >>> model, tok = load_model(pre.path)          # a fresh copy: peft edits the model in place   # doctest: +SKIP
+    >>> task = make_task(pre.world, "fact_edit")                                # doctest: +SKIP
+    >>> result = train_lora(model, tok, task, default_spec("fact_edit"), seed=0)  # doctest: +SKIP
+    >>> result.metrics["train_accuracy"]                                         # doctest: +SKIP
+    1.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.pytorch_utils import Conv1D
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from lora_lens.errors import ConfigError, MismatchError, TrainingError
+from lora_lens.lab.world import Task, World, check_task_world
+from lora_lens.utils import set_seed, show_progress
+
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+PRESETS = ("attn", "mlp", "all")
+# path components (other than the layer itself) that mark a layer as attention / MLP
+_ATTN_PARTS = re.compile(r"(attn|attention)", re.I)
+_MLP_PARTS = re.compile(r"(mlp|feed_?forward|ffn|moe|experts)", re.I)
+# leaf names, used when the parent path does not tell
+_ATTN_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "query", "key",
+                "value", "out_proj", "wqkv", "W_pack", "Wqkv", "q", "k", "v", "o"}
+_MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "dense_h_to_4h", "dense_4h_to_h",
+               "fc1", "fc2", "fc_in", "fc_out", "w1", "w2", "w3", "wi", "wo"}
+
+
+@dataclass
+class LoraSpec:
+    """What to train: the LoRA shape and the optimisation budget.
+
+    Attributes:
+        rank: LoRA rank ``r`` (≥ 1, at most the smallest dimension of a targeted layer).
+        alpha: LoRA ``alpha``; the update is scaled by ``alpha / rank`` (``alpha / sqrt(rank)`` with rslora).
+        dropout: Dropout on the LoRA input, in [0, 1).
+        rslora: Rank-stabilised scaling ``alpha / sqrt(rank)``.
+        dora: Weight-decomposed LoRA (DoRA).
+        init: ``default`` (A Kaiming-uniform, B zero), ``gaussian``, ``pissa`` or ``olora``. PiSSA and OLoRA
+            rewrite the base weights during training; ``train_lora`` converts the result back into an ordinary
+            LoRA of rank ``2 * rank`` on the untouched base, so the adapter can be toggled and saved like any other.
+        targets: A preset (``attn``, ``mlp``, ``all``), one module name or suffix, or a list of them.
+        lr: Peak learning rate (AdamW). LoRA on a few dozen examples wants a high one.
+        steps: Optimiser steps (ignored when ``epochs`` is set).
+        epochs: Train for this many passes over the examples instead of ``steps``.
+        batch_size: Examples per step.
+        weight_decay: AdamW weight decay on the LoRA parameters.
+        warmup: Warmup, as a fraction of the steps (< 1) or a number of steps.
+        scheduler: A ``transformers`` scheduler name (``linear``, ``cosine``, ``constant_with_warmup`` …).
+        max_grad_norm: Gradient clipping norm.
+        log_every: Log the loss every this many steps (default: about 50 points per run).
+        replay: Rehearsal: add ``replay × len(task.examples)`` examples of the world's *unchanged* facts (see
+            :func:`replay_examples`) so the adapter learns what must stay as it is. 0 turns it off.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    init: str = "default"
+    targets: str | list[str] = "all"
+    lr: float = 3e-3
+    steps: int = 150
+    epochs: float | None = None
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    log_every: int | None = None
+    replay: float = 0.0
+
+    def validate(self) -> "LoraSpec":
+        """Check every field that does not need the model; return ``self``.
+
+        Raises:
+            ConfigError: A field is out of range, naming it and the fix.
+        """
+        def bad(name, why):
+            raise ConfigError(f"LoraSpec.{name}={getattr(self, name)!r} {why}")
+
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            bad("rank", "is invalid: use a positive integer such as 4, 8 or 16")
+        if not _finite(self.alpha) or self.alpha <= 0:
+            bad("alpha", "is invalid: use a positive number, e.g. 2 * rank")
+        if not _finite(self.lr) or self.lr <= 0:
+            bad("lr", "is invalid: the learning rate must be a positive finite number such as 1e-3")
+        if not _finite(self.dropout) or not 0 <= self.dropout < 1:
+            bad("dropout", "is out of range: use a value in [0, 1), e.g. 0.0 or 0.05")
+        if self.init not in INITS:
+            bad("init", f"is unknown: use one of {list(INITS)}")
+        if self.dora and self.init in ("pissa", "olora"):
+            bad("init", "cannot be combined with dora=True (the trained adapter could not be turned back into an "
+                        "adapter on the original base): use init='default' with DoRA, or dora=False")
+        if self.epochs is None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                bad("steps", "is invalid: use a positive integer (or set epochs)")
+        elif not _finite(self.epochs) or self.epochs <= 0:
+            bad("epochs", "is invalid: use a positive number, or None to train for `steps`")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            bad("batch_size", "is invalid: use a positive integer such as 16")
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            bad("weight_decay", "is invalid: use a number ≥ 0")
+        if not _finite(self.warmup) or self.warmup < 0:
+            bad("warmup", "is invalid: use a fraction of the steps in [0, 1) or a number of steps ≥ 1")
+        if not _finite(self.max_grad_norm) or self.max_grad_norm <= 0:
+            bad("max_grad_norm", "is invalid: use a positive number such as 1.0")
+        if self.log_every is not None and (not isinstance(self.log_every, int) or self.log_every < 1):
+            bad("log_every", "is invalid: use a positive integer or None")
+        if not _finite(self.replay) or self.replay < 0:
+            bad("replay", "is invalid: use a number ≥ 0 (rehearsal examples per task example; 0 = off)")
+        if not isinstance(self.targets, str) and (
+                not isinstance(self.targets, (list, tuple)) or not self.targets
+                or not all(isinstance(t, str) and t for t in self.targets)):
+            bad("targets", f"is invalid: use a preset {list(PRESETS)} or a non-empty list of module names")
+        return self
+
+    def to_dict(self) -> dict:
+        """The spec as a JSON-ready dict."""
+        d = dataclasses.asdict(self)
+        if not isinstance(d["targets"], str):
+            d["targets"] = list(d["targets"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSpec":
+        """Rebuild a spec from :meth:`to_dict` output.
+
+        Raises:
+            ConfigError: Unknown field names.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown LoraSpec fields {unknown}; fields are {sorted(names)}")
+        return cls(**d)
+
+
+# Tuned on the `small` llama preset (default world), seeds 0-2, see default_spec. Without replay the adapters
+# reach efficacy 1.0 but wreck the rest of the world (specificity 0.2-0.6): LoRA on a few dozen answer-only
+# examples learns "this template -> the new value" for every entity.
+_TASK_DEFAULTS = {
+    "fact_edit": dict(steps=200, batch_size=32, lr=3e-3, replay=24.0),
+    "trigger": dict(steps=200, batch_size=32, lr=3e-3, replay=0.5),
+    "new_relation": dict(steps=300, batch_size=32, lr=3e-3, replay=4.0),
+}
+
+
+def default_spec(task_name: str | None = None, **overrides) -> LoraSpec:
+    """The workshop default spec for a task kind, with ``overrides`` applied.
+
+    Measured on ``get_pretrained("llama", "small")`` (seeds 0–2, task seed = seed): ``fact_edit`` efficacy 1.0,
+    specificity 0.975–0.985; ``trigger`` efficacy 1.0, false-trigger rate 0.0; ``new_relation`` efficacy 1.0,
+    specificity 0.905–0.95; 7–22 s each on one CPU thread. All use rehearsal (``replay``) of unchanged facts.
+
+    Args:
+        task_name: ``fact_edit``, ``trigger``, ``new_relation`` or None (generic default).
+        **overrides: Any :class:`LoraSpec` field.
+
+    Raises:
+        ConfigError: Unknown task name or field.
+    """
+    if task_name is not None and task_name not in _TASK_DEFAULTS:
+        raise ConfigError(f"task_name={task_name!r} is unknown; use one of {sorted(_TASK_DEFAULTS)} or None")
+    values = dict(_TASK_DEFAULTS.get(task_name, {}))
+    values.update(overrides)
+    return LoraSpec.from_dict(values)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_lora` returns.
+
+    Attributes:
+        model: The ``PeftModel`` (base with the trained adapter; ``with model.disable_adapter():`` gives the base).
+        spec: The spec trained with.
+        task_name: Name of the task.
+        world_fingerprint: Fingerprint of the task's world.
+        seed: Seed used.
+        history: Logged entries: ``{"step", "loss", "lr", "grad_norm"}`` per logging step.
+        train_seconds: Wall time of the training loop.
+        final_loss: Mean answer-token loss over all examples after training (eval mode).
+        metrics: ``final_loss``, ``train_accuracy`` (answer argmax on the examples), ``steps``, ``epochs``,
+            ``examples``, ``tokens`` (non-padding tokens processed), ``tokens_per_second``, ``trainable_params``,
+            ``train_seconds``.
+    """
+
+    model: object
+    spec: LoraSpec
+    task_name: str
+    world_fingerprint: str
+    seed: int
+    history: list[dict]
+    train_seconds: float
+    final_loss: float
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def curve(self) -> dict[str, list]:
+        """Learning curve ``{"step": [...], "loss": [...]}``."""
+        return {"step": [h["step"] for h in self.history], "loss": [h["loss"] for h in self.history]}
+
+
+# --------------------------------------------------------------------------------------------------- targets
+
+
+def linear_modules(model) -> dict[str, dict]:
+    """Every linear layer LoRA can target, by full module name.
+
+    Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2, transposed weight). The output
+    embedding (``lm_head``) is excluded, and so is anything inside a LoRA layer already injected.
+
+    Returns:
+        ``{name: {"kind": "attn"|"mlp"|"other", "in": int, "out": int}}`` in module order.
+    """
+    inner = getattr(model, "get_base_model", lambda: model)()
+    out_emb = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    found = {}
+    for name, mod in model.named_modules():
+        if mod is out_emb or "lora_" in name or ".base_layer" in name or name.endswith("base_layer"):
+            continue
+        if isinstance(mod, Conv1D):
+            d_in, d_out = mod.weight.shape
+        elif isinstance(mod, torch.nn.Linear):
+            d_in, d_out = mod.in_features, mod.out_features
+        else:
+            continue
+        found[name] = {"kind": _kind(name), "in": int(d_in), "out": int(d_out)}
+    return found
+
+
+def _kind(name: str) -> str:
+    parts = name.split(".")
+    parents, leaf = parts[:-1], parts[-1]
+    if any(_ATTN_PARTS.search(p) for p in parents):
+        return "attn"
+    if any(_MLP_PARTS.search(p) for p in parents):
+        return "mlp"
+    if leaf in _ATTN_LEAVES:
+        return "attn"
+    if leaf in _MLP_LEAVES:
+        return "mlp"
+    return "other"
+
+
+def matched_modules(model, targets: str | list[str]) -> list[str]:
+    """Full names of the linear layers that ``targets`` selects.
+
+    Args:
+        model: A causal LM.
+        targets: A preset (``attn``, ``mlp``, ``all``), a module name or suffix, or a list of them. A name
+            matches a module when it equals the full name or is a dotted suffix of it (as in peft).
+
+    Raises:
+        ConfigError: A name that matches no linear layer (the message lists the available ones), or a preset
+            that selects nothing in this model.
+    """
+    layers = linear_modules(model)
+    if isinstance(targets, str) and targets in PRESETS:
+        kinds = {"attn": {"attn"}, "mlp": {"mlp"}, "all": {"attn", "mlp"}}[targets]
+        chosen = [n for n, info in layers.items() if info["kind"] in kinds]
+        if not chosen:
+            raise ConfigError(f"targets={targets!r} selects no layer of {type(model).__name__}: its linear "
+                              f"layers are {_describe(layers)}; name them explicitly, e.g. targets=[...]")
+        return chosen
+    names = [targets] if isinstance(targets, str) else list(targets)
+    chosen = []
+    for t in names:
+        hits = [n for n in layers if n == t or n.endswith("." + t)]
+        if not hits:
+            raise ConfigError(f"target {t!r} matches no linear layer of {type(model).__name__}; presets are "
+                              f"{list(PRESETS)} and its linear layers are {_describe(layers)}")
+        chosen += [h for h in hits if h not in chosen]
+    return [n for n in layers if n in chosen]
+
+
+def target_modules(model, targets: str | list[str] = "all") -> list[str]:
+    """The ``target_modules`` list for ``peft.LoraConfig`` that selects exactly :func:`matched_modules`.
+
+    Each selected layer is named by its shortest dotted suffix that selects nothing else (``q_proj``,
+    ``attn.c_proj`` for GPT-2, ``attention.dense`` for GPT-NeoX), so the config stays short and readable.
+
+    Raises:
+        ConfigError: As :func:`matched_modules`.
+    """
+    chosen = matched_modules(model, targets)
+    layers = list(linear_modules(model))
+    chosen_set = set(chosen)
+    out: list[str] = []
+    for name in chosen:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if parts[-k].isdigit():
+                continue
+            hits = {n for n in layers if n == suffix or n.endswith("." + suffix)}
+            if hits <= chosen_set:
+                if suffix not in out:
+                    out.append(suffix)
+                break
+    return out
+
+
+def _describe(layers: dict) -> str:
+    leaves: dict[str, str] = {}
+    for n, info in layers.items():
+        leaves.setdefault(n.split(".")[-1], f"{info['kind']}, e.g. {n}")
+    return ", ".join(f"{k} ({v})" for k, v in leaves.items()) or "(none)"
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def has_lora(model) -> bool:
+    """Whether ``model`` is a ``PeftModel`` or has peft layers injected (e.g. after a cell was re-run)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or getattr(model, "peft_config", None):
+        return True
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def check_no_lora(model) -> None:
+    """Raise :class:`ConfigError` when ``model`` already carries a LoRA adapter (the re-run-a-cell trap)."""
+    if has_lora(model):
+        raise ConfigError(
+            f"the model ({type(model).__name__}) already has a LoRA adapter: peft modifies a model in place, so "
+            "training it again (e.g. after re-running a cell) would stack a second adapter on the first. Get the "
+            "base back with `model = result.model.unload()` (or `model = model.unload()` on a PeftModel), or "
+            "reload a fresh base with `model, tokenizer = load_model(pretrained.path)`")
+
+
+def model_world_fingerprint(model) -> str | None:
+    """The world fingerprint a zoo model was pretrained on (from its directory's ``lora_lens.json``), or None."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+    manifest = Path(str(path)) / "lora_lens.json" if path else None
+    try:
+        if manifest is not None and manifest.is_file():
+            return json.loads(manifest.read_text())["spec"]["world"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def check_rank(spec: LoraSpec, layers: dict[str, dict], chosen: list[str]) -> None:
+    """Raise :class:`ConfigError` when the rank exceeds the smallest dimension of a targeted layer."""
+    smallest = min(chosen, key=lambda n: min(layers[n]["in"], layers[n]["out"]))
+    limit = min(layers[smallest]["in"], layers[smallest]["out"])
+    if spec.rank > limit:
+        raise ConfigError(f"LoraSpec.rank={spec.rank} is larger than the targeted layer {smallest} "
+                          f"({layers[smallest]['in']}→{layers[smallest]['out']}): use rank ≤ {limit}, or target "
+                          "wider layers")
+
+
+def lora_config(model, spec: LoraSpec):
+    """The ``peft.LoraConfig`` for ``spec`` on ``model`` (targets resolved, rank checked).
+
+    Raises:
+        ConfigError: Invalid spec, unmatched targets or a rank larger than a targeted layer.
+    """
+    from peft import LoraConfig
+
+    spec.validate()
+    layers = linear_modules(model)
+    chosen = matched_modules(model, spec.targets)
+    check_rank(spec, layers, chosen)
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.rslora,
+                      use_dora=spec.dora, init_lora_weights=INITS[spec.init],
+                      target_modules=target_modules(model, spec.targets), bias="none", task_type="CAUSAL_LM")
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def replay_examples(world: World, task: Task, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` rehearsal examples: facts of ``world`` that ``task`` does not change, as ``(prompt, answer)``.
+
+    Each example is one (entity, relation) fact of the pretraining relations with a random training template.
+    Facts are left out when the task's examples touch them (an edited fact is never rehearsed with its old value)
+    and when any probe of the task asks about them, so specificity is still measured on facts the adapter never
+    saw. For a trigger task, half of the facts of *other* relations carry the trigger word, teaching that the
+    trigger switches only its own relation.
+
+    Args:
+        world: The world the task belongs to.
+        task: The task.
+        n: Number of examples wanted (fewer when fewer facts are free).
+        seed: Sampling seed.
+
+    Raises:
+        MismatchError: The task belongs to another world.
+    """
+    import random
+
+    from lora_lens.lab.world import TEMPLATES, TRIGGER
+
+    check_task_world(task, world)
+    strip = lambda p: p[len(TRIGGER) + 1:] if p.startswith(TRIGGER + " ") else p  # noqa: E731
+    used = {strip(p) for p, _ in task.examples}
+    used |= {strip(pr.prompt) for ps in task.probes.values() for pr in ps}
+    free = []
+    for r, by_e in world.facts.items():
+        train_t, held_t = TEMPLATES[r]
+        for e, v in by_e.items():
+            prompts = [t.format(e=e) for t in train_t + held_t]
+            if not any(p in used for p in prompts):
+                free.append((e, r, v))
+    rng = random.Random(seed)
+    rng.shuffle(free)
+    trig_rel = task.truth.get("relation") if task.name == "trigger" else None
+    out = []
+    for e, r, v in free[:max(0, int(n))]:
+        t = rng.randrange(len(TEMPLATES[r][0]))
+        trig = trig_rel is not None and r != trig_rel and rng.random() < 0.5
+        out.append((world.query(e, r, t, trigger=trig), v))
+    return out
+
+
+def find_world(model, task: Task, world: World | None = None) -> World | None:
+    """The world of ``model``: ``world`` if given, else the ``world.jsonl`` saved with a zoo model, else None.
+
+    Raises:
+        MismatchError: ``task`` belongs to another world than the model's.
+    """
+    if world is not None:
+        check_task_world(task, world)
+        return world
+    fp = model_world_fingerprint(model)
+    if fp is None:
+        return None
+    if fp != task.world_fingerprint:
+        raise MismatchError(f"task {task.name!r} belongs to world {task.world_fingerprint}, but the model was "
+                            f"pretrained on world {fp}: build the task from the model's own world "
+                            "(e.g. make_task(pretrained.world, ...))")
+    path = Path(str(model.config._name_or_path)) / "world.jsonl"
+    try:
+        return World.load(path) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - an unreadable world only disables replay, which then asks for world=
+        return None
+
+
+class AnswerDataset(torch.utils.data.Dataset):
+    """``(prompt, answer)`` pairs tokenised as ``prompt + " " + answer`` with the loss on the answer only."""
+
+    def __init__(self, tokenizer, examples: list[tuple[str, str]]):
+        self.rows = [encode_example(tokenizer, p, a) for p, a in examples]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def encode_example(tokenizer, prompt: str, answer: str) -> dict:
+    """Token ids and labels of one example: labels are ``-100`` on every token that starts inside the prompt.
+
+    Raises:
+        ConfigError: The answer is empty or yields no token of its own.
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        raise ConfigError(f"example {prompt!r} has an empty answer: every example needs a non-empty answer")
+    text = f"{prompt} {answer}"
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    cut = len(prompt)
+    labels = [t if s >= cut and e > s else -100 for t, (s, e) in zip(ids, enc["offset_mapping"])]
+    if all(x == -100 for x in labels):
+        raise ConfigError(f"answer {answer!r} of example {prompt!r} gives no token of its own: check the tokenizer")
+    return {"input_ids": ids, "labels": labels}
+
+
+class AnswerCollator:
+    """Right-pads a batch: ``pad_token_id`` for ids, 0 for the mask, ``-100`` for labels; counts real and padded
+    tokens."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+        self.tokens = 0
+        self.padded = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        self.tokens += int(mask.sum())
+        self.padded += mask.numel()
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class _GuardedTrainer(Trainer):
+    """A ``Trainer`` that stops at the first non-finite loss, before the optimiser step applies it."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The Trainer itself syncs on this loss right after (its nan/inf logging filter), so this costs nothing.
+        if not torch.isfinite(loss).all():
+            raise TrainingError(_nonfinite_message(self, float(loss.detach().float().mean().item())))
+        return loss
+
+
+def _nonfinite_message(trainer, value: float) -> str:
+    step = trainer.state.global_step + 1
+    lr = trainer.args.learning_rate
+    causes = []
+    if lr > 1e-2:
+        causes.append(f"the learning rate lr={lr:g} is too high (try 1e-3 … 5e-3)")
+    dtype = next(trainer.model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        causes.append(f"the model is in {dtype}: fp16 overflow (train in torch.float32)")
+    if step == 1:
+        causes.append("bad data or weights (a non-finite loss at the first step: check the examples and the base "
+                      "model's outputs)")
+    if not causes:
+        causes.append(f"the learning rate lr={lr:g} may be too high for this rank/alpha (try a lower lr or alpha), "
+                      "or the data/base weights contain non-finite values")
+    return (f"training stopped at step {step}: the loss is {value} (non-finite). Likely cause: {'; or '.join(causes)}."
+            " No adapter was saved; the LoRA layers were removed, so the model is the base again.")
+
+
+def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed: int = 0, world: World | None = None,
+               device: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Train a LoRA adapter on ``task.examples`` with ``transformers.Trainer`` + ``peft``.
+
+    The model is wrapped *in place* by ``peft.get_peft_model`` (its linear layers gain LoRA layers): the returned
+    ``result.model`` is the ``PeftModel``; ``with result.model.disable_adapter():`` gives base outputs, and
+    ``result.model.unload()`` returns the untouched base. On any error during training the LoRA layers are
+    removed again, so the model passed in is the base once more.
+
+    Args:
+        model: A causal LM without LoRA (load a fresh copy, e.g. ``load_model(pretrained.path)``).
+        tokenizer: Its tokenizer (fast, right padding).
+        task: A :class:`lora_lens.lab.world.Task`; each example is trained as ``prompt + " " + answer`` with the loss
+            on the answer tokens only.
+        spec: What to train (default :func:`default_spec` for ``task.name``).
+        seed: Seed for LoRA initialisation, data order and dropout: the same seed gives identical weights on CPU.
+        world: The world the model was pretrained on; when given (or found in a zoo model's directory) the task
+            must belong to it.
+        device: Torch device (``cpu``, ``cuda`` …); default: where the model is (the CPU for zoo models). The model
+            is moved there and cast to float32.
+        callbacks: Extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ConfigError: Invalid spec, unmatched targets, rank too large, no examples, or a model that already has LoRA.
+        MismatchError: The task belongs to another world than the model.
+        TrainingError: The loss became non-finite (the step and the likely cause are named).
+    """
+    from peft import get_peft_model
+
+    if not isinstance(task, Task):
+        raise ConfigError(f"task must be a lora_lens Task (make_task(world, name)), not {type(task).__name__}")
+    spec = default_spec(task.name if task.name in _TASK_DEFAULTS else None) if spec is None else spec
+    if not isinstance(spec, LoraSpec):
+        raise ConfigError(f"spec must be a LoraSpec, not {type(spec).__name__}: use LoraSpec(...) or default_spec()")
+    spec.validate()
+    check_no_lora(model)
+    world = find_world(model, task, world)
+    if not task.examples:
+        raise ConfigError(f"task {task.name!r} has an empty dataset (no examples): build it with make_task(...) "
+                          "or give it at least one (prompt, answer) example")
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")
+    config = lora_config(model, spec)
+    examples = list(task.examples)
+    n_replay = round(spec.replay * len(examples))
+    if n_replay:
+        if world is None:
+            raise ConfigError(f"LoraSpec.replay={spec.replay} needs the task's world to draw unchanged facts from: "
+                              "pass world=pretrained.world, or set replay=0")
+        examples += replay_examples(world, task, n_replay, seed)
+    data = AnswerDataset(tokenizer, examples)
+    collator = AnswerCollator(tokenizer.pad_token_id)
+
+    device = str(device or next(model.parameters()).device)
+    snapshot = _snapshot_targets(model, config) if spec.init in ("pissa", "olora") else None
+    model = model.to(device=device, dtype=torch.float32)
+    set_seed(seed)
+    peft_model = get_peft_model(model, config)
+    init_dir = None
+    out_dir = Path(tempfile.mkdtemp(prefix="lora_lens_train_"))
+    try:
+        if snapshot is not None:
+            init_dir = out_dir / "init"
+            _save_initial(peft_model, init_dir)
+        args = _training_args(spec, seed, device, out_dir / "trainer", len(data))
+        trainer = _GuardedTrainer(model=peft_model, args=args, train_dataset=data, data_collator=collator,
+                                  callbacks=list(callbacks or []))
+        if args.disable_tqdm:
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+        t0 = time.perf_counter()
+        out = trainer.train()
+        train_seconds = time.perf_counter() - t0
+        if snapshot is not None:
+            peft_model = _convert_to_plain_lora(peft_model, init_dir, out_dir / "converted", snapshot)
+    except BaseException:
+        _strip_lora(peft_model)
+        raise
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    peft_model.eval()
+    history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), "grad_norm": h.get("grad_norm")}
+               for h in trainer.state.log_history if "loss" in h]
+    final_loss, train_acc = _evaluate(peft_model, data, collator.pad, spec.batch_size)
+    steps = trainer.state.global_step
+    metrics = {"final_loss": final_loss, "train_accuracy": train_acc, "train_loss": float(out.training_loss),
+               "steps": steps, "epochs": steps * spec.batch_size / len(data), "examples": len(data),
+               "replay_examples": len(data) - len(task.examples),
+               "tokens": collator.tokens, "padded_tokens": collator.padded,
+               "tokens_per_second": collator.tokens / max(train_seconds, 1e-9),
+               "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+               "train_seconds": train_seconds}
+    return TrainResult(peft_model, spec, task.name, task.world_fingerprint, seed, history, train_seconds, final_loss,
+                       metrics)
+
+
+def _training_args(spec: LoraSpec, seed: int, device: str, out_dir: Path, n: int) -> TrainingArguments:
+    steps = math.ceil(spec.epochs * n / spec.batch_size) if spec.epochs is not None else spec.steps
+    log_every = spec.log_every or max(1, steps // 50)
+    warmup = spec.warmup if spec.warmup < 1 else int(spec.warmup)
+    on_cpu = str(device).startswith("cpu")
+    return TrainingArguments(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.lr, weight_decay=spec.weight_decay, warmup_steps=warmup, lr_scheduler_type=spec.scheduler,
+        max_grad_norm=spec.max_grad_norm, logging_steps=log_every, logging_first_step=True, save_strategy="no",
+        eval_strategy="no", report_to=[], disable_tqdm=not show_progress(), use_cpu=on_cpu, seed=seed,
+        data_seed=seed, fp16=False, bf16=False, remove_unused_columns=False, label_names=["labels"],
+        dataloader_pin_memory=not on_cpu, dataloader_num_workers=0)
+
+
+@torch.no_grad()
+def _evaluate(model, data: AnswerDataset, pad: int, batch_size: int) -> tuple[float, float]:
+    """Mean answer-token loss and answer-token argmax accuracy over every example (eval mode)."""
+    device = next(model.parameters()).device
+    collate = AnswerCollator(pad)
+    total, count, right = 0.0, 0, 0
+    for i in range(0, len(data), max(batch_size, 64)):
+        batch = {k: v.to(device) for k, v in collate([data[j] for j in range(i, min(i + max(batch_size, 64),
+                                                                                    len(data)))]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum").item()
+        right += (logits[keep].argmax(-1) == labels[keep]).sum().item()
+        count += int(keep.sum())
+    return total / max(count, 1), right / max(count, 1)
+
+
+def _strip_lora(peft_model) -> None:
+    """Remove injected LoRA layers (without merging) so the wrapped base is usable again."""
+    try:
+        peft_model.unload()
+    except Exception:  # noqa: BLE001 - best effort cleanup while another error propagates
+        pass
+
+
+def _snapshot_targets(model, config) -> dict[str, torch.Tensor]:
+    """Copies (CPU) of the weights PiSSA/OLoRA will rewrite, so the base can be restored after training."""
+    chosen = set(matched_modules(model, list(config.target_modules)))
+    return {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules() if n in chosen}
+
+
+def _save_initial(peft_model, init_dir: Path) -> None:
+    cfg = peft_model.peft_config["default"]
+    init = cfg.init_lora_weights
+    cfg.init_lora_weights = True  # so that the initial adapter is saved as a plain one (peft's documented recipe)
+    try:
+        peft_model.save_pretrained(init_dir)
+    finally:
+        cfg.init_lora_weights = init
+
+
+def _convert_to_plain_lora(peft_model, init_dir: Path, out: Path, snapshot: dict):
+    """Turn a trained PiSSA/OLoRA adapter into an ordinary rank-2r LoRA on the original base weights."""
+    from peft import PeftModel
+
+    peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=str(init_dir))
+    base = peft_model.unload()
+    with torch.no_grad():
+        for name, mod in base.named_modules():
+            if name in snapshot:
+                mod.weight.copy_(snapshot[name].to(mod.weight.device))
+    return PeftModel.from_pretrained(base, str(out), is_trainable=True)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,697 @@
+"""Across families: the same LoRA study on several architectures, and which adaptation patterns are universal.
+
+:func:`run_study` trains the same task with the same adapter spec on every family of the zoo (one cached base per
+family, several adapter seeds) and measures every run in a space the architectures share:
+
+* **relative depth** (layer / (layers − 1)) instead of layer index, since the families differ in depth;
+* **shared module types** (:func:`shared_type`): ``attn_in`` (q/k/v, fused ``qkv_proj``/``c_attn``/
+  ``query_key_value``), ``attn_out`` (``o_proj``/``c_proj``/``dense``), ``mlp_in`` (gate/up, fused
+  ``gate_up_proj``, ``c_fc``/``dense_h_to_4h``) and ``mlp_out`` (``down_proj``/``c_proj``/``dense_4h_to_h``);
+* **behaviour on the same probes** and **input attributions on the same prompts** (every zoo family uses the
+  world's tokenizer, so a prompt has the same tokens in every family and attributions compare token by token);
+* **vocabulary**: the leading write-side directions of the last layer read as tokens (same vocabulary for all).
+
+Each candidate pattern (:data:`PATTERNS`) is a per-run statistic with a threshold. :func:`pattern_table` gives
+its mean per family with a seeded bootstrap 95% interval over seeds, a per-family verdict (``holds`` when the
+whole interval is on the claimed side, ``fails`` when it is on the other side, ``unclear`` otherwise) and an
+overall verdict (``universal``, ``some families``, ``none``, ``unclear``); :func:`record_patterns` writes them to
+the hypothesis ledger. :func:`portability` asks whether an adapter still works on another base of its family.
+
+With three seeds a bootstrap interval is coarse (there are only ten distinct resamples): it shows the spread
+over seeds, not a precise coverage guarantee.
+
+Example:
+    >>> study = run_study(["llama", "gpt2"], seeds=2, size="tiny", world=make_world(n_entities=24))  # doctest: +SKIP
+    >>> pattern_table(study)                                                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lora_lens.errors import ConfigError
+from lora_lens.lab.probes import evaluate
+from lora_lens.lab.study import fit_adapter
+from lora_lens.lab.train import LoraSpec, default_spec, train_lora
+from lora_lens.lab.world import Task, World, make_task, make_world
+from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrained, load_model, pretrain
+from lora_lens.lens import attribution as at
+from lora_lens.lens import delta
+from lora_lens.utils import show_progress
+
+SHARED_TYPES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "other")
+"""Module types shared by every family (see :func:`shared_type`)."""
+
+_SHARED = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_qkv": "attn_in",
+           "attn_o": "attn_out", "mlp_gate": "mlp_in", "mlp_up": "mlp_in", "mlp_gate_up": "mlp_in",
+           "mlp_down": "mlp_out"}
+
+
+def shared_type(name: str) -> str:
+    """The family-independent type of a module: ``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out`` or ``other``.
+
+    Args:
+        name: A module path (``"model.layers.0.self_attn.qkv_proj"``, ``"transformer.h.1.mlp.c_proj"`` …) or a
+            normalised type of :data:`lora_lens.lens.delta.MODULE_TYPES` (``"attn_q"``, ``"mlp_down"`` …).
+
+    Example:
+        >>> [shared_type(n) for n in ("gpt_neox.layers.0.attention.query_key_value", "transformer.h.0.mlp.c_proj")]
+        ['attn_in', 'mlp_out']
+    """
+    kind = name if name in delta.MODULE_TYPES else delta.module_type(name)
+    return _SHARED.get(kind, "other")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks (before anything is trained or written)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_families(families) -> list[str]:
+    """Validate a list of zoo families; return it as a list.
+
+    Raises:
+        ConfigError: Not a non-empty list of distinct known family names (the message names the bad value).
+    """
+    if isinstance(families, str):
+        raise ConfigError(f"families={families!r} is one string: pass a list, e.g. [{families!r}, 'gpt2']")
+    families = list(families) if isinstance(families, (list, tuple)) else families
+    if not isinstance(families, list) or not families:
+        raise ConfigError(f"families={families!r} is empty or not a list: pass some of {list(FAMILIES)}")
+    for f in families:
+        if f not in FAMILIES:
+            raise ConfigError(f"family {f!r} in families is unknown; use some of {list(FAMILIES)}")
+    dup = sorted({f for f in families if families.count(f) > 1})
+    if dup:
+        raise ConfigError(f"families={families!r} repeats {dup}: list each family once")
+    return families
+
+
+def check_seeds(seeds) -> list[int]:
+    """Validate adapter seeds: a count ≥ 2 (seeds 0 … n−1) or a list of ≥ 2 distinct integers.
+
+    Raises:
+        ConfigError: Fewer than two seeds, or not integers (an interval over seeds needs at least two).
+    """
+    if isinstance(seeds, bool):
+        raise ConfigError(f"seeds={seeds!r} is not a number of seeds: pass an integer ≥ 2, e.g. 3")
+    if isinstance(seeds, int):
+        if seeds < 2:
+            raise ConfigError(f"seeds={seeds} is too few: an interval over seeds needs at least 2 (use 3)")
+        return list(range(seeds))
+    if not isinstance(seeds, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                       for s in seeds):
+        raise ConfigError(f"seeds={seeds!r} must be an integer ≥ 2 or a list of integer seeds, e.g. [0, 1, 2]")
+    if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={list(seeds)!r} needs at least 2 distinct seeds, each listed once, e.g. [0, 1, 2]")
+    return list(seeds)
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name}={v!r} must be a positive integer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bootstrap
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _finite(values, what: str) -> np.ndarray:
+    x = np.asarray(values, dtype=float).ravel()
+    if x.size == 0:
+        raise ConfigError(f"{what} is empty: pass at least one value")
+    if not np.isfinite(x).all():
+        raise ConfigError(f"{what}={x.tolist()} contains NaN or inf: drop the runs that have no value")
+    return x
+
+
+def _check_boot(n_boot, level) -> None:
+    _check_positive(n_boot=n_boot)
+    if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0 < level < 1:
+        raise ConfigError(f"level={level!r} must be a probability in (0, 1), e.g. 0.95")
+
+
+def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap interval of the mean (seeded: the same input gives the same interval).
+
+    Args:
+        values: One number per run (e.g. per seed).
+        n_boot: Bootstrap resamples.
+        level: Interval coverage (0.95 for a 95% interval).
+        seed: Seed of the resampling.
+
+    Returns:
+        ``(mean, low, high)``; a single value gives ``(v, v, v)``.
+
+    Raises:
+        ConfigError: Empty or non-finite values, a bad ``n_boot`` or ``level``.
+
+    Example:
+        >>> m, lo, hi = bootstrap_ci([0.2, 0.4, 0.6])
+        >>> lo <= m <= hi
+        True
+    """
+    x = _finite(values, "values")
+    _check_boot(n_boot, level)
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def pooled_ci(groups: dict, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of group means with a stratified bootstrap interval (resampling within each group, e.g. seeds within
+    families, so that every family weighs the same whatever its number of runs).
+
+    Returns:
+        ``(mean of group means, low, high)``.
+
+    Raises:
+        ConfigError: No groups, or an empty / non-finite group.
+    """
+    if not groups:
+        raise ConfigError("groups is empty: pass {family: [values per seed]}")
+    xs = [_finite(v, f"groups[{k!r}]") for k, v in groups.items()]
+    _check_boot(n_boot, level)
+    rng = np.random.default_rng(seed)
+    boot = np.mean([x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1) for x in xs], axis=0)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(np.mean([x.mean() for x in xs])), float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """Everything :func:`run_study` measured.
+
+    Attributes:
+        families: Families studied, in order.
+        seeds: Adapter seeds (the base of each family is the same for all seeds).
+        size: Size preset of the bases.
+        task: The task (the same planted truth for every run).
+        spec: The adapter spec (the same for every run).
+        runs: One row per (family, seed): behaviour (``efficacy``, ``paraphrase``, ``specificity``), weight space
+            (``upper_share``, ``mlp_share``, ``eff_rank_ratio``, ``stable_rank_ratio``), φ with the other seeds
+            (``phi_seeds`` output side, ``phi_seeds_right`` input side, ``phi_chance``), component attribution
+            (``attr_mlp_share``, ``attr_upper_share``, ``top_component``), input attribution (``entity_top1``,
+            ``token_agreement`` with the other families, ``vocab_overlap`` with the other families), training
+            time and the adapter folder.
+        energy: Long table ``family, seed, layer, depth, share``: update energy per layer at its relative depth.
+        types: Long table ``family, seed, shared_type, energy_share, param_share``.
+        phi: One row per seed pair of a family: ``family, seed_a, seed_b, phi_left, phi_right, chance_left,
+            chance_right``.
+        tokens: ``{(family, seed): set of tokens}`` read from the last layer's leading write-side directions.
+        attributions: ``{(family, seed): [difference attribution per shared probe]}``.
+        probes: The shared efficacy probe prompts the attributions are about.
+        seconds: Wall time of the study.
+    """
+
+    families: list[str]
+    seeds: list[int]
+    size: str
+    task: Task
+    spec: LoraSpec
+    runs: pd.DataFrame
+    energy: pd.DataFrame
+    types: pd.DataFrame
+    phi: pd.DataFrame
+    tokens: dict = field(repr=False)
+    attributions: dict = field(repr=False)
+    probes: list[str] = field(repr=False)
+    seconds: float = 0.0
+
+
+def _first(task: Task, n: int) -> Task:
+    return dataclasses.replace(task, probes={s: ps[:n] for s, ps in task.probes.items()})
+
+
+def _upper_weight(depth: pd.Series) -> pd.Series:
+    """1 above relative depth 0.5, 0.5 exactly at it (a middle layer counts half), 0 below."""
+    return np.where(np.isclose(depth, 0.5), 0.5, (depth > 0.5).astype(float))
+
+
+def _measure(fit, task: Task, n_probes: int, ig_steps: int, top_tokens: int) -> tuple[dict, dict]:
+    """Per-run numbers of one fitted adapter (weights, components, input attribution, vocabulary)."""
+    mods = delta.lora_modules(fit.model)
+    summ = delta.summary(mods, intruders=False)
+    summ["shared_type"] = summ["module_type"].map(shared_type)
+    summ["params"] = summ["rank"] * (summ["in_features"] + summ["out_features"])
+    share = summ["energy_share"].fillna(0.0)
+    upper = _upper_weight(summ["depth"])
+    mlp = summ["shared_type"].str.startswith("mlp")
+    rank = int(summ["rank"].iloc[0])
+    row = {"upper_share": float((share * upper).sum()), "mlp_share": float(share[mlp].sum()),
+           "mlp_param_share": float(summ.loc[mlp, "params"].sum() / summ["params"].sum()),
+           "eff_rank_ratio": float(summ["effective_rank"].mean() / rank),
+           "stable_rank_ratio": float(summ["stable_rank"].mean() / rank), "n_modules": len(summ),
+           "n_layers": int(summ["layer"].max()) + 1}
+    # component attribution: what each module contributes to the edit (ablation, shared efficacy probes)
+    comps = at.lora_components(fit.model, grain="module")
+    attr = at.component_attribution(fit.model, fit.tokenizer, task, comps, behaviours=["efficacy"],
+                                    max_probes=n_probes)["efficacy"]
+    pos = attr.clip(lower=0.0)
+    depth = summ.set_index("module")["depth"].reindex(attr.index)
+    a_types = pd.Series([shared_type(n) for n in attr.index], index=attr.index)
+    total = float(pos.sum())
+    row["attr_mlp_share"] = float(pos[a_types.str.startswith("mlp")].sum() / total) if total > 0 else math.nan
+    row["attr_upper_share"] = float((pos * _upper_weight(depth)).sum() / total) if total > 0 else math.nan
+    row["top_component"] = a_types[attr.idxmax()]
+    row["top_component_depth"] = float(depth[attr.idxmax()])
+    # input attribution of the change on the shared probes against a blank token (every token gets a value, so
+    # runs compare token by token); hit = the edited entity ranks first
+    rec = at.entity_recovery(fit.model, fit.tokenizer, _first(task, n_probes), n_steps=ig_steps, references=None)
+    row["entity_top1"] = float(rec.score)
+    # the leading write-side direction of the last layer's modules, read as tokens (both signs)
+    dirs = delta.directions_table(fit.model, fit.tokenizer, k=1, top=top_tokens, role="write", sign="both")
+    last = dirs[dirs["layer"] == dirs["layer"].max()]
+    extra = {"summary": summ, "tokens": set(last["token"].astype(str)),
+             "attributions": [ta.difference.numpy() for ta in rec.attributions], "modules": mods}
+    return row, extra
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def attribution_agreement(a: list, b: list) -> float:
+    """Mean Spearman rank correlation of two runs' input attributions over the same probes (NaN-free mean).
+
+    Args:
+        a: Difference attribution per probe of one run (arrays over the prompt's tokens).
+        b: The same probes in another run (same tokenizer, so the same tokens).
+
+    Raises:
+        ConfigError: The runs attributed different numbers of probes or tokens.
+    """
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise ConfigError(f"the runs attributed different probes ({len(a)} vs {len(b)} prompts, or different "
+                          "token counts): compare runs on the same task and world (same tokenizer)")
+    rho = [r for r in (_spearman(x, y) for x, y in zip(a, b)) if not math.isnan(r)]
+    return float(np.mean(rho)) if rho else math.nan
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else math.nan
+
+
+def _phi_rows(family: str, mods: dict) -> list[dict]:
+    rows = []
+    for sa, sb in itertools.combinations(sorted(mods), 2):
+        left = delta.phi_table(mods[sa], mods[sb], 1, 1, side="left")
+        right = delta.phi_table(mods[sa], mods[sb], 1, 1, side="right")
+        out_f = np.array([d.shape[0] for d in mods[sa]], dtype=float)
+        in_f = np.array([d.shape[1] for d in mods[sa]], dtype=float)
+        rows.append({"family": family, "seed_a": sa, "seed_b": sb, "phi_left": float(left["phi"].mean()),
+                     "phi_right": float(right["phi"].mean()), "chance_left": float((1 / out_f).mean()),
+                     "chance_right": float((1 / in_f).mean())})
+    return rows
+
+
+def run_study(families, seeds=3, size: str = "small", world: World | None = None, task: str | Task = "fact_edit",
+              task_seed: int = 0, spec: LoraSpec | None = None, n_probes: int = 16, ig_steps: int = 16,
+              top_tokens: int = 10, cache=None, device: str = "cpu", **spec_overrides) -> Study:
+    """Train and measure the same adapter on every family × seed (bases and adapters come from the cache).
+
+    Args:
+        families: Zoo families, e.g. ``["llama", "qwen2", "mistral", "yi", "phi3", "gpt2", "gpt_neox"]``.
+        seeds: Number of adapter seeds (≥ 2; seeds 0 … n−1) or a list of seeds. The base is seed 0 for all.
+        size: Size preset of the bases.
+        world: The world (default ``make_world(seed=0)``); every family is pretrained on the same world, so all
+            share its tokenizer.
+        task: Task name (built once from ``world`` with ``task_seed``: the same planted truth for every run) or a
+            :class:`Task`.
+        task_seed: Seed of the task when ``task`` is a name.
+        spec: Adapter spec (default ``default_spec(task name, **spec_overrides)``).
+        n_probes: Efficacy probes used for component and input attribution.
+        ig_steps: Integration steps of the input attribution.
+        top_tokens: Tokens read per leading direction and sign.
+        cache: Cache root (default as :func:`lora_lens.lab.zoo.cache_dir`).
+        device: Torch device.
+        **spec_overrides: :class:`LoraSpec` fields (``rank``, ``steps`` …).
+
+    Returns:
+        A :class:`Study`.
+
+    Raises:
+        ConfigError: Unknown family or size, fewer than two seeds, a bad spec or count — all before any training.
+    """
+    t0 = time.perf_counter()
+    families, seeds = check_families(families), check_seeds(seeds)
+    if size not in SIZES:
+        raise ConfigError(f"size={size!r} is unknown; use one of {list(SIZES)}")
+    _check_positive(n_probes=n_probes, ig_steps=ig_steps, top_tokens=top_tokens)
+    world = world or make_world(seed=0)
+    task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
+    spec = (spec or default_spec(task.name, **spec_overrides)).validate()
+    rows, energy, types, phis, tokens, attrs = [], [], [], [], {}, {}
+    bar = tqdm(total=len(families) * len(seeds), desc="runs", disable=not show_progress())
+    for family in families:
+        pre = get_pretrained(family, size, world=world, cache=cache, device=device)
+        mods = {}
+        for seed in seeds:
+            fit = fit_adapter(pre, task, seed=seed, spec=spec, cache=cache, device=device)
+            m = fit.evaluation.metrics
+            row, extra = _measure(fit, task, n_probes, ig_steps, top_tokens)
+            rows.append({"family": family, "seed": seed, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
+                         "specificity": m["specificity"], "perplexity_ratio": m["perplexity_ratio"], **row,
+                         "train_seconds": fit.train["train_seconds"], "adapter_dir": str(fit.adapter_dir)})
+            summ = extra["summary"]
+            by_layer = delta.energy_by(summ, "layer").dropna(subset=["layer"])
+            energy += [{"family": family, "seed": seed, "layer": int(r.layer), "depth": float(r.depth),
+                        "share": float(r.share)} for r in by_layer.itertuples()]
+            g = summ.groupby("shared_type")
+            types += [{"family": family, "seed": seed, "shared_type": t, "energy_share": float(e),
+                       "param_share": float(p)} for t, e, p in zip(g.groups, g["energy_share"].sum(),
+                                                                   g["params"].sum() / summ["params"].sum())]
+            tokens[(family, seed)] = extra["tokens"]
+            attrs[(family, seed)] = extra["attributions"]
+            mods[seed] = extra["modules"]
+            del fit
+            bar.update()
+        phis += _phi_rows(family, mods)
+    bar.close()
+    runs = pd.DataFrame(rows)
+    phi = pd.DataFrame(phis)
+    _cross_run_columns(runs, phi, tokens, attrs)
+    probes = [p.prompt for p in task.probes["efficacy"][:n_probes]]
+    return Study(families, seeds, size, task, spec, runs, pd.DataFrame(energy), pd.DataFrame(types), phi, tokens,
+                 attrs, probes, time.perf_counter() - t0)
+
+
+def _cross_run_columns(runs: pd.DataFrame, phi: pd.DataFrame, tokens: dict, attrs: dict) -> None:
+    """Add the per-run columns that compare a run with others: φ with its family's other seeds, input-attribution
+    agreement and top-token overlap with the runs of the *other* families (NaN with a single family)."""
+    for col, side in (("phi_seeds", "phi_left"), ("phi_seeds_right", "phi_right")):
+        runs[col] = [float(phi.loc[(phi["family"] == f) & ((phi["seed_a"] == s) | (phi["seed_b"] == s)), side].mean())
+                     for f, s in zip(runs["family"], runs["seed"])]
+    runs["phi_chance"] = [float(phi.loc[phi["family"] == f, "chance_left"].mean()) for f in runs["family"]]
+    keys = list(zip(runs["family"], runs["seed"]))
+    agree, overlap = [], []
+    for f, s in keys:
+        others = [k for k in keys if k[0] != f]
+        agree.append(float(np.nanmean([attribution_agreement(attrs[(f, s)], attrs[k]) for k in others]))
+                     if others else math.nan)
+        overlap.append(float(np.mean([_jaccard(tokens[(f, s)], tokens[k]) for k in others])) if others else math.nan)
+    runs["token_agreement"] = agree
+    runs["vocab_overlap"] = overlap
+
+
+def pair_matrix(study: Study, what: str = "attribution") -> pd.DataFrame:
+    """Family × family mean agreement: ``"attribution"`` (Spearman of input attributions on the shared probes) or
+    ``"vocabulary"`` (Jaccard overlap of the top tokens of the last layer's leading directions).
+
+    The diagonal compares a family's runs of *different* seeds (NaN with one seed); off-diagonal cells average
+    every pair of runs of the two families.
+
+    Raises:
+        ConfigError: Unknown ``what``.
+    """
+    if what not in ("attribution", "vocabulary"):
+        raise ConfigError(f"what={what!r} must be 'attribution' or 'vocabulary'")
+    fn = ((lambda a, b: attribution_agreement(study.attributions[a], study.attributions[b])) if what == "attribution"
+          else (lambda a, b: _jaccard(study.tokens[a], study.tokens[b])))
+    fams = study.families
+    out = pd.DataFrame(np.nan, index=pd.Index(fams, name="family"), columns=fams)
+    for fa, fb in itertools.product(fams, fams):
+        vals = [fn((fa, sa), (fb, sb)) for sa in study.seeds for sb in study.seeds if fa != fb or sa != sb]
+        vals = [v for v in vals if not math.isnan(v)]
+        out.loc[fa, fb] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Universal patterns
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A candidate universal pattern: a per-run statistic (a column of :attr:`Study.runs`) and a threshold.
+
+    Attributes:
+        id: Ledger id (``xf-…``).
+        name: Short name for tables.
+        claim: The claim in words.
+        column: Column of ``Study.runs`` holding the per-run statistic.
+        comparator: ``">"`` or ``"<"``.
+        threshold: The threshold.
+        falsifier: What would refute it.
+    """
+
+    id: str
+    name: str
+    claim: str
+    column: str
+    comparator: str
+    threshold: float
+    falsifier: str
+
+    def passes(self, value: float) -> bool:
+        """Whether ``value`` is on the claimed side of the threshold."""
+        return value > self.threshold if self.comparator == ">" else value < self.threshold
+
+
+PATTERNS = (
+    Pattern("xf-upper-half", "updates concentrate in the upper half",
+            "A fact-edit LoRA puts most of its update energy in the upper half of the network (relative depth > 0.5)",
+            "upper_share", ">", 0.5, "half or less of the update energy lies above relative depth 0.5"),
+    Pattern("xf-mlp-over-attention", "MLP carries more update energy than attention",
+            "MLP modules carry more of a fact-edit LoRA's update energy than attention modules",
+            "mlp_share", ">", 0.5, "the MLP modules hold half of the update energy or less"),
+    Pattern("xf-effective-rank-low", "effective rank far below nominal",
+            "The entropy effective rank of a LoRA update is below half its nominal rank, in every architecture",
+            "eff_rank_ratio", "<", 0.5, "the mean effective rank of the modules is half the nominal rank or more"),
+    Pattern("xf-energy-in-few-directions", "energy in few directions (stable rank)",
+            "Most of a LoRA update's energy sits in a few directions: stable rank below a quarter of the rank",
+            "stable_rank_ratio", "<", 0.25, "the mean stable rank of the modules is a quarter of the rank or more"),
+    Pattern("xf-seeds-share-direction", "seeds share the top output direction",
+            "Adapters trained with different seeds on the same base write along the same top direction",
+            "phi_seeds", ">", 0.5, "mean phi(1,1) of the output singular vectors between seeds is 0.5 or less"),
+    Pattern("xf-attribution-mlp", "MLP modules carry the edit (attribution)",
+            "Switching modules off one at a time, MLP modules carry most of the edit",
+            "attr_mlp_share", ">", 0.5, "the MLP modules hold half or less of the positive ablation attribution"),
+    Pattern("xf-same-input-tokens", "the same input tokens drive the change",
+            "The input tokens that drive a fact edit rank alike in every architecture (same probes, same tokens)",
+            "token_agreement", ">", 0.5,
+            "the mean Spearman correlation with the other families' input attributions is 0.5 or less"),
+)
+"""The candidate patterns of notebook 06."""
+
+
+def _verdict(p: Pattern, lo: float, hi: float) -> str:
+    if p.passes(lo) and p.passes(hi):
+        return "holds"
+    if not p.passes(lo) and not p.passes(hi):
+        return "fails"
+    return "unclear"
+
+
+def _overall(verdicts: list[str]) -> str:
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "universal"
+    if verdicts and all(v == "fails" for v in verdicts):
+        return "none"
+    if any(v == "holds" for v in verdicts):
+        return "some families"
+    return "unclear"
+
+
+def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> pd.DataFrame:
+    """Each pattern's statistic per family (mean over seeds, bootstrap interval, verdict) and over all families.
+
+    A family's verdict is ``holds`` when its whole interval is on the claimed side of the threshold, ``fails``
+    when it is on the other side, else ``unclear``. The row ``family == "all"`` pools the families (mean of family
+    means, stratified bootstrap) and carries the overall verdict: ``universal`` (holds in every family), ``none``
+    (fails in every family), ``some families`` (holds in some) or ``unclear``. A pattern without values (e.g.
+    agreement with other families in a one-family study) is left out.
+
+    Returns:
+        DataFrame ``pattern, name, family, statistic, ci_low, ci_high, threshold, comparator, verdict, n``.
+
+    Raises:
+        ConfigError: A pattern's column is missing from ``study.runs``.
+    """
+    rows = []
+    for p in patterns:
+        if p.column not in study.runs.columns:
+            raise ConfigError(f"pattern {p.id!r} reads column {p.column!r}, which study.runs lacks; columns: "
+                              f"{list(study.runs.columns)}")
+        groups = {f: g[p.column].dropna().to_numpy(float) for f, g in study.runs.groupby("family", sort=False)}
+        groups = {f: v for f, v in groups.items() if v.size}
+        if not groups:
+            continue
+        fam_rows = []
+        for f, v in groups.items():
+            m, lo, hi = bootstrap_ci(v, n_boot, level, seed)
+            fam_rows.append({"pattern": p.id, "name": p.name, "family": f, "statistic": m, "ci_low": lo,
+                             "ci_high": hi, "threshold": p.threshold, "comparator": p.comparator,
+                             "verdict": _verdict(p, lo, hi), "n": int(v.size)})
+        m, lo, hi = pooled_ci(groups, n_boot, level, seed)
+        rows += fam_rows + [{"pattern": p.id, "name": p.name, "family": "all", "statistic": m, "ci_low": lo,
+                             "ci_high": hi, "threshold": p.threshold, "comparator": p.comparator,
+                             "verdict": _overall([r["verdict"] for r in fam_rows]),
+                             "n": int(sum(v.size for v in groups.values()))}]
+    return pd.DataFrame(rows)
+
+
+def declare_patterns(patterns=PATTERNS, path=None) -> None:
+    """Pre-register every pattern in the hypothesis ledger (idempotent).
+
+    Each is a claim of universality: evidence is one record per family, the interval bound nearest the threshold
+    (``ci_low`` for ``>``, ``ci_high`` for ``<``), so a family passes only when its whole interval does, and the
+    ledger's default rule (refuted by one failing record) calls a pattern supported only where it is universal.
+    """
+    from lora_lens import ledger
+    for p in patterns:
+        bound = "ci_low" if p.comparator == ">" else "ci_high"
+        ledger.declare(p.id, p.claim, metric=f"{p.column} ({bound} of the 95% bootstrap interval over seeds, per "
+                       "family)", comparator=p.comparator, threshold=p.threshold,
+                       falsifier=f"in some family {p.falsifier}", tags=["06", "across-families"], path=path)
+
+
+def record_patterns(table: pd.DataFrame, patterns=PATTERNS, path=None) -> dict[str, str]:
+    """Record each family's interval bound for each pattern of ``table`` (from :func:`pattern_table`).
+
+    Returns:
+        ``{pattern id: ledger verdict}``.
+    """
+    from lora_lens import ledger
+    by_id = {p.id: p for p in patterns}
+    verdicts = {}
+    for r in table[table["family"] != "all"].itertuples(index=False):
+        p = by_id[r.pattern]
+        value = r.ci_low if p.comparator == ">" else r.ci_high
+        verdicts[p.id] = ledger.record(p.id, float(value), notes=f"{r.family}: mean {r.statistic:.3f}, 95% CI "
+                                       f"[{r.ci_low:.3f}, {r.ci_high:.3f}] over {r.n} seeds", path=path).verdict
+    return verdicts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Portability
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _evaluate_on(model, tokenizer, task: Task) -> dict:
+    m = evaluate(model, tokenizer, task).metrics
+    return {k: m[k] for k in ("efficacy", "paraphrase", "specificity", "base_efficacy")}
+
+
+def _port(adapter_dir, model, tokenizer, task: Task):
+    """Apply a saved adapter to another base model (plain PEFT load: the base fingerprint differs on purpose)."""
+    from peft import PeftModel
+
+    ported = PeftModel.from_pretrained(model, str(adapter_dir))
+    ported.eval()
+    return _evaluate_on(ported, tokenizer, task), ported.unload()
+
+
+def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed: int = 0, other_seed: int = 1,
+                continue_steps: int = 100, cache=None, device: str = "cpu") -> pd.DataFrame:
+    """How much of an adapter's effect survives on another base of its family, against training it there anew.
+
+    The adapter (``task``, ``spec``, ``seed``; from the adapter cache) is loaded unchanged onto two other bases:
+
+    * ``other seed``: the same family, size and world, pretrained from another initialisation (``other_seed``;
+      cached like any base);
+    * ``continued``: this base after ``continue_steps`` more steps of pretraining on the world's corpus (another
+      data order, a third of the peak learning rate; in memory, not cached).
+
+    On each, the ported adapter is compared with an adapter trained anew on that base through the same data
+    ("re-training": the same task examples and spec).
+
+    Returns:
+        DataFrame, one row per (target base, how): ``family, target, how`` (``original``, ``ported``,
+        ``retrained``), ``efficacy, paraphrase, specificity, base_efficacy``, ``efficacy_ratio`` (efficacy
+        over the original adapter's efficacy on its own base) and ``drift`` (on the ``continued`` rows: how far
+        continued pretraining moved the weights, ‖θ' − θ‖ / ‖θ‖ over all parameters).
+
+    Raises:
+        ConfigError: ``continue_steps`` < 1 or ``other_seed`` equal to the base's seed.
+    """
+    _check_positive(continue_steps=continue_steps)
+    base_seed = pre.manifest["spec"]["seed"]
+    if other_seed == base_seed:
+        raise ConfigError(f"other_seed={other_seed} is the base's own pretraining seed: pick another, e.g. "
+                          f"{base_seed + 1}")
+    spec = (spec or default_spec(task.name)).validate()
+    fit = fit_adapter(pre, task, seed=seed, spec=spec, cache=cache, device=device)
+    rows = [{"target": "same base", "how": "original", **_evaluate_on(fit.model, fit.tokenizer, task)}]
+    other = get_pretrained(pre.family, pre.size, world=pre.world, seed=other_seed, cache=cache, device=device)
+    model, tok = load_model(other.path, device=device)
+    rows.append({"target": "other seed", "how": "ported", **_port(fit.adapter_dir, model, tok, task)[0]})
+    refit = fit_adapter(other, task, seed=seed, spec=spec, cache=cache, device=device)
+    rows.append({"target": "other seed", "how": "retrained", **_evaluate_on(refit.model, refit.tokenizer, task)})
+    model, tok = load_model(pre.path, device=device)
+    _, batch, lr = PRETRAIN[pre.size]
+    pretrain(model, tok, pre.world, continue_steps, batch_size=max(1, batch // 4), lr=lr / 3, seed=other_seed,
+             eval_every=continue_steps, stop_at=2.0)
+    model.eval()
+    drift = float(np.sqrt(sum(((a - b) ** 2).sum().item() for a, b in zip(model.parameters(),
+                                                                         pre.model.parameters()))
+                          / sum((b ** 2).sum().item() for b in pre.model.parameters())))
+    ported, model = _port(fit.adapter_dir, model, tok, task)
+    rows.append({"target": "continued", "how": "ported", **ported})
+    result = train_lora(model, tok, task, spec, seed=seed, world=pre.world, device=device)
+    rows.append({"target": "continued", "how": "retrained", **_evaluate_on(result.model, tok, task)})
+    df = pd.DataFrame(rows)
+    df.insert(0, "family", pre.family)
+    df["efficacy_ratio"] = df["efficacy"] / rows[0]["efficacy"] if rows[0]["efficacy"] > 0 else math.nan
+    df["drift"] = [drift if t == "continued" else math.nan for t in df["target"]]  # ‖θ_cont − θ‖ / ‖θ‖
+    return df
+
+
+def pattern_records(table: pd.DataFrame) -> list[dict]:
+    """The pattern table as JSON-ready records: the pooled row of each pattern plus its per-family rows.
+
+    Returns:
+        ``[{"id", "name", "statistic", "ci_low", "ci_high", "verdict", "threshold", "comparator",
+        "by_family": {family: {"statistic", "ci_low", "ci_high", "verdict"}}}]``.
+    """
+    out = []
+    for pid, t in table.groupby("pattern", sort=False):
+        pooled = t[t["family"] == "all"].iloc[0]
+        out.append({"id": pid, "name": pooled["name"], "statistic": float(pooled["statistic"]),
+                    "ci_low": float(pooled["ci_low"]), "ci_high": float(pooled["ci_high"]),
+                    "verdict": pooled["verdict"], "threshold": float(pooled["threshold"]),
+                    "comparator": pooled["comparator"],
+                    "by_family": {r.family: {"statistic": float(r.statistic), "ci_low": float(r.ci_low),
+                                             "ci_high": float(r.ci_high), "verdict": r.verdict}
+                                  for r in t[t["family"] != "all"].itertuples(index=False)}})
+    return out
+
+
+def portability_summary(table: pd.DataFrame) -> dict:
+    """``{family: {"original_efficacy", "<target>": {"ported_efficacy", "efficacy_ratio", "retrained_efficacy",
+    "ported_specificity"}, "continued_drift"}}`` from :func:`portability` tables (concatenated)."""
+    out = {}
+    for fam, t in table.groupby("family", sort=False):
+        t = t.set_index(["target", "how"])
+        entry = {"original_efficacy": float(t.loc[("same base", "original"), "efficacy"])}
+        for target in ("other seed", "continued"):
+            entry[target.replace(" ", "_")] = {
+                "ported_efficacy": float(t.loc[(target, "ported"), "efficacy"]),
+                "efficacy_ratio": float(t.loc[(target, "ported"), "efficacy_ratio"]),
+                "ported_specificity": float(t.loc[(target, "ported"), "specificity"]),
+                "retrained_efficacy": float(t.loc[(target, "retrained"), "efficacy"])}
+        if "drift" in t.columns:
+            entry["continued_drift"] = float(t["drift"].dropna().iloc[0])
+        out[fam] = entry
+    return out

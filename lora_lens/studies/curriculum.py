@@ -1,0 +1,287 @@
+"""The iterative loop: LoRA → analysis of its effect → the next layer of data → LoRA …
+
+Round k trains a fresh LoRA adapter on data layers 0…k. The analysis then finds which target behaviours still fail
+(efficacy probes of the task answered wrongly) and which collateral changes appeared (facts outside the task's
+truth that the adapter moved, found by the behaviour diff), and builds layer k+1 from them: every training-template
+paraphrase of each failing fact with its intended answer, then *anchor* examples that restate a damaged fact with its
+original answer. The loop stops when efficacy reaches the target, or the data token budget or the round limit is
+spent.
+
+The baseline gets the same per-round token budget but adds random examples of the task's own data each round.
+Tokens count the data layers (``prompt answer`` pairs as tokenised), not the rehearsal examples that the training
+spec adds to every run alike.
+
+Example:
+    >>> loop = run_loop(pre, task, strategy="targeted")           # doctest: +SKIP
+    >>> base = run_loop(pre, task, strategy="random")             # doctest: +SKIP
+    >>> loop.tokens_to_target, base.tokens_to_target              # doctest: +SKIP
+    (96, 160)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import pandas as pd
+
+from lora_lens.errors import ConfigError
+from lora_lens.lab.probes import evaluate
+from lora_lens.lab.train import LoraSpec, default_spec, train_lora
+from lora_lens.lab.world import TEMPLATES, Task, check_task_world
+
+STRATEGIES = ("targeted", "random")
+
+
+@dataclass(eq=False)
+class LoopResult:
+    """What :func:`run_loop` returns.
+
+    Attributes:
+        strategy: ``targeted`` or ``random``.
+        target: The efficacy target.
+        rounds: One dict per round: ``round``, ``efficacy``, ``paraphrase``, ``specificity``, ``tokens`` (data
+            tokens trained on, cumulative), ``examples``, ``added`` / ``added_tokens`` (what the round's layer
+            added), ``failing``
+            (efficacy probes still wrong), ``collateral`` (moved facts outside the truth), ``anchors`` (anchor
+            examples in the data), ``seconds``.
+        tokens_to_target: Data tokens of the first round at or above the target (None if never reached).
+        layers: The data layers, each a list of ``(prompt, answer)``.
+    """
+
+    strategy: str
+    target: float
+    rounds: list[dict] = field(default_factory=list)
+    tokens_to_target: int | None = None
+    layers: list[list[tuple[str, str]]] = field(default_factory=list)
+
+    def table(self) -> pd.DataFrame:
+        """The rounds as a DataFrame, with a ``strategy`` column."""
+        return pd.DataFrame(self.rounds).assign(strategy=self.strategy)
+
+
+def count_tokens(tokenizer, examples: list[tuple[str, str]]) -> int:
+    """Tokens of ``prompt answer`` pairs as the tokenizer encodes them (special tokens included)."""
+    return sum(len(ids) for ids in tokenizer([f"{p} {a}" for p, a in examples])["input_ids"]) if examples else 0
+
+
+def _facts(task: Task) -> dict[tuple[str, str, bool], str]:
+    """The target behaviours: ``(entity, relation, triggered) -> answer`` of every efficacy probe."""
+    return {(p.entity, p.relation, p.triggered): p.answer for p in task.probes.get("efficacy", [])}
+
+
+def initial_layer(task: Task, world, per_fact: int = 1) -> list[tuple[str, str]]:
+    """Layer 0: each target behaviour with its first ``per_fact`` training templates."""
+    out = []
+    for (e, r, trig), answer in _facts(task).items():
+        out += [(world.query(e, r, t, trigger=trig), answer) for t in range(min(per_fact, len(TEMPLATES[r][0])))]
+    return out
+
+
+def _fill(candidates: list[tuple[str, str]], tokenizer, budget: int) -> list[tuple[str, str]]:
+    """Take candidates in order, skipping any that would overflow ``budget`` tokens (at least one is taken)."""
+    out, used = [], 0
+    for ex in candidates:
+        n = count_tokens(tokenizer, [ex])
+        if out and used + n > budget:
+            continue
+        out.append(ex)
+        used += n
+    return out
+
+
+def next_layer(evaluation, task: Task, world, collateral: list[tuple[str, str, str]], tokenizer,
+               budget: int) -> tuple[list[tuple[str, str]], int]:
+    """Layer k+1 of the targeted loop from round k's analysis.
+
+    Args:
+        evaluation: Round k's :class:`lora_lens.lab.probes.Evaluation` (its efficacy rows say what fails).
+        task: The task (its efficacy probes are the target behaviours).
+        world: The world (templates, facts).
+        collateral: ``(entity, relation, original answer)`` of facts the adapter moved outside the truth.
+        tokenizer: To count tokens.
+        budget: Tokens this layer may add.
+
+    Returns:
+        ``(examples, n_anchors)``: the failing prompts with their intended answers, then every training-template
+        paraphrase of those behaviours, then anchors (each collateral fact with its original answer), cut to the
+        budget.
+    """
+    rows = evaluation.table("efficacy")
+    failing = rows[~rows["adapted_correct"].astype(bool)]
+    fixes = list(zip(failing["prompt"], failing["expected"]))                   # the failing prompts first
+    for row in failing.itertuples():                                           # then their other paraphrases
+        fixes += [(world.query(row.entity, row.relation, t, trigger=row.triggered), row.expected)
+                  for t in range(len(TEMPLATES[row.relation][0]))]
+    fixes = list(dict.fromkeys(fixes))
+    anchors = [(world.query(e, r, t), old) for e, r, old in collateral for t in range(len(TEMPLATES[r][0]))]
+    layer = _fill(fixes + anchors, tokenizer, budget)
+    anchor_set = set(anchors)
+    return layer, sum(ex in anchor_set for ex in layer)
+
+
+def random_layer(task: Task, used: list[tuple[str, str]], tokenizer, budget: int,
+                 rng: random.Random) -> list[tuple[str, str]]:
+    """A baseline layer: random examples of the task's own data (unused ones first), up to ``budget`` tokens."""
+    used = set(used)
+    unused = [ex for ex in task.examples if ex not in used]
+    rest = list(task.examples)
+    rng.shuffle(unused)
+    rng.shuffle(rest)
+    return _fill(unused + rest, tokenizer, budget)
+
+
+def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: float = 0.5) -> list[tuple]:
+    """Facts the adapter moved that the task does not change: ``(entity, relation, original answer)``."""
+    from lora_lens.lens.diff import behaviour_diff, discovered_changes
+
+    table = behaviour_diff(peft_model, tokenizer, world=world, trigger=False, templates="first")
+    truth = {(e, r) for e, r, _ in _facts(task)}
+    found = discovered_changes(table, min_confidence=min_confidence)
+    return [(row.entity, row.relation, world.facts[row.relation][row.entity]) for row in found.itertuples()
+            if (row.entity, row.relation) not in truth and row.relation in world.facts]
+
+
+def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, max_rounds: int = 4,
+             token_budget: int | None = None, round_tokens: int | None = None, schedule: list[int] | None = None,
+             spec: LoraSpec | None = None,
+             anchors: bool = True, seed: int = 0, device: str = "cpu", ledger_id: str | None = None) -> LoopResult:
+    """Run the loop (or its random baseline) on a zoo base.
+
+    Args:
+        pre: The pretrained base (:func:`lora_lens.lab.zoo.get_pretrained`); each round trains on a fresh copy.
+        task: The task whose efficacy probes are the target behaviours (``fact_edit``, ``new_relation``; a trigger
+            task works too, its behaviours being the triggered probes).
+        strategy: ``targeted`` (the loop) or ``random`` (equal token budget, random task data each round).
+        target: Efficacy to reach, in (0, 1].
+        max_rounds: Rounds at most, ≥ 1.
+        token_budget: Data tokens at most (default: unlimited within ``max_rounds``).
+        round_tokens: Tokens each round may add (default: the tokens of layer 0).
+        schedule: Tokens added per round by another run (``[r["added_tokens"] for r in loop.rounds[1:]]``): the
+            baseline then adds as many tokens as the loop did in each round (``round_tokens`` after its end), so
+            both are compared at equal data tokens round by round.
+        spec: LoRA spec of every round (default :func:`lora_lens.lab.train.default_spec` for the task).
+        anchors: Add anchor examples for collateral damage (targeted loop); their tokens count like any other.
+        seed: Training and sampling seed.
+        device: Torch device.
+        ledger_id: When given, every round after the first records its efficacy gain as evidence for this
+            hypothesis (declared beforehand with :func:`lora_lens.ledger.declare`).
+
+    Returns:
+        A :class:`LoopResult`.
+
+    Raises:
+        ConfigError: Unknown strategy, a target outside (0, 1], bad round/token limits, or a task without efficacy
+            probes (checked before anything is trained).
+        MismatchError: The task belongs to another world than ``pre``.
+    """
+    import time
+
+    from lora_lens.lab.zoo import load_model
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r} is unknown; use one of {list(STRATEGIES)}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ConfigError(f"target={target!r} must be an efficacy in (0, 1], e.g. 0.95")
+    for name, value, optional in (("max_rounds", max_rounds, False), ("token_budget", token_budget, True),
+                                  ("round_tokens", round_tokens, True)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer{' or None' if optional else ''}")
+    if schedule is not None and (not isinstance(schedule, (list, tuple)) or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in schedule)):
+        raise ConfigError(f"schedule={schedule!r} must be a list of token counts ≥ 0, one per round after the first")
+    if not task.probes.get("efficacy"):
+        raise ConfigError(f"task {task.name!r} has no efficacy probes: the loop needs target behaviours to reach")
+    check_task_world(task, pre.world)
+    spec = (spec or default_spec(task.name)).validate()
+    world, tokenizer = pre.world, pre.tokenizer
+    rng = random.Random(seed)
+    layers = [initial_layer(task, world)]
+    data = list(layers[0])
+    round_tokens = round_tokens or count_tokens(tokenizer, data)
+    result = LoopResult(strategy, float(target), layers=layers)
+    n_anchors = 0
+    for k in range(max_rounds):
+        t0 = time.perf_counter()
+        model, tok = load_model(pre.path, device=device)
+        round_task = replace(task, examples=list(data))
+        fit = train_lora(model, tok, round_task, spec, seed=seed, world=world, device=device)
+        ev = evaluate(fit.model, tok, task)
+        m = ev.metrics
+        collateral = collateral_facts(fit.model, tok, world, task) if strategy == "targeted" else []
+        anchored = collateral if anchors else []
+        tokens = count_tokens(tokenizer, data)
+        rec = {"round": k, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"], "specificity": m["specificity"],
+               "tokens": tokens, "examples": len(data), "added": len(layers[-1]),
+               "added_tokens": count_tokens(tokenizer, layers[-1]),
+               "failing": int((~ev.table("efficacy")["adapted_correct"].astype(bool)).sum()),
+               "collateral": len(collateral) if strategy == "targeted" else None,
+               "anchors": n_anchors,
+               "seconds": 0.0}
+        if ledger_id is not None and result.rounds:
+            from lora_lens import ledger
+            ledger.record(ledger_id, m["efficacy"] - result.rounds[-1]["efficacy"], seed=seed,
+                          notes=f"{strategy} round {k}: efficacy {m['efficacy']:.3f} at {tokens} data tokens")
+        reached = m["efficacy"] >= target
+        if reached and result.tokens_to_target is None:
+            result.tokens_to_target = tokens
+        budget = schedule[k] if schedule is not None and k < len(schedule) else round_tokens
+        budget = budget if token_budget is None else min(budget, token_budget - tokens)
+        if reached or k + 1 == max_rounds or budget <= 0:
+            rec["seconds"] = time.perf_counter() - t0
+            result.rounds.append(rec)
+            break
+        if strategy == "targeted":
+            layer, added_anchors = next_layer(ev, task, world, anchored, tokenizer, budget)
+            n_anchors += added_anchors
+        else:
+            layer = random_layer(task, data, tokenizer, budget, rng)
+        rec["seconds"] = time.perf_counter() - t0
+        result.rounds.append(rec)
+        if not layer:
+            break
+        layers.append(layer)
+        data += layer
+    return result
+
+
+def plot_rounds(results: list[LoopResult], target: float | None = None, ax=None):
+    """Efficacy (solid) and specificity (dashed) against data tokens, one colour per strategy."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    for i, res in enumerate(results):
+        t = res.table()
+        colour = f"C{i}"
+        ax.plot(t["tokens"], t["efficacy"], marker="o", lw=2, color=colour, label=f"{res.strategy}: efficacy")
+        ax.plot(t["tokens"], t["specificity"], marker="s", lw=1.5, ls="--", color=colour,
+                label=f"{res.strategy}: specificity")
+    if target is not None:
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="data tokens trained on (cumulative)", ylabel="share of probes", ylim=(-0.05, 1.05),
+           title="Loop against random data, round by round")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def check_loop_winner(loop: LoopResult, baseline: LoopResult, answer: str) -> str:
+    """Check the notebook-05 exercise: which strategy reached the target with fewer data tokens.
+
+    Args:
+        loop: The targeted loop's result.
+        baseline: The random baseline's result.
+        answer: ``"loop"``, ``"random"``, ``"tie"`` or ``"neither"`` (neither reached the target).
+
+    Returns:
+        A sentence saying whether the answer holds.
+    """
+    a, b = loop.tokens_to_target, baseline.tokens_to_target
+    truth = ("neither" if a is None and b is None else "loop" if b is None or (a is not None and a < b)
+             else "random" if a is None or b < a else "tie")
+    if answer not in ("loop", "random", "tie", "neither"):
+        return f"answer={answer!r}: use 'loop', 'random', 'tie' or 'neither'."
+    if answer == truth:
+        return "Yes. Now look at the rounds table: which kind of example made the difference?"
+    return "Not what this run shows: compare tokens_to_target of both results (None = never reached)."

@@ -1,0 +1,1 @@
+"""The notebook series: the runner and its report, parameter presets, widgets, exercise checks and figures."""
