@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from lora_lens.errors import ConfigError, TrainingError
+from lora_lens.errors import ConfigError
+from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import _check_base, _device, _inference, evaluate, keeps_logits
 from lora_lens.lab.tokenizer import token_id
 from lora_lens.lab.world import TEMPLATES, Task, World, check_task_world
@@ -373,7 +374,8 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
     """Train every weight of ``model`` (in place) on ``corpus`` mixed with replay; full-sequence causal LM loss.
 
     Each batch holds ``round(replay × batch_size)`` lines drawn from ``replay_lines`` and the rest from ``corpus``
-    (each cycled in a seeded shuffled order). AdamW, linear warmup over the first 5 % of the steps, then constant.
+    (each cycled in a seeded shuffled order). The step is :class:`lora_lens.lab.lm_training.LMTrainer`'s (the one
+    pretraining uses): AdamW without weight decay, linear warmup over the first 5 % of the steps, then constant.
 
     Args:
         model: A causal LM without adapter (trained in place, left in eval mode).
@@ -391,6 +393,7 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
 
     Raises:
         ConfigError: An empty corpus, ``replay`` outside [0, 1], replay without replay lines, bad schedule.
+        TrainingError: The loss became non-finite (the step is named).
     """
     corpus = _check_corpus(corpus)
     replay = _check_unit("replay", replay)
@@ -401,39 +404,15 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
                           "set replay=0")
     set_seed(seed)
     rng = random.Random(seed)
-    queues: dict[str, list[str]] = {"corpus": [], "replay": []}
-
-    def draw(name, pool, k):
-        q = queues[name]
-        while len(q) < k:
-            q += rng.sample(list(pool), len(pool))
-        out, queues[name] = q[:k], q[k:]
-        return out
-
-    device = _device(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
+    lines, old = LineCycle(corpus, rng), LineCycle(replay_lines, rng)
+    trainer = LMTrainer(model, tokenizer, lr, steps, schedule="constant", guard="continued pretraining")
     curve = {"step": [], "loss": []}
     tokens = 0
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        batch = draw("corpus", corpus, batch_size - n_replay) + (draw("replay", replay_lines, n_replay)
-                                                                   if n_replay else [])
-        ids = [x + [tokenizer.eos_token_id] for x in tokenizer(batch)["input_ids"]]
-        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        if not torch.isfinite(loss):
-            raise TrainingError(f"continued pretraining stopped at step {step + 1}: the loss is {loss.item()} "
-                                f"(non-finite); lower lr={lr:g}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        tokens += int(mask.sum())
+        loss, n = trainer.step(lines.take(batch_size - n_replay) + (old.take(n_replay) if n_replay else []))
+        tokens += n
         if step % 5 == 0 or step + 1 == steps:
             curve["step"].append(step)
             curve["loss"].append(round(loss.item(), 5))
