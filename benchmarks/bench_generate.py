@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.train import target_modules
@@ -57,8 +58,6 @@ def run(quick: bool = False, device: str = "cpu", size: str = "small", family: s
         family: Zoo family.
         threads: ``torch.set_num_threads`` during the run (None leaves it).
     """
-    from peft import LoraConfig, get_peft_model
-
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -6,13 +6,15 @@ import dataclasses
 
 import pytest
 import torch
+from peft import get_peft_model
 from transformers import TrainerCallback
 
 from lora_lens.errors import ConfigError, MismatchError, TrainingError
 from lora_lens.lab.probes import accuracy
 from lora_lens.lab.tokenizer import build_tokenizer
-from lora_lens.lab.train import (LoraSpec, TrainResult, default_spec, encode_example, has_lora, linear_modules,
-                                 matched_modules, replay_examples, target_modules, train_lora)
+from lora_lens.lab.train import (LoraSpec, TrainResult, default_spec, has_lora, linear_modules, lora_config,
+                                 matched_modules, target_modules, train_lora)
+from lora_lens.lab.train_data import encode_example, replay_examples
 from lora_lens.lab.world import Task, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, build_model, load_model
 
@@ -58,11 +60,7 @@ def test_presets_resolve_for_every_family(family, tiny_world):
     assert not any("lm_head" in n or "embed" in n or n.endswith("wte") for n in every)
     assert set(every) == set(linear_modules(model))  # every block linear layer, nothing else
     # the suffixes select exactly the resolved layers once peft injects them
-    from peft import get_peft_model
-
     spec = LoraSpec(rank=2, targets="attn")
-    from lora_lens.lab.train import lora_config
-
     peft_model = get_peft_model(model, lora_config(model, spec))
     injected = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert injected == set(matched_modules(build_model(family, "tiny", tok), "attn"))
