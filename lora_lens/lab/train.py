@@ -37,7 +37,8 @@ from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_exa
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import set_seed, show_progress
 
-__all__ = ["INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "default_spec", "has_lora",
+__all__ = ["INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec", "default_spec",
+           "has_lora",
            "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -199,6 +200,17 @@ def default_spec(task_name: str | None = None, **overrides) -> LoraSpec:
     values = dict(_TASK_DEFAULTS.get(task_name, {}))
     values.update(overrides)
     return LoraSpec.from_dict(values)
+
+
+def check_spec(spec) -> LoraSpec:
+    """``spec`` itself when it is a :class:`LoraSpec` (whose fields were checked when it was made).
+
+    Raises:
+        ConfigError: ``spec`` is something else (a dict, a name …).
+    """
+    if not isinstance(spec, LoraSpec):
+        raise ConfigError(f"spec must be a LoraSpec, not {type(spec).__name__}: use LoraSpec(...) or default_spec()")
+    return spec
 
 
 @dataclass
@@ -463,9 +475,7 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
     """
     if not isinstance(task, Task):
         raise ConfigError(f"task must be a lora_lens Task (make_task(world, name)), not {type(task).__name__}")
-    spec = default_spec(task.name if task.name in _TASK_DEFAULTS else None) if spec is None else spec
-    if not isinstance(spec, LoraSpec):
-        raise ConfigError(f"spec must be a LoraSpec, not {type(spec).__name__}: use LoraSpec(...) or default_spec()")
+    spec = default_spec(task.name if task.name in _TASK_DEFAULTS else None) if spec is None else check_spec(spec)
     check_no_lora(model)
     examples, world = training_examples(model, task, spec.replay, seed, world)
     if tokenizer.pad_token_id is None:
