@@ -35,6 +35,9 @@ from lora_lens.lab.world import World, make_world
 from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, set_seed, sha256_file, show_progress,
                              stable_hash, write_json)
 
+__all__ = ["CACHE_VERSION", "FAMILIES", "MAX_POSITIONS", "PRETRAIN", "SIZES", "Pretrained", "Size", "build_model",
+           "cache_dir", "check_family", "get_pretrained", "load_model", "n_params", "pretrain", "resolve_size"]
+
 CACHE_VERSION = 1
 MAX_POSITIONS = 64
 
