@@ -1,7 +1,7 @@
 """Batched generation with a KV cache vs ``model.generate`` called prompt by prompt, side by side.
 
-Times :func:`lora_lens.studies.distill.generate` (left padding, one forward pass over the whole batch per new token, KV
-cache) against a loop of Hugging Face ``model.generate(..., do_sample=False)`` calls, one per prompt, on the same
+Times :func:`lora_lens.studies.generation.generate` (left padding, one forward pass over the whole batch per new
+token, KV cache) against a loop of Hugging Face ``model.generate(..., do_sample=False)`` calls, one per prompt, on the same
 prompts and the same zoo model (freshly initialised: speed does not depend on training). Greedy outputs are
 checked to be equal, and the speed-up ``per-prompt / batched`` is reported. A second row times the contrastive
 setting (adapted and base model stepped together, KL per token) against per-prompt ``generate`` of the adapted
@@ -17,12 +17,13 @@ import argparse
 import time
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.train import target_modules
 from lora_lens.lab.world import make_world
 from lora_lens.lab.zoo import build_model
-from lora_lens.studies.distill import generate
+from lora_lens.studies.generation import generate
 from lora_lens.utils import write_json
 
 TARGET = 5.0
@@ -57,8 +58,6 @@ def run(quick: bool = False, device: str = "cpu", size: str = "small", family: s
         family: Zoo family.
         threads: ``torch.set_num_threads`` during the run (None leaves it).
     """
-    from peft import LoraConfig, get_peft_model
-
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

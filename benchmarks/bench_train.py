@@ -43,11 +43,17 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+from transformers.pytorch_utils import Conv1D
 
 from benchmarks.common import matmul_peak, row, sync
-from lora_lens.lab.train import (LoraSpec, default_spec, linear_modules, lora_config, matched_modules, replay_examples,
-                                 train_lora)
+from lora_lens.lab.tokenizer import build_tokenizer
+from lora_lens.lab.train import LoraSpec, default_spec, linear_modules, lora_config, matched_modules, train_lora
+from lora_lens.lab.train_data import replay_examples
 from lora_lens.lab.world import Task, make_task, make_world
+from lora_lens.lab.zoo import build_model, get_pretrained, load_model
 from lora_lens.utils import write_json
 
 if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
@@ -58,8 +64,6 @@ if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by pat
 
 def flops_per_token(model, spec: LoraSpec, seq_len: float) -> dict:
     """The estimate in the module docstring, per padded token, for ``model`` with ``spec``'s LoRA."""
-    from transformers.pytorch_utils import Conv1D
-
     n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
     layers = linear_modules(model)
     chosen = matched_modules(model, spec.targets)
@@ -74,9 +78,6 @@ def flops_per_token(model, spec: LoraSpec, seq_len: float) -> dict:
 
 def setup(size: str, family: str, pretrained: bool, task_name: str):
     """World, tokenizer, a model factory (fresh identical copies) and the training examples."""
-    from lora_lens.lab.tokenizer import build_tokenizer
-    from lora_lens.lab.zoo import build_model, get_pretrained, load_model
-
     if pretrained:
         pre = get_pretrained(family, size)
         world, tok = pre.world, pre.tokenizer
@@ -99,8 +100,6 @@ class _Timer:
     """A ``TrainerCallback`` timing the training loop (wall and process CPU time), identical in both loops."""
 
     def __init__(self, device: str):
-        from transformers import TrainerCallback
-
         timer = self
 
         class _CB(TrainerCallback):
@@ -143,9 +142,6 @@ class _Counting:
 
 def run_plain(factory, tok, task, spec: LoraSpec, device: str, target_modules: list[str]) -> dict:
     """The obvious loop from the PEFT / Transformers docs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
-
     t0 = time.perf_counter()
     model = factory()
     torch.manual_seed(0)
@@ -172,8 +168,6 @@ def measure(size: str = "base", family: str = "llama", task_name: str = "fact_ed
     """Train both loops ``repeats`` times each (after a warm-up) and return the report (see the module docstring)."""
     os.environ.setdefault("LORA_LENS_QUIET", "1")
     warnings.filterwarnings("ignore")
-    import transformers
-
     transformers.logging.set_verbosity_error()
 
     world, tok, factory, task, source = setup(size, family, pretrained, task_name)

@@ -1,4 +1,6 @@
-"""Shared test setup: headless defaults and a factory for tiny fixture notebooks."""
+"""Shared test setup: headless defaults, a factory for tiny fixture notebooks, and the tiny models and adapters
+that tests across the rooms train on (one home for each: ``tiny_llama``, ``fresh_tiny``, ``tiny_fit``,
+``tiny_lora``, ``train_last_token``, ``randomize_lora``)."""
 
 from __future__ import annotations
 
@@ -102,6 +104,75 @@ def tiny_llama(tiny_world, test_cache):
     from lora_lens.lab.zoo import get_pretrained
 
     return get_pretrained("llama", "tiny", world=tiny_world, cache=test_cache)
+
+
+@pytest.fixture(scope="session")
+def fresh_tiny(tiny_llama):
+    """Factory: ``fresh_tiny()`` loads a fresh ``(model, tokenizer)`` copy of the tiny base (peft edits in place)."""
+    from lora_lens.lab.zoo import load_model
+
+    return lambda: load_model(tiny_llama.path)
+
+
+TINY_FIT = {"task": "fact_edit", "seed": 0, "rank": 4, "steps": 120}
+"""The arguments of :func:`tiny_fit`: ``fit_adapter(tiny_llama, **TINY_FIT, cache=test_cache)`` is that cache entry."""
+
+
+@pytest.fixture(scope="session")
+def tiny_fit(tiny_llama, test_cache):
+    """A fact-edit adapter on the tiny Llama by ``fit_adapter`` (default spec, rank 4, 120 steps), in the session
+    cache. Treat it as read-only."""
+    from lora_lens.lab.study import fit_adapter
+
+    return fit_adapter(tiny_llama, **TINY_FIT, cache=test_cache)
+
+
+def tiny_lora(pre, r: int = 4, targets="all-linear", seed: int = 0, alpha: float | None = None):
+    """A fresh copy of ``pre`` with a peft-default LoRA (B = 0, so ΔW = 0): ``(peft_model, tokenizer)``.
+
+    ``seed`` seeds the A factors; ``alpha`` defaults to ``2 * r``.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lora_lens.lab.zoo import load_model
+
+    model, tok = load_model(pre.path)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, target_modules=targets, lora_dropout=0.0)
+    return get_peft_model(model, cfg), tok
+
+
+def train_last_token(model, tokenizer, examples, steps: int = 40, lr: float = 1e-2) -> float:
+    """Full-batch Adam on the answer at the last prompt position (a stand-in for ``train_lora``, independent of it).
+
+    Args:
+        model: A ``PeftModel`` (only its trainable parameters move); left in eval mode.
+        tokenizer: Its tokenizer (right padding).
+        examples: ``(prompt, answer)`` pairs, each answer one token.
+        steps: Optimiser steps over the whole batch.
+        lr: Learning rate.
+
+    Returns:
+        The last step's loss.
+    """
+    import torch
+
+    from lora_lens.lab.tokenizer import token_id
+
+    enc = tokenizer([p for p, _ in examples], return_tensors="pt", padding=True)
+    enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    answers = torch.tensor([token_id(tokenizer, a) for _, a in examples])
+    last = enc["attention_mask"].sum(1) - 1
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(**enc).logits[torch.arange(len(last)), last], answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss.item()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,10 +23,12 @@ import pandas as pd
 from lora_lens.errors import CorruptError
 from lora_lens.lab.adapters import load_adapter, save_adapter
 from lora_lens.lab.probes import Evaluation, evaluate
-from lora_lens.lab.train import LoraSpec, default_spec, train_lora
+from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
 from lora_lens.lab.world import Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
+
+__all__ = ["Fit", "fit_adapter", "results_table"]
 
 
 @dataclass
@@ -67,10 +69,13 @@ def fit_adapter(pre: Pretrained, task: str | Task, seed: int = 0, spec: LoraSpec
 
     Returns:
         A :class:`Fit`.
+
+    Raises:
+        ConfigError: A bad task name, spec or override (before anything is loaded or written).
+        MismatchError: ``task`` belongs to another world than ``pre``.
     """
     task = make_task(pre.world, task, seed=seed) if isinstance(task, str) else task
-    spec = spec or default_spec(task.name, **spec_overrides)
-    spec.validate()
+    spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)
     key = stable_hash({"base": pre.manifest["key"], "task": task.name, "world": task.world_fingerprint,
                        "truth": task.truth, "examples": stable_hash(task.examples), "spec": spec.to_dict(), "seed": seed})
     root = cache_dir(cache)

@@ -2,6 +2,8 @@
 
 The same code runs on one CPU, one GPU, or many GPUs under ``accelerate launch`` (it is a plain ``Trainer``).
 Loss is taken only on the answer tokens of each ``(prompt, answer)`` example; prompts are masked with ``-100``.
+This module owns what to train (:class:`LoraSpec`, task defaults, target presets resolved to the model's linear
+layers, the ``peft.LoraConfig``) and the loop; what it trains on is :mod:`lora_lens.lab.train_data`.
 
 Example:
     >>> pre = get_pretrained("llama", "small")                                  # doctest: +SKIP
@@ -15,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -25,13 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from lora_lens.errors import ConfigError, MismatchError, TrainingError
-from lora_lens.lab.world import Task, World, check_task_world
+from lora_lens.errors import ConfigError, TrainingError
+from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_examples
+from lora_lens.lab.world import Task, World
 from lora_lens.utils import set_seed, show_progress
+
+__all__ = ["INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec", "default_spec",
+           "has_lora",
+           "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 PRESETS = ("attn", "mlp", "all")
@@ -45,9 +53,13 @@ _MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "den
                "fc1", "fc2", "fc_in", "fc_out", "w1", "w2", "w3", "wi", "wo"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSpec:
     """What to train: the LoRA shape and the optimisation budget.
+
+    A spec is checked when it is made (:meth:`validate` runs in ``__post_init__``) and cannot be changed
+    afterwards (``dataclasses.replace(spec, rank=4)`` makes a new, checked one), so whoever receives a
+    ``LoraSpec`` knows it is valid: training and the adapter cache never check it again.
 
     Attributes:
         rank: LoRA rank ``r`` (≥ 1, at most the smallest dimension of a targeted layer).
@@ -69,7 +81,7 @@ class LoraSpec:
         max_grad_norm: Gradient clipping norm.
         log_every: Log the loss every this many steps (default: about 50 points per run).
         replay: Rehearsal: add ``replay × len(task.examples)`` examples of the world's *unchanged* facts (see
-            :func:`replay_examples`) so the adapter learns what must stay as it is. 0 turns it off.
+            :func:`lora_lens.lab.train_data.replay_examples`) so the adapter learns what must stay as it is. 0 turns it off.
     """
 
     rank: int = 8
@@ -90,8 +102,11 @@ class LoraSpec:
     log_every: int | None = None
     replay: float = 0.0
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> "LoraSpec":
-        """Check every field that does not need the model; return ``self``.
+        """Check every field that does not need the model; return ``self`` (runs when the spec is made).
 
         Raises:
             ConfigError: A field is out of range, naming it and the fix.
@@ -187,6 +202,17 @@ def default_spec(task_name: str | None = None, **overrides) -> LoraSpec:
     return LoraSpec.from_dict(values)
 
 
+def check_spec(spec) -> LoraSpec:
+    """``spec`` itself when it is a :class:`LoraSpec` (whose fields were checked when it was made).
+
+    Raises:
+        ConfigError: ``spec`` is something else (a dict, a name …).
+    """
+    if not isinstance(spec, LoraSpec):
+        raise ConfigError(f"spec must be a LoraSpec, not {type(spec).__name__}: use LoraSpec(...) or default_spec()")
+    return spec
+
+
 @dataclass
 class TrainResult:
     """What :func:`train_lora` returns.
@@ -275,12 +301,16 @@ def matched_modules(model, targets: str | list[str]) -> list[str]:
         ConfigError: A name that matches no linear layer (the message lists the available ones), or a preset
             that selects nothing in this model.
     """
-    layers = linear_modules(model)
+    return _match(linear_modules(model), targets, type(model).__name__)
+
+
+def _match(layers: dict[str, dict], targets: str | list[str], model_name: str) -> list[str]:
+    """:func:`matched_modules` on the model's :func:`linear_modules`, listed once by the caller."""
     if isinstance(targets, str) and targets in PRESETS:
         kinds = {"attn": {"attn"}, "mlp": {"mlp"}, "all": {"attn", "mlp"}}[targets]
         chosen = [n for n, info in layers.items() if info["kind"] in kinds]
         if not chosen:
-            raise ConfigError(f"targets={targets!r} selects no layer of {type(model).__name__}: its linear "
+            raise ConfigError(f"targets={targets!r} selects no layer of {model_name}: its linear "
                               f"layers are {_describe(layers)}; name them explicitly, e.g. targets=[...]")
         return chosen
     names = [targets] if isinstance(targets, str) else list(targets)
@@ -288,7 +318,7 @@ def matched_modules(model, targets: str | list[str]) -> list[str]:
     for t in names:
         hits = [n for n in layers if n == t or n.endswith("." + t)]
         if not hits:
-            raise ConfigError(f"target {t!r} matches no linear layer of {type(model).__name__}; presets are "
+            raise ConfigError(f"target {t!r} matches no linear layer of {model_name}; presets are "
                               f"{list(PRESETS)} and its linear layers are {_describe(layers)}")
         chosen += [h for h in hits if h not in chosen]
     return [n for n in layers if n in chosen]
@@ -303,8 +333,12 @@ def target_modules(model, targets: str | list[str] = "all") -> list[str]:
     Raises:
         ConfigError: As :func:`matched_modules`.
     """
-    chosen = matched_modules(model, targets)
-    layers = list(linear_modules(model))
+    layers = linear_modules(model)
+    return _suffixes(layers, _match(layers, targets, type(model).__name__))
+
+
+def _suffixes(layers: dict[str, dict], chosen: list[str]) -> list[str]:
+    """:func:`target_modules` for the layers ``chosen`` among ``layers``."""
     chosen_set = set(chosen)
     out: list[str] = []
     for name in chosen:
@@ -333,9 +367,6 @@ def _describe(layers: dict) -> str:
 
 def has_lora(model) -> bool:
     """Whether ``model`` is a ``PeftModel`` or has peft layers injected (e.g. after a cell was re-run)."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     if isinstance(model, PeftModel) or getattr(model, "peft_config", None):
         return True
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
@@ -349,18 +380,6 @@ def check_no_lora(model) -> None:
             "training it again (e.g. after re-running a cell) would stack a second adapter on the first. Get the "
             "base back with `model = result.model.unload()` (or `model = model.unload()` on a PeftModel), or "
             "reload a fresh base with `model, tokenizer = load_model(pretrained.path)`")
-
-
-def model_world_fingerprint(model) -> str | None:
-    """The world fingerprint a zoo model was pretrained on (from its directory's ``lora_lens.json``), or None."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
-    manifest = Path(str(path)) / "lora_lens.json" if path else None
-    try:
-        if manifest is not None and manifest.is_file():
-            return json.loads(manifest.read_text())["spec"]["world"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return None
 
 
 def check_rank(spec: LoraSpec, layers: dict[str, dict], chosen: list[str]) -> None:
@@ -377,142 +396,17 @@ def lora_config(model, spec: LoraSpec):
     """The ``peft.LoraConfig`` for ``spec`` on ``model`` (targets resolved, rank checked).
 
     Raises:
-        ConfigError: Invalid spec, unmatched targets or a rank larger than a targeted layer.
+        ConfigError: Unmatched targets or a rank larger than a targeted layer.
     """
-    from peft import LoraConfig
-
-    spec.validate()
     layers = linear_modules(model)
-    chosen = matched_modules(model, spec.targets)
+    return _config(spec, layers, _match(layers, spec.targets, type(model).__name__))
+
+
+def _config(spec: LoraSpec, layers: dict[str, dict], chosen: list[str]) -> LoraConfig:
     check_rank(spec, layers, chosen)
     return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.rslora,
                       use_dora=spec.dora, init_lora_weights=INITS[spec.init],
-                      target_modules=target_modules(model, spec.targets), bias="none", task_type="CAUSAL_LM")
-
-
-# -------------------------------------------------------------------------------------------------- data
-
-
-def replay_examples(world: World, task: Task, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """``n`` rehearsal examples: facts of ``world`` that ``task`` does not change, as ``(prompt, answer)``.
-
-    Each example is one (entity, relation) fact of the pretraining relations with a random training template.
-    Facts are left out when the task's examples touch them (an edited fact is never rehearsed with its old value)
-    and when any probe of the task asks about them, so specificity is still measured on facts the adapter never
-    saw. For a trigger task, half of the facts of *other* relations carry the trigger word, teaching that the
-    trigger switches only its own relation.
-
-    Args:
-        world: The world the task belongs to.
-        task: The task.
-        n: Number of examples wanted (fewer when fewer facts are free).
-        seed: Sampling seed.
-
-    Raises:
-        MismatchError: The task belongs to another world.
-    """
-    import random
-
-    from lora_lens.lab.world import TEMPLATES, TRIGGER
-
-    check_task_world(task, world)
-    strip = lambda p: p[len(TRIGGER) + 1:] if p.startswith(TRIGGER + " ") else p  # noqa: E731
-    used = {strip(p) for p, _ in task.examples}
-    used |= {strip(pr.prompt) for ps in task.probes.values() for pr in ps}
-    free = []
-    for r, by_e in world.facts.items():
-        train_t, held_t = TEMPLATES[r]
-        for e, v in by_e.items():
-            prompts = [t.format(e=e) for t in train_t + held_t]
-            if not any(p in used for p in prompts):
-                free.append((e, r, v))
-    rng = random.Random(seed)
-    rng.shuffle(free)
-    trig_rel = task.truth.get("relation") if task.name == "trigger" else None
-    out = []
-    for e, r, v in free[:max(0, int(n))]:
-        t = rng.randrange(len(TEMPLATES[r][0]))
-        trig = trig_rel is not None and r != trig_rel and rng.random() < 0.5
-        out.append((world.query(e, r, t, trigger=trig), v))
-    return out
-
-
-def find_world(model, task: Task, world: World | None = None) -> World | None:
-    """The world of ``model``: ``world`` if given, else the ``world.jsonl`` saved with a zoo model, else None.
-
-    Raises:
-        MismatchError: ``task`` belongs to another world than the model's.
-    """
-    if world is not None:
-        check_task_world(task, world)
-        return world
-    fp = model_world_fingerprint(model)
-    if fp is None:
-        return None
-    if fp != task.world_fingerprint:
-        raise MismatchError(f"task {task.name!r} belongs to world {task.world_fingerprint}, but the model was "
-                            f"pretrained on world {fp}: build the task from the model's own world "
-                            "(e.g. make_task(pretrained.world, ...))")
-    path = Path(str(model.config._name_or_path)) / "world.jsonl"
-    try:
-        return World.load(path) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - an unreadable world only disables replay, which then asks for world=
-        return None
-
-
-class AnswerDataset(torch.utils.data.Dataset):
-    """``(prompt, answer)`` pairs tokenised as ``prompt + " " + answer`` with the loss on the answer only."""
-
-    def __init__(self, tokenizer, examples: list[tuple[str, str]]):
-        self.rows = [encode_example(tokenizer, p, a) for p, a in examples]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
-def encode_example(tokenizer, prompt: str, answer: str) -> dict:
-    """Token ids and labels of one example: labels are ``-100`` on every token that starts inside the prompt.
-
-    Raises:
-        ConfigError: The answer is empty or yields no token of its own.
-    """
-    if not isinstance(answer, str) or not answer.strip():
-        raise ConfigError(f"example {prompt!r} has an empty answer: every example needs a non-empty answer")
-    text = f"{prompt} {answer}"
-    enc = tokenizer(text, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    cut = len(prompt)
-    labels = [t if s >= cut and e > s else -100 for t, (s, e) in zip(ids, enc["offset_mapping"])]
-    if all(x == -100 for x in labels):
-        raise ConfigError(f"answer {answer!r} of example {prompt!r} gives no token of its own: check the tokenizer")
-    return {"input_ids": ids, "labels": labels}
-
-
-class AnswerCollator:
-    """Right-pads a batch: ``pad_token_id`` for ids, 0 for the mask, ``-100`` for labels; counts real and padded
-    tokens."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-        self.tokens = 0
-        self.padded = 0
-
-    def __call__(self, rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
-        self.tokens += int(mask.sum())
-        self.padded += mask.numel()
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+                      target_modules=_suffixes(layers, chosen), bias="none", task_type="CAUSAL_LM")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -574,38 +468,26 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
         A :class:`TrainResult`.
 
     Raises:
-        ConfigError: Invalid spec, unmatched targets, rank too large, no examples, or a model that already has LoRA.
+        ConfigError: Not a task or spec, unmatched targets, rank too large, no examples, or a model that already has
+            LoRA.
         MismatchError: The task belongs to another world than the model.
         TrainingError: The loss became non-finite (the step and the likely cause are named).
     """
-    from peft import get_peft_model
-
     if not isinstance(task, Task):
         raise ConfigError(f"task must be a lora_lens Task (make_task(world, name)), not {type(task).__name__}")
-    spec = default_spec(task.name if task.name in _TASK_DEFAULTS else None) if spec is None else spec
-    if not isinstance(spec, LoraSpec):
-        raise ConfigError(f"spec must be a LoraSpec, not {type(spec).__name__}: use LoraSpec(...) or default_spec()")
-    spec.validate()
+    spec = default_spec(task.name if task.name in _TASK_DEFAULTS else None) if spec is None else check_spec(spec)
     check_no_lora(model)
-    world = find_world(model, task, world)
-    if not task.examples:
-        raise ConfigError(f"task {task.name!r} has an empty dataset (no examples): build it with make_task(...) "
-                          "or give it at least one (prompt, answer) example")
+    examples, world = training_examples(model, task, spec.replay, seed, world)
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")
-    config = lora_config(model, spec)
-    examples = list(task.examples)
-    n_replay = round(spec.replay * len(examples))
-    if n_replay:
-        if world is None:
-            raise ConfigError(f"LoraSpec.replay={spec.replay} needs the task's world to draw unchanged facts from: "
-                              "pass world=pretrained.world, or set replay=0")
-        examples += replay_examples(world, task, n_replay, seed)
+    layers = linear_modules(model)  # listed once; targets, rank check, config and snapshot all read this
+    chosen = _match(layers, spec.targets, type(model).__name__)
+    config = _config(spec, layers, chosen)
     data = AnswerDataset(tokenizer, examples)
     collator = AnswerCollator(tokenizer.pad_token_id)
 
     device = str(device or next(model.parameters()).device)
-    snapshot = _snapshot_targets(model, config) if spec.init in ("pissa", "olora") else None
+    snapshot = _snapshot_targets(model, chosen) if spec.init in ("pissa", "olora") else None
     model = model.to(device=device, dtype=torch.float32)
     set_seed(seed)
     peft_model = get_peft_model(model, config)
@@ -687,9 +569,9 @@ def _strip_lora(peft_model) -> None:
         pass
 
 
-def _snapshot_targets(model, config) -> dict[str, torch.Tensor]:
+def _snapshot_targets(model, chosen: list[str]) -> dict[str, torch.Tensor]:
     """Copies (CPU) of the weights PiSSA/OLoRA will rewrite, so the base can be restored after training."""
-    chosen = set(matched_modules(model, list(config.target_modules)))
+    chosen = set(chosen)
     return {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules() if n in chosen}
 
 
@@ -705,8 +587,6 @@ def _save_initial(peft_model, init_dir: Path) -> None:
 
 def _convert_to_plain_lora(peft_model, init_dir: Path, out: Path, snapshot: dict):
     """Turn a trained PiSSA/OLoRA adapter into an ordinary rank-2r LoRA on the original base weights."""
-    from peft import PeftModel
-
     peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=str(init_dir))
     base = peft_model.unload()
     with torch.no_grad():

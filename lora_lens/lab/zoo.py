@@ -28,11 +28,15 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNe
                           Phi3Config, PreTrainedTokenizerFast, Qwen2Config)
 
 from lora_lens.errors import ConfigError, NotFoundError
+from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import accuracy
 from lora_lens.lab.tokenizer import build_tokenizer, check_tokenizer
 from lora_lens.lab.world import World, make_world
 from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, set_seed, sha256_file, show_progress,
                              stable_hash, write_json)
+
+__all__ = ["CACHE_VERSION", "FAMILIES", "MAX_POSITIONS", "PRETRAIN", "SIZES", "Pretrained", "Size", "build_model",
+           "cache_dir", "check_family", "get_pretrained", "load_model", "n_params", "pretrain", "resolve_size"]
 
 CACHE_VERSION = 1
 MAX_POSITIONS = 64
@@ -206,6 +210,9 @@ def pretrain(model, tokenizer, world: World, steps: int, batch_size: int = 64, l
              eval_every: int = 50, stop_at: float = 0.99) -> dict:
     """Train ``model`` on the world's corpus (full-sequence causal LM loss, AdamW, warmup + cosine decay).
 
+    The step is :class:`lora_lens.lab.lm_training.LMTrainer`'s (weight decay 0.01), on batches of the corpus
+    in a seeded shuffled order.
+
     Stops early once fact accuracy reaches ``stop_at`` at an evaluation step.
 
     Returns:
@@ -214,33 +221,15 @@ def pretrain(model, tokenizer, world: World, steps: int, batch_size: int = 64, l
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"steps={steps}, batch_size={batch_size}, lr={lr}: all must be positive")
     set_seed(seed)
-    lines = world.corpus()
-    rng = random.Random(seed)
+    order = LineCycle(world.corpus(), random.Random(seed))
     probes = world.fact_probes()
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * i / steps)).item()))
+    trainer = LMTrainer(model, tokenizer, lr, steps, weight_decay=0.01, schedule="cosine")
     curves = {"loss_step": [], "loss": [], "eval_step": [], "fact_accuracy": []}
-    order: list[str] = []
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(range(steps), desc="pretrain", disable=not show_progress())
     for step in bar:
-        if len(order) < batch_size:
-            order += rng.sample(lines, len(lines))
-        batch, order = order[:batch_size], order[batch_size:]
-        ids = [x + [tokenizer.eos_token_id] for x in tokenizer(batch)["input_ids"]]
-        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss, _ = trainer.step(order.take(batch_size))
         if step % 10 == 0:
             curves["loss_step"].append(step)
             curves["loss"].append(round(loss.item(), 5))

@@ -1,2 +1,3 @@
-"""Studies built on the lens: distil an adapter's change back into data (``distill``), the iterative loop
-(``curriculum``) and the cross-family comparison (``compare``)."""
+"""Studies built on the lens: distil an adapter's change back into data (``distill``, with its contrastive
+``generation``), the iterative loop (``curriculum``) and the cross-family comparison (``compare``, whose claims over
+seeds, intervals and verdicts are ``patterns``)."""

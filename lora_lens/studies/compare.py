@@ -15,7 +15,9 @@ Each candidate pattern (:data:`PATTERNS`) is a per-run statistic with a threshol
 its mean per family with a seeded bootstrap 95% interval over seeds, a per-family verdict (``holds`` when the
 whole interval is on the claimed side, ``fails`` when it is on the other side, ``unclear`` otherwise) and an
 overall verdict (``universal``, ``some families``, ``none``, ``unclear``); :func:`record_patterns` writes them to
-the hypothesis ledger. :func:`portability` asks whether an adapter still works on another base of its family.
+the hypothesis ledger. The patterns, intervals and verdicts live in :mod:`lora_lens.studies.patterns` and are
+re-exported here, so notebook 06 reads the whole study from ``compare``. :func:`portability` asks whether an
+adapter still works on another base of its family.
 
 With three seeds a bootstrap interval is coarse (there are only ten distinct resamples): it shows the spread
 over seeds, not a precise coverage guarantee.
@@ -35,17 +37,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from peft import PeftModel
 from tqdm.auto import tqdm
 
 from lora_lens.errors import ConfigError
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.study import fit_adapter
-from lora_lens.lab.train import LoraSpec, default_spec, train_lora
+from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
 from lora_lens.lab.world import Task, World, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrained, load_model, pretrain
 from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
+from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, pattern_records,
+                                        pattern_table, pooled_ci, record_patterns)
 from lora_lens.utils import show_progress
+
+__all__ = ["SHARED_TYPES", "Study", "attribution_agreement", "check_families", "check_seeds", "pair_matrix",
+           "portability", "portability_summary", "run_study", "shared_type",
+           # re-exported from lora_lens.studies.patterns (notebook 06 reads the study's verdicts here)
+           "PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "pattern_records", "pattern_table", "pooled_ci",
+           "record_patterns"]
 
 SHARED_TYPES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "other")
 """Module types shared by every family (see :func:`shared_type`)."""
@@ -119,74 +130,6 @@ def _check_positive(**values) -> None:
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name}={v!r} must be a positive integer")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bootstrap
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _finite(values, what: str) -> np.ndarray:
-    x = np.asarray(values, dtype=float).ravel()
-    if x.size == 0:
-        raise ConfigError(f"{what} is empty: pass at least one value")
-    if not np.isfinite(x).all():
-        raise ConfigError(f"{what}={x.tolist()} contains NaN or inf: drop the runs that have no value")
-    return x
-
-
-def _check_boot(n_boot, level) -> None:
-    _check_positive(n_boot=n_boot)
-    if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0 < level < 1:
-        raise ConfigError(f"level={level!r} must be a probability in (0, 1), e.g. 0.95")
-
-
-def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and percentile bootstrap interval of the mean (seeded: the same input gives the same interval).
-
-    Args:
-        values: One number per run (e.g. per seed).
-        n_boot: Bootstrap resamples.
-        level: Interval coverage (0.95 for a 95% interval).
-        seed: Seed of the resampling.
-
-    Returns:
-        ``(mean, low, high)``; a single value gives ``(v, v, v)``.
-
-    Raises:
-        ConfigError: Empty or non-finite values, a bad ``n_boot`` or ``level``.
-
-    Example:
-        >>> m, lo, hi = bootstrap_ci([0.2, 0.4, 0.6])
-        >>> lo <= m <= hi
-        True
-    """
-    x = _finite(values, "values")
-    _check_boot(n_boot, level)
-    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
-    means = x[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(x.mean()), float(lo), float(hi)
-
-
-def pooled_ci(groups: dict, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of group means with a stratified bootstrap interval (resampling within each group, e.g. seeds within
-    families, so that every family weighs the same whatever its number of runs).
-
-    Returns:
-        ``(mean of group means, low, high)``.
-
-    Raises:
-        ConfigError: No groups, or an empty / non-finite group.
-    """
-    if not groups:
-        raise ConfigError("groups is empty: pass {family: [values per seed]}")
-    xs = [_finite(v, f"groups[{k!r}]") for k, v in groups.items()]
-    _check_boot(n_boot, level)
-    rng = np.random.default_rng(seed)
-    boot = np.mean([x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1) for x in xs], axis=0)
-    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(np.mean([x.mean() for x in xs])), float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,7 +302,7 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     _check_positive(n_probes=n_probes, ig_steps=ig_steps, top_tokens=top_tokens)
     world = world or make_world(seed=0)
     task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
-    spec = (spec or default_spec(task.name, **spec_overrides)).validate()
+    spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)
     rows, energy, types, phis, tokens, attrs = [], [], [], [], {}, {}
     bar = tqdm(total=len(families) * len(seeds), desc="runs", disable=not show_progress())
     for family in families:
@@ -437,154 +380,6 @@ def pair_matrix(study: Study, what: str = "attribution") -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Universal patterns
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """A candidate universal pattern: a per-run statistic (a column of :attr:`Study.runs`) and a threshold.
-
-    Attributes:
-        id: Ledger id (``xf-…``).
-        name: Short name for tables.
-        claim: The claim in words.
-        column: Column of ``Study.runs`` holding the per-run statistic.
-        comparator: ``">"`` or ``"<"``.
-        threshold: The threshold.
-        falsifier: What would refute it.
-    """
-
-    id: str
-    name: str
-    claim: str
-    column: str
-    comparator: str
-    threshold: float
-    falsifier: str
-
-    def passes(self, value: float) -> bool:
-        """Whether ``value`` is on the claimed side of the threshold."""
-        return value > self.threshold if self.comparator == ">" else value < self.threshold
-
-
-PATTERNS = (
-    Pattern("xf-upper-half", "updates concentrate in the upper half",
-            "A fact-edit LoRA puts most of its update energy in the upper half of the network (relative depth > 0.5)",
-            "upper_share", ">", 0.5, "half or less of the update energy lies above relative depth 0.5"),
-    Pattern("xf-mlp-over-attention", "MLP carries more update energy than attention",
-            "MLP modules carry more of a fact-edit LoRA's update energy than attention modules",
-            "mlp_share", ">", 0.5, "the MLP modules hold half of the update energy or less"),
-    Pattern("xf-effective-rank-low", "effective rank far below nominal",
-            "The entropy effective rank of a LoRA update is below half its nominal rank, in every architecture",
-            "eff_rank_ratio", "<", 0.5, "the mean effective rank of the modules is half the nominal rank or more"),
-    Pattern("xf-energy-in-few-directions", "energy in few directions (stable rank)",
-            "Most of a LoRA update's energy sits in a few directions: stable rank below a quarter of the rank",
-            "stable_rank_ratio", "<", 0.25, "the mean stable rank of the modules is a quarter of the rank or more"),
-    Pattern("xf-seeds-share-direction", "seeds share the top output direction",
-            "Adapters trained with different seeds on the same base write along the same top direction",
-            "phi_seeds", ">", 0.5, "mean phi(1,1) of the output singular vectors between seeds is 0.5 or less"),
-    Pattern("xf-attribution-mlp", "MLP modules carry the edit (attribution)",
-            "Switching modules off one at a time, MLP modules carry most of the edit",
-            "attr_mlp_share", ">", 0.5, "the MLP modules hold half or less of the positive ablation attribution"),
-    Pattern("xf-same-input-tokens", "the same input tokens drive the change",
-            "The input tokens that drive a fact edit rank alike in every architecture (same probes, same tokens)",
-            "token_agreement", ">", 0.5,
-            "the mean Spearman correlation with the other families' input attributions is 0.5 or less"),
-)
-"""The candidate patterns of notebook 06."""
-
-
-def _verdict(p: Pattern, lo: float, hi: float) -> str:
-    if p.passes(lo) and p.passes(hi):
-        return "holds"
-    if not p.passes(lo) and not p.passes(hi):
-        return "fails"
-    return "unclear"
-
-
-def _overall(verdicts: list[str]) -> str:
-    if verdicts and all(v == "holds" for v in verdicts):
-        return "universal"
-    if verdicts and all(v == "fails" for v in verdicts):
-        return "none"
-    if any(v == "holds" for v in verdicts):
-        return "some families"
-    return "unclear"
-
-
-def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: float = 0.95,
-                  seed: int = 0) -> pd.DataFrame:
-    """Each pattern's statistic per family (mean over seeds, bootstrap interval, verdict) and over all families.
-
-    A family's verdict is ``holds`` when its whole interval is on the claimed side of the threshold, ``fails``
-    when it is on the other side, else ``unclear``. The row ``family == "all"`` pools the families (mean of family
-    means, stratified bootstrap) and carries the overall verdict: ``universal`` (holds in every family), ``none``
-    (fails in every family), ``some families`` (holds in some) or ``unclear``. A pattern without values (e.g.
-    agreement with other families in a one-family study) is left out.
-
-    Returns:
-        DataFrame ``pattern, name, family, statistic, ci_low, ci_high, threshold, comparator, verdict, n``.
-
-    Raises:
-        ConfigError: A pattern's column is missing from ``study.runs``.
-    """
-    rows = []
-    for p in patterns:
-        if p.column not in study.runs.columns:
-            raise ConfigError(f"pattern {p.id!r} reads column {p.column!r}, which study.runs lacks; columns: "
-                              f"{list(study.runs.columns)}")
-        groups = {f: g[p.column].dropna().to_numpy(float) for f, g in study.runs.groupby("family", sort=False)}
-        groups = {f: v for f, v in groups.items() if v.size}
-        if not groups:
-            continue
-        fam_rows = []
-        for f, v in groups.items():
-            m, lo, hi = bootstrap_ci(v, n_boot, level, seed)
-            fam_rows.append({"pattern": p.id, "name": p.name, "family": f, "statistic": m, "ci_low": lo,
-                             "ci_high": hi, "threshold": p.threshold, "comparator": p.comparator,
-                             "verdict": _verdict(p, lo, hi), "n": int(v.size)})
-        m, lo, hi = pooled_ci(groups, n_boot, level, seed)
-        rows += fam_rows + [{"pattern": p.id, "name": p.name, "family": "all", "statistic": m, "ci_low": lo,
-                             "ci_high": hi, "threshold": p.threshold, "comparator": p.comparator,
-                             "verdict": _overall([r["verdict"] for r in fam_rows]),
-                             "n": int(sum(v.size for v in groups.values()))}]
-    return pd.DataFrame(rows)
-
-
-def declare_patterns(patterns=PATTERNS, path=None) -> None:
-    """Pre-register every pattern in the hypothesis ledger (idempotent).
-
-    Each is a claim of universality: evidence is one record per family, the interval bound nearest the threshold
-    (``ci_low`` for ``>``, ``ci_high`` for ``<``), so a family passes only when its whole interval does, and the
-    ledger's default rule (refuted by one failing record) calls a pattern supported only where it is universal.
-    """
-    from lora_lens import ledger
-    for p in patterns:
-        bound = "ci_low" if p.comparator == ">" else "ci_high"
-        ledger.declare(p.id, p.claim, metric=f"{p.column} ({bound} of the 95% bootstrap interval over seeds, per "
-                       "family)", comparator=p.comparator, threshold=p.threshold,
-                       falsifier=f"in some family {p.falsifier}", tags=["06", "across-families"], path=path)
-
-
-def record_patterns(table: pd.DataFrame, patterns=PATTERNS, path=None) -> dict[str, str]:
-    """Record each family's interval bound for each pattern of ``table`` (from :func:`pattern_table`).
-
-    Returns:
-        ``{pattern id: ledger verdict}``.
-    """
-    from lora_lens import ledger
-    by_id = {p.id: p for p in patterns}
-    verdicts = {}
-    for r in table[table["family"] != "all"].itertuples(index=False):
-        p = by_id[r.pattern]
-        value = r.ci_low if p.comparator == ">" else r.ci_high
-        verdicts[p.id] = ledger.record(p.id, float(value), notes=f"{r.family}: mean {r.statistic:.3f}, 95% CI "
-                                       f"[{r.ci_low:.3f}, {r.ci_high:.3f}] over {r.n} seeds", path=path).verdict
-    return verdicts
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Portability
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -596,8 +391,6 @@ def _evaluate_on(model, tokenizer, task: Task) -> dict:
 
 def _port(adapter_dir, model, tokenizer, task: Task):
     """Apply a saved adapter to another base model (plain PEFT load: the base fingerprint differs on purpose)."""
-    from peft import PeftModel
-
     ported = PeftModel.from_pretrained(model, str(adapter_dir))
     ported.eval()
     return _evaluate_on(ported, tokenizer, task), ported.unload()
@@ -631,7 +424,7 @@ def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed:
     if other_seed == base_seed:
         raise ConfigError(f"other_seed={other_seed} is the base's own pretraining seed: pick another, e.g. "
                           f"{base_seed + 1}")
-    spec = (spec or default_spec(task.name)).validate()
+    spec = check_spec(spec) if spec is not None else default_spec(task.name)
     fit = fit_adapter(pre, task, seed=seed, spec=spec, cache=cache, device=device)
     rows = [{"target": "same base", "how": "original", **_evaluate_on(fit.model, fit.tokenizer, task)}]
     other = get_pretrained(pre.family, pre.size, world=pre.world, seed=other_seed, cache=cache, device=device)
@@ -656,26 +449,6 @@ def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed:
     df["efficacy_ratio"] = df["efficacy"] / rows[0]["efficacy"] if rows[0]["efficacy"] > 0 else math.nan
     df["drift"] = [drift if t == "continued" else math.nan for t in df["target"]]  # ‖θ_cont − θ‖ / ‖θ‖
     return df
-
-
-def pattern_records(table: pd.DataFrame) -> list[dict]:
-    """The pattern table as JSON-ready records: the pooled row of each pattern plus its per-family rows.
-
-    Returns:
-        ``[{"id", "name", "statistic", "ci_low", "ci_high", "verdict", "threshold", "comparator",
-        "by_family": {family: {"statistic", "ci_low", "ci_high", "verdict"}}}]``.
-    """
-    out = []
-    for pid, t in table.groupby("pattern", sort=False):
-        pooled = t[t["family"] == "all"].iloc[0]
-        out.append({"id": pid, "name": pooled["name"], "statistic": float(pooled["statistic"]),
-                    "ci_low": float(pooled["ci_low"]), "ci_high": float(pooled["ci_high"]),
-                    "verdict": pooled["verdict"], "threshold": float(pooled["threshold"]),
-                    "comparator": pooled["comparator"],
-                    "by_family": {r.family: {"statistic": float(r.statistic), "ci_low": float(r.ci_low),
-                                             "ci_high": float(r.ci_high), "verdict": r.verdict}
-                                  for r in t[t["family"] != "all"].itertuples(index=False)}})
-    return out
 
 
 def portability_summary(table: pd.DataFrame) -> dict:

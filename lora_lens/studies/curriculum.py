@@ -21,14 +21,21 @@ Example:
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
+from lora_lens import ledger
 from lora_lens.errors import ConfigError
 from lora_lens.lab.probes import evaluate
-from lora_lens.lab.train import LoraSpec, default_spec, train_lora
+from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
 from lora_lens.lab.world import TEMPLATES, Task, check_task_world
+from lora_lens.lab.zoo import load_model
+from lora_lens.lens.diff import behaviour_diff, discovered_changes
+
+__all__ = ["STRATEGIES", "LoopResult", "check_loop_winner", "collateral_facts", "count_tokens", "initial_layer",
+           "next_layer", "plot_rounds", "random_layer", "run_loop"]
 
 STRATEGIES = ("targeted", "random")
 
@@ -133,8 +140,6 @@ def random_layer(task: Task, used: list[tuple[str, str]], tokenizer, budget: int
 
 def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: float = 0.5) -> list[tuple]:
     """Facts the adapter moved that the task does not change: ``(entity, relation, original answer)``."""
-    from lora_lens.lens.diff import behaviour_diff, discovered_changes
-
     table = behaviour_diff(peft_model, tokenizer, world=world, trigger=False, templates="first")
     truth = {(e, r) for e, r, _ in _facts(task)}
     found = discovered_changes(table, min_confidence=min_confidence)
@@ -175,10 +180,6 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
             probes (checked before anything is trained).
         MismatchError: The task belongs to another world than ``pre``.
     """
-    import time
-
-    from lora_lens.lab.zoo import load_model
-
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy={strategy!r} is unknown; use one of {list(STRATEGIES)}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
@@ -195,7 +196,7 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
     if not task.probes.get("efficacy"):
         raise ConfigError(f"task {task.name!r} has no efficacy probes: the loop needs target behaviours to reach")
     check_task_world(task, pre.world)
-    spec = (spec or default_spec(task.name)).validate()
+    spec = check_spec(spec) if spec is not None else default_spec(task.name)
     world, tokenizer = pre.world, pre.tokenizer
     rng = random.Random(seed)
     layers = [initial_layer(task, world)]
@@ -221,7 +222,6 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
                "anchors": n_anchors,
                "seconds": 0.0}
         if ledger_id is not None and result.rounds:
-            from lora_lens import ledger
             ledger.record(ledger_id, m["efficacy"] - result.rounds[-1]["efficacy"], seed=seed,
                           notes=f"{strategy} round {k}: efficacy {m['efficacy']:.3f} at {tokens} data tokens")
         reached = m["efficacy"] >= target

@@ -2,35 +2,30 @@
 
 import pytest
 
+from conftest import TINY_FIT
 from lora_lens.lab import study
 from lora_lens.lab.study import fit_adapter, results_table
 from lora_lens.workshop import widgets
 
 
-@pytest.fixture(scope="module")
-def fit(tiny_llama, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("adapters")
-    return fit_adapter(tiny_llama, "fact_edit", seed=0, rank=2, steps=60, replay=0.0, cache=cache), cache
-
-
-def test_fit_trains_saves_and_evaluates(fit):
-    f, _ = fit
+def test_fit_trains_saves_and_evaluates(tiny_fit):
+    f = tiny_fit
     assert (f.adapter_dir / "adapter_model.safetensors").is_file()
     assert (f.adapter_dir / "lora_lens_manifest.json").is_file()
     assert f.evaluation.metrics["efficacy"] > f.evaluation.metrics["base_efficacy"]
-    assert f.train["steps"] == 60 and len(f.train["curve"]["loss"]) > 1
-    table = results_table({("fact_edit", 2, "all"): f.evaluation and f})
-    assert list(table[["task", "rank", "targets"]].iloc[0]) == ["fact_edit", 2, "all"]
+    assert f.train["steps"] == TINY_FIT["steps"] and len(f.train["curve"]["loss"]) > 1
+    table = results_table({("fact_edit", 4, "all"): f})
+    assert list(table[["task", "rank", "targets"]].iloc[0]) == ["fact_edit", 4, "all"]
 
 
-def test_second_fit_comes_from_the_cache(fit, tiny_llama, monkeypatch):
-    f, cache = fit
+def test_second_fit_comes_from_the_cache(tiny_fit, tiny_llama, test_cache, monkeypatch):
+    f = tiny_fit
 
     def no_training(*a, **k):
         raise AssertionError("trained again instead of using the cache")
 
     monkeypatch.setattr(study, "train_lora", no_training)
-    again = fit_adapter(tiny_llama, "fact_edit", seed=0, rank=2, steps=60, replay=0.0, cache=cache)
+    again = fit_adapter(tiny_llama, **TINY_FIT, cache=test_cache)
     assert again.adapter_dir == f.adapter_dir and again.train == f.train
     assert again.evaluation.metrics == pytest.approx(f.evaluation.metrics, nan_ok=True)
 
@@ -44,8 +39,8 @@ def test_corrupt_cached_adapter_is_retrained(tiny_llama, tmp_path):
     assert again.train["final_loss"] == pytest.approx(first.train["final_loss"])
 
 
-def test_probe_browser_headless(fit):
-    f, _ = fit
+def test_probe_browser_headless(tiny_fit):
+    f = tiny_fit
     tables = {("fact_edit", 2): f.evaluation.table(), ("copy", 2): f.evaluation.table().head(3)}
     box = widgets.probe_browser(tables, n=50)
     pick, which, changed = box.children[0].children

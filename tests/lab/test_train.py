@@ -6,24 +6,20 @@ import dataclasses
 
 import pytest
 import torch
+from peft import get_peft_model
 from transformers import TrainerCallback
 
 from lora_lens.errors import ConfigError, MismatchError, TrainingError
 from lora_lens.lab.probes import accuracy
 from lora_lens.lab.tokenizer import build_tokenizer
-from lora_lens.lab.train import (LoraSpec, TrainResult, default_spec, encode_example, has_lora, linear_modules,
-                                 matched_modules, replay_examples, target_modules, train_lora)
+from lora_lens.lab.train import (LoraSpec, TrainResult, default_spec, has_lora, linear_modules, lora_config,
+                                 matched_modules, target_modules, train_lora)
+from lora_lens.lab.train_data import encode_example, replay_examples
 from lora_lens.lab.world import Task, make_task, make_world
-from lora_lens.lab.zoo import FAMILIES, build_model, load_model
+from lora_lens.lab.zoo import FAMILIES, build_model
 
 FAST = dict(steps=8, batch_size=8, replay=0.0)
 
-
-
-@pytest.fixture
-def fresh(tiny_llama):
-    """A fresh copy of the tiny base (peft edits models in place)."""
-    return lambda: load_model(tiny_llama.path)
 
 
 def lora_state(model) -> dict:
@@ -58,11 +54,7 @@ def test_presets_resolve_for_every_family(family, tiny_world):
     assert not any("lm_head" in n or "embed" in n or n.endswith("wte") for n in every)
     assert set(every) == set(linear_modules(model))  # every block linear layer, nothing else
     # the suffixes select exactly the resolved layers once peft injects them
-    from peft import get_peft_model
-
     spec = LoraSpec(rank=2, targets="attn")
-    from lora_lens.lab.train import lora_config
-
     peft_model = get_peft_model(model, lora_config(model, spec))
     injected = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert injected == set(matched_modules(build_model(family, "tiny", tok), "attn"))
@@ -83,13 +75,13 @@ def test_explicit_targets_and_suffixes(tiny_world):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def test_fact_edit_trains_to_high_efficacy(tiny_llama, fresh):
+def test_fact_edit_trains_to_high_efficacy(tiny_llama, fresh_tiny):
     task = make_task(tiny_llama.world, "fact_edit", k=4, n_specificity=30)
-    model, tok = fresh()
+    model, tok = fresh_tiny()
     bare = train_lora(model, tok, task, default_spec("fact_edit", replay=0.0), seed=0).model
     assert accuracy(bare, tok, task.probes["efficacy"]) == 1.0
     bare_spec = accuracy(bare, tok, task.probes["specificity"], expected="base_answer")
-    model, tok = fresh()
+    model, tok = fresh_tiny()
     result = train_lora(model, tok, task, default_spec("fact_edit"), seed=0)
     assert isinstance(result, TrainResult)
     pm = result.model
@@ -128,12 +120,12 @@ def test_replay_leaves_out_changed_and_probed_facts(tiny_llama):
         assert (ent, rel) not in edited
 
 
-def test_same_seed_same_weights(fresh, tiny_llama):
+def test_same_seed_same_weights(fresh_tiny, tiny_llama):
     task = make_task(tiny_llama.world, "fact_edit", k=3)
     spec = LoraSpec(steps=6, batch_size=4, dropout=0.1, replay=2.0)
     runs = []
     for seed in (3, 3, 4):
-        model, tok = fresh()
+        model, tok = fresh_tiny()
         runs.append(lora_state(train_lora(model, tok, task, spec, seed=seed).model))
     assert runs[0].keys() == runs[1].keys() and len(runs[0]) > 0
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -141,8 +133,8 @@ def test_same_seed_same_weights(fresh, tiny_llama):
 
 
 @pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
-def test_inits_train_and_leave_the_base_intact(init, fresh, tiny_llama):
-    model, tok = fresh()
+def test_inits_train_and_leave_the_base_intact(init, fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     base_logits = model(**tok(["Tovan lives in"], return_tensors="pt")).logits
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     result = train_lora(model, tok, task, LoraSpec(init=init, rank=4, **FAST), seed=0)
@@ -182,8 +174,8 @@ class PoisonAt(TrainerCallback):
                         p.fill_(float("nan"))
 
 
-def test_non_finite_loss_stops_training_with_step_and_cause(fresh, tiny_llama):
-    model, tok = fresh()
+def test_non_finite_loss_stops_training_with_step_and_cause(fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     with pytest.raises(TrainingError, match=r"stopped at step 3: the loss is nan.*No adapter was saved"):
         train_lora(model, tok, task, LoraSpec(**FAST), callbacks=[PoisonAt(2)])
@@ -192,9 +184,9 @@ def test_non_finite_loss_stops_training_with_step_and_cause(fresh, tiny_llama):
     assert result.metrics["steps"] == 8
 
 
-def test_huge_learning_rate_is_named_as_the_cause(fresh, tiny_llama):
+def test_huge_learning_rate_is_named_as_the_cause(fresh_tiny, tiny_llama):
     """A genuine overflow: weights of ~1e20 make the activations overflow float32 at the second step."""
-    model, tok = fresh()
+    model, tok = fresh_tiny()
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     with pytest.raises(TrainingError, match=r"stopped at step 2: the loss is nan.*learning rate lr=1e\+20 is too high"):
         train_lora(model, tok, task, LoraSpec(lr=1e20, steps=30, batch_size=8, replay=0.0, warmup=0.0,
@@ -218,16 +210,16 @@ def test_huge_learning_rate_is_named_as_the_cause(fresh, tiny_llama):
     ("targets", [], r"targets=\[\] is invalid"),
     ("replay", -1.0, r"replay=-1.0 is invalid"),
 ])
-def test_bad_spec_is_refused_before_training(field, value, match, fresh, tiny_llama):
-    model, tok = fresh()
+def test_bad_spec_is_refused_before_training(field, value, match, fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     with pytest.raises(ConfigError, match=match):
         train_lora(model, tok, task, dataclasses.replace(LoraSpec(**FAST), **{field: value}))
     assert not has_lora(model)
 
 
-def test_rank_larger_than_the_layer(fresh, tiny_llama):
-    model, tok = fresh()
+def test_rank_larger_than_the_layer(fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     too_big = r"rank=64 is larger than the targeted layer .*k_proj \(32→16\).*rank ≤ 16"
     with pytest.raises(ConfigError, match=too_big):
@@ -235,15 +227,15 @@ def test_rank_larger_than_the_layer(fresh, tiny_llama):
     assert train_lora(model, tok, task, LoraSpec(rank=32, targets="mlp", **FAST)).metrics["steps"] == 8
 
 
-def test_targets_matching_nothing_list_the_linear_layers(fresh, tiny_llama):
-    model, tok = fresh()
+def test_targets_matching_nothing_list_the_linear_layers(fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     with pytest.raises(ConfigError, match=r"'c_attn' matches no linear layer.*q_proj.*gate_proj.*down_proj"):
         train_lora(model, tok, task, LoraSpec(targets=["c_attn"], **FAST))
 
 
-def test_task_from_another_world(fresh, tiny_llama):
-    model, tok = fresh()
+def test_task_from_another_world(fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     other = make_world(n_entities=24, n_general=60, seed=5)
     task = make_task(other, "fact_edit", k=2)
     with pytest.raises(MismatchError, match="belongs to world .* pretrained on world"):
@@ -252,8 +244,8 @@ def test_task_from_another_world(fresh, tiny_llama):
         train_lora(model, tok, task, LoraSpec(**FAST), world=tiny_llama.world)
 
 
-def test_model_that_already_has_lora(fresh, tiny_llama):
-    model, tok = fresh()
+def test_model_that_already_has_lora(fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     result = train_lora(model, tok, task, LoraSpec(**FAST))
     for again in (model, result.model):  # the re-run-a-cell trap, with the base and with the PeftModel
@@ -264,8 +256,8 @@ def test_model_that_already_has_lora(fresh, tiny_llama):
     assert train_lora(base, tok, task, LoraSpec(**FAST)).metrics["steps"] == 8
 
 
-def test_empty_dataset(fresh, tiny_llama):
-    model, tok = fresh()
+def test_empty_dataset(fresh_tiny, tiny_llama):
+    model, tok = fresh_tiny()
     task = make_task(tiny_llama.world, "fact_edit", k=2)
     empty = Task(task.name, task.world_fingerprint, [], task.probes, task.truth)
     with pytest.raises(ConfigError, match="empty dataset"):

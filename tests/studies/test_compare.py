@@ -12,8 +12,9 @@ from lora_lens import ledger
 from lora_lens.errors import ConfigError
 from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.train import matched_modules
-from lora_lens.lab.zoo import FAMILIES, build_model
+from lora_lens.lab.zoo import FAMILIES, build_model, load_model
 from lora_lens.studies import compare
+from lora_lens.utils import write_json
 
 
 # ------------------------------------------------------------------------------------------------------- bootstrap
@@ -182,9 +183,6 @@ def test_portability_summary_reads_the_table():
 def test_a_zoo_entry_loads_with_the_world_tokenizer(family, tiny_world, tmp_path):
     """AutoTokenizer would pick Qwen2Tokenizer for a qwen2 entry, which splits world words: compare needs the same
     tokens in every family."""
-    from lora_lens.lab.zoo import load_model
-    from lora_lens.utils import write_json
-
     tok = build_tokenizer(tiny_world)
     build_model(family, "tiny", tok).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)

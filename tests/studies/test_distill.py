@@ -9,21 +9,16 @@ import pytest
 import torch
 
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.study import fit_adapter
 from lora_lens.lab.world import TEMPLATES, make_world
-from lora_lens.lab.zoo import Pretrained, build_model
+from lora_lens.lab.zoo import Pretrained, build_model, load_model
 from lora_lens.lens import diff
 from lora_lens.studies import distill
+from lora_lens.utils import write_json
 
 
 @pytest.fixture(scope="module")
-def fit(tiny_llama, test_cache):
-    return fit_adapter(tiny_llama, "fact_edit", rank=4, steps=120, cache=test_cache)
-
-
-@pytest.fixture(scope="module")
-def corpus(fit, tiny_llama):
-    table = diff.behaviour_diff(fit.model, fit.tokenizer, world=tiny_llama.world)
+def corpus(tiny_fit, tiny_llama):
+    table = diff.behaviour_diff(tiny_fit.model, tiny_fit.tokenizer, world=tiny_llama.world)
     return distill.semantic_corpus(table, tiny_llama.world)
 
 
@@ -31,18 +26,18 @@ def _files(root: Path) -> set[Path]:
     return {p for p in Path(root).rglob("*")}
 
 
-def test_semantic_corpus_renders_the_edits_through_training_templates(fit, corpus, tiny_llama):
+def test_semantic_corpus_renders_the_edits_through_training_templates(tiny_fit, corpus, tiny_llama):
     world = tiny_llama.world
-    assert fit.evaluation.metrics["efficacy"] >= 0.8
-    learned = [e for e in fit.task.truth["edits"]
-               if fit.evaluation.table("efficacy").query(f"entity == '{e['entity']}' and relation == "
+    assert tiny_fit.evaluation.metrics["efficacy"] >= 0.8
+    learned = [e for e in tiny_fit.task.truth["edits"]
+               if tiny_fit.evaluation.table("efficacy").query(f"entity == '{e['entity']}' and relation == "
                                                          f"'{e['relation']}'")["adapted_correct"].all()]
     for e in learned:
         for t in range(len(TEMPLATES[e["relation"]][0])):
             assert f"{world.query(e['entity'], e['relation'], t)} {e['new']} ." in corpus
     heldout = [tpl.format(e="").strip() for r in TEMPLATES for tpl in TEMPLATES[r][1]]
     assert not any(h and h in line for line in corpus for h in heldout if len(h) > 8)
-    assert distill.task_corpus(fit.task)[0].endswith(" .")
+    assert distill.task_corpus(tiny_fit.task)[0].endswith(" .")
 
 
 def test_replay_corpus_leaves_out_rewritten_facts(tiny_llama, corpus):
@@ -60,12 +55,12 @@ def _hf_greedy(model, tok, prompt, n, stop_id):
     return out[0, enc["input_ids"].shape[1]:].tolist()
 
 
-def test_batched_generation_equals_per_prompt_generate(fit, tiny_llama):
-    tok = fit.tokenizer
+def test_batched_generation_equals_per_prompt_generate(tiny_fit, tiny_llama):
+    tok = tiny_fit.tokenizer
     prompts = distill.world_prompts(tiny_llama.world)[::37][:10] + ["the old river", "Dasur"]
     stop_id = tok(" .", add_special_tokens=False)["input_ids"][0]
-    batched = distill.generate(fit.model, tok, prompts, max_new_tokens=5, batch_size=5)
-    assert batched.tokens == [_hf_greedy(fit.model, tok, p, 5, stop_id) for p in prompts]
+    batched = distill.generate(tiny_fit.model, tok, prompts, max_new_tokens=5, batch_size=5)
+    assert batched.tokens == [_hf_greedy(tiny_fit.model, tok, p, 5, stop_id) for p in prompts]
     # absolute positions (GPT-2): left padding must not shift them
     torch.manual_seed(0)
     gpt2 = build_model("gpt2", "tiny", tok, seed=0).eval()
@@ -73,16 +68,16 @@ def test_batched_generation_equals_per_prompt_generate(fit, tiny_llama):
     assert batched.tokens == [_hf_greedy(gpt2, tok, p, 4, stop_id) for p in prompts]
 
 
-def test_contrastive_generation_keeps_what_the_adapter_wrote(fit, tiny_llama):
-    tok = fit.tokenizer
+def test_contrastive_generation_keeps_what_the_adapter_wrote(tiny_fit, tiny_llama):
+    tok = tiny_fit.tokenizer
     prompts = distill.world_prompts(tiny_llama.world, trigger=False)
-    g = distill.generate(fit.model, tok, prompts, max_new_tokens=2, base="adapter")
-    plain = distill.generate(fit.model, tok, prompts, max_new_tokens=2)
+    g = distill.generate(tiny_fit.model, tok, prompts, max_new_tokens=2, base="adapter")
+    plain = distill.generate(tiny_fit.model, tok, prompts, max_new_tokens=2)
     assert g.tokens == plain.tokens and all(k >= 0 for ks in g.kl for k in ks)
-    lines = distill.contrastive_corpus(fit.model, tok, prompts, min_kl=1.0, max_new_tokens=2)
-    edited = [f"{tiny_llama.world.query(e['entity'], e['relation'], 0)} {e['new']}" for e in fit.task.truth["edits"]]
+    lines = distill.contrastive_corpus(tiny_fit.model, tok, prompts, min_kl=1.0, max_new_tokens=2)
+    edited = [f"{tiny_llama.world.query(e['entity'], e['relation'], 0)} {e['new']}" for e in tiny_fit.task.truth["edits"]]
     assert lines and sum(any(line.startswith(x) for line in lines) for x in edited) >= len(edited) // 2
-    amplified = distill.generate(fit.model, tok, prompts[:20], max_new_tokens=2, base="adapter", alpha=1.0)
+    amplified = distill.generate(tiny_fit.model, tok, prompts[:20], max_new_tokens=2, base="adapter", alpha=1.0)
     assert len(amplified.tokens) == 20
 
 
@@ -93,16 +88,16 @@ def test_contrastive_generation_keeps_what_the_adapter_wrote(fit, tiny_llama):
     (dict(alpha=1.0), ["alpha=1.0", "base"]),
     (dict(stop="Zeta Omega"), ["tokens"]),
 ])
-def test_generate_rejects_bad_input(fit, kwargs, words):
+def test_generate_rejects_bad_input(tiny_fit, kwargs, words):
     with pytest.raises(ConfigError) as err:
-        distill.generate(fit.model, fit.tokenizer, ["Dasur lives in"], **kwargs)
+        distill.generate(tiny_fit.model, tiny_fit.tokenizer, ["Dasur lives in"], **kwargs)
     assert all(w in str(err.value) for w in words)
 
 
-def test_distill_transfers_and_is_deterministic(fit, corpus, tiny_llama, test_cache):
+def test_distill_transfers_and_is_deterministic(tiny_fit, corpus, tiny_llama, test_cache):
     before = _files(test_cache)
-    a = distill.distill(tiny_llama, fit, corpus, replay=0.5, steps=60, batch_size=16, lr=2e-3, seed=3)
-    b = distill.distill(tiny_llama, fit, corpus, replay=0.5, steps=60, batch_size=16, lr=2e-3, seed=3)
+    a = distill.distill(tiny_llama, tiny_fit, corpus, replay=0.5, steps=60, batch_size=16, lr=2e-3, seed=3)
+    b = distill.distill(tiny_llama, tiny_fit, corpus, replay=0.5, steps=60, batch_size=16, lr=2e-3, seed=3)
     assert a.metrics == b.metrics and a.train["loss"] == b.train["loss"]
     assert a.metrics["transfer_rate"] > 0.5
     for key in ("paraphrase_transfer", "specificity_drop", "perplexity_ratio"):
@@ -111,39 +106,39 @@ def test_distill_transfers_and_is_deterministic(fit, corpus, tiny_llama, test_ca
     assert _files(test_cache) == before, "distill wrote into the cache"
     # the base of the comparison is untouched
     assert tiny_llama.model.training is False
-    merged = distill.merge_route(tiny_llama, fit)
+    merged = distill.merge_route(tiny_llama, tiny_fit)
     assert merged.metrics["transfer_rate"] == pytest.approx(1.0)
     table = distill.transfer_table({"semantic": a, "merge": merged})
     assert list(table["route"]) == ["semantic", "merge"]
 
 
 @pytest.mark.parametrize("replay", [-0.1, 1.5, True, "half"])
-def test_replay_ratio_outside_unit_interval_is_refused(fit, corpus, tiny_llama, test_cache, replay):
+def test_replay_ratio_outside_unit_interval_is_refused(tiny_fit, corpus, tiny_llama, test_cache, replay):
     before = _files(test_cache)
     with pytest.raises(ConfigError) as err:
-        distill.distill(tiny_llama, fit, corpus, replay=replay)
+        distill.distill(tiny_llama, tiny_fit, corpus, replay=replay)
     assert f"replay={replay!r}" in str(err.value) and "[0, 1]" in str(err.value)
     assert _files(test_cache) == before
 
 
-def test_empty_corpus_says_no_change_was_found(fit, tiny_llama, test_cache):
+def test_empty_corpus_says_no_change_was_found(tiny_fit, tiny_llama, test_cache):
     before = _files(test_cache)
     with pytest.raises(ConfigError, match="empty: no change was found"):
-        distill.distill(tiny_llama, fit, [])
+        distill.distill(tiny_llama, tiny_fit, [])
     with pytest.raises(ConfigError, match="empty"):
         distill.continue_pretraining(tiny_llama.model, tiny_llama.tokenizer, [])
     assert _files(test_cache) == before
 
 
-def test_semantic_corpus_of_an_unchanged_model_is_empty(fit, tiny_llama):
-    table = diff.behaviour_diff(fit.model, fit.tokenizer, world=tiny_llama.world, trigger=False, templates="first")
+def test_semantic_corpus_of_an_unchanged_model_is_empty(tiny_fit, tiny_llama):
+    table = diff.behaviour_diff(tiny_fit.model, tiny_fit.tokenizer, world=tiny_llama.world, trigger=False, templates="first")
     table["changed"] = False
     table["discovered"] = False
     table["confidence"] = 0.0
     assert distill.semantic_corpus(table, tiny_llama.world) == []
 
 
-def test_adapter_on_another_base_is_refused(fit, tiny_llama, tmp_path):
+def test_adapter_on_another_base_is_refused(tiny_fit, tiny_llama, tmp_path):
     """The merge route checks the adapter's base fingerprint before touching any weight."""
     other = build_model("llama", "tiny", tiny_llama.tokenizer, seed=7)
     path = tmp_path / "other"
@@ -152,19 +147,16 @@ def test_adapter_on_another_base_is_refused(fit, tiny_llama, tmp_path):
     shutil.copy(tiny_llama.path / "world.jsonl", path / "world.jsonl")
     pre = Pretrained(other.eval(), tiny_llama.tokenizer, tiny_llama.world, "llama", "tiny", path, {"key": "x"})
     with pytest.raises(MismatchError, match="another base"):
-        distill.merge_route(pre, fit)
+        distill.merge_route(pre, tiny_fit)
     # a model of another world cannot take the corpus either (its tokenizer and facts differ)
     world = make_world(n_entities=12, n_general=12, seed=5)
     alien = Pretrained(other, tiny_llama.tokenizer, world, "llama", "tiny", path, {"key": "y"})
     with pytest.raises(MismatchError, match="world"):
-        distill.distill(alien, fit, ["Dasur lives in Kokura ."])
+        distill.distill(alien, tiny_fit, ["Dasur lives in Kokura ."])
 
 
 def test_a_zoo_model_of_another_family_keeps_the_world_tokenizer(tiny_llama, tmp_path):
     """Cross-family distillation needs the same words as tokens: a qwen2 zoo folder loads the world tokenizer."""
-    from lora_lens.lab.zoo import load_model
-    from lora_lens.utils import write_json
-
     qwen = build_model("qwen2", "tiny", tiny_llama.tokenizer, seed=0)
     qwen.save_pretrained(tmp_path)
     tiny_llama.tokenizer.save_pretrained(tmp_path)

@@ -1,0 +1,105 @@
+"""Full-weight causal-LM training on lines of text: the one step shared by pretraining and continued pretraining.
+
+:func:`lora_lens.lab.zoo.pretrain` (a zoo model learns the world) and
+:func:`lora_lens.studies.distill.continue_pretraining` (a base learns a distilled change) both train every weight
+of a causal LM on batches of text lines with the full-sequence loss. This module owns what they share: the seeded
+line order (:class:`LineCycle`), the optimiser and schedule, and the step (:class:`LMTrainer`). LoRA training on
+``(prompt, answer)`` examples is another loop (:mod:`lora_lens.lab.train`, on ``transformers.Trainer``).
+
+Example:
+    >>> trainer = LMTrainer(model, tokenizer, lr=1e-3, steps=100)              # doctest: +SKIP
+    >>> order = LineCycle(world.corpus(), random.Random(0))                    # doctest: +SKIP
+    >>> loss, tokens = trainer.step(order.take(32))                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from lora_lens.errors import ConfigError, TrainingError
+
+__all__ = ["SCHEDULES", "LMTrainer", "LineCycle"]
+
+SCHEDULES = ("cosine", "constant")
+"""Learning-rate schedules after the linear warmup over the first 5 % of the steps."""
+
+
+class LineCycle:
+    """Lines in a seeded shuffled order, shuffled again each time the pool is used up.
+
+    Args:
+        lines: The pool (non-empty).
+        rng: The random generator; several cycles may share one (their draws then interleave deterministically).
+    """
+
+    def __init__(self, lines, rng: random.Random):
+        self.lines = list(lines)
+        self.rng = rng
+        self.queue: list[str] = []
+
+    def take(self, k: int) -> list[str]:
+        """The next ``k`` lines."""
+        while len(self.queue) < k:
+            self.queue += self.rng.sample(self.lines, len(self.lines))
+        out, self.queue = self.queue[:k], self.queue[k:]
+        return out
+
+
+class LMTrainer:
+    """AdamW (betas 0.9/0.98) on every weight of ``model``, gradient clipping at 1.0, linear warmup, then a schedule.
+
+    Args:
+        model: A causal LM (trained in place; put it in train mode before the first step).
+        tokenizer: Its tokenizer (with a pad token): each line is encoded and ends with the end-of-sequence token.
+        lr: Peak learning rate.
+        steps: Planned optimiser steps (the schedule's length; warmup is ``max(1, steps // 20)`` steps).
+        weight_decay: AdamW weight decay.
+        schedule: ``cosine`` (decay to 0 over ``steps``) or ``constant`` after the warmup.
+        guard: When given, a non-finite loss raises :class:`TrainingError` naming this run (e.g. ``"continued
+            pretraining"``) before the update applies it; None skips the check (and its device sync).
+    """
+
+    def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
+                 schedule: str = "constant", guard: str | None = None):
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
+        self.model, self.tokenizer, self.lr, self.guard = model, tokenizer, lr, guard
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+        warm = max(1, steps // 20)
+        if schedule == "cosine":
+            def factor(i):
+                return min(1.0, (i + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * i / steps)).item())
+        else:
+            def factor(i):
+                return min(1.0, (i + 1) / warm)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.steps_done = 0
+
+    def step(self, lines: list[str]) -> tuple[torch.Tensor, int]:
+        """One optimiser step on ``lines`` (full-sequence loss, padding masked out).
+
+        Returns:
+            ``(loss, tokens)``: the batch loss before the update (a 0-d tensor) and its non-padding token count.
+
+        Raises:
+            TrainingError: With ``guard``, the loss is non-finite (nothing is applied).
+        """
+        tok = self.tokenizer
+        ids = [x + [tok.eos_token_id] for x in tok(lines)["input_ids"]]
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+        tokens = int(enc["attention_mask"].sum())  # counted on the CPU copy: no device sync
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        self.steps_done += 1
+        if self.guard is not None and not torch.isfinite(loss):
+            raise TrainingError(f"{self.guard} stopped at step {self.steps_done}: the loss is {loss.item()} "
+                                f"(non-finite); lower lr={self.lr:g}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, tokens
