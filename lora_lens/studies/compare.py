@@ -38,6 +38,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lora_lens.errors import ConfigError
+from lora_lens.lab.modules import shared_type
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.study import fit_adapter
 from lora_lens.lab.train import LoraSpec, default_spec, train_lora
@@ -46,29 +47,6 @@ from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrai
 from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
 from lora_lens.utils import show_progress
-
-SHARED_TYPES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "other")
-"""Module types shared by every family (see :func:`shared_type`)."""
-
-_SHARED = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_qkv": "attn_in",
-           "attn_o": "attn_out", "mlp_gate": "mlp_in", "mlp_up": "mlp_in", "mlp_gate_up": "mlp_in",
-           "mlp_down": "mlp_out"}
-
-
-def shared_type(name: str) -> str:
-    """The family-independent type of a module: ``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out`` or ``other``.
-
-    Args:
-        name: A module path (``"model.layers.0.self_attn.qkv_proj"``, ``"transformer.h.1.mlp.c_proj"`` …) or a
-            normalised type of :data:`lora_lens.lens.delta.MODULE_TYPES` (``"attn_q"``, ``"mlp_down"`` …).
-
-    Example:
-        >>> [shared_type(n) for n in ("gpt_neox.layers.0.attention.query_key_value", "transformer.h.0.mlp.c_proj")]
-        ['attn_in', 'mlp_out']
-    """
-    kind = name if name in delta.MODULE_TYPES else delta.module_type(name)
-    return _SHARED.get(kind, "other")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Input checks (before anything is trained or written)
