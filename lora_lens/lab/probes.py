@@ -1,7 +1,8 @@
 """Behaviour evaluation: base vs adapted answers, perplexity, KL and promoted tokens on a task's probe sets.
 
 Base and adapted outputs come from **one** model: a ``peft.PeftModel`` is run once with its adapter and once inside
-``model.disable_adapter()`` on every batch, so no second copy of the weights is ever held in memory.
+``model.disable_adapter()`` on every batch, so no second copy of the weights is ever held in memory (the helpers
+for that live in :mod:`lora_lens.lab.pair`).
 
 Example:
     >>> ev = evaluate(peft_model, tokenizer, task)                      # doctest: +SKIP
