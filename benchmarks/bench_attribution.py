@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import row, sync
-from lora_lens.lab.tokenizer import token_id
-from lora_lens.lab.world import make_task
-from lora_lens.lab.zoo import get_pretrained
+from lora_lens.lab.tokenizer import build_tokenizer, token_id
+from lora_lens.lab.world import make_task, make_world
+from lora_lens.lab.zoo import build_model, get_pretrained
 from lora_lens.lens import attribution as at
 from lora_lens.utils import set_seed, write_json
 
@@ -58,10 +58,6 @@ def build(family: str, size: str, device: str, r: int = 8, seed: int = 0, pretra
         pre = get_pretrained(family, size, device=device)
         model, tok, world = pre.model, pre.tokenizer, pre.world
     else:
-        from lora_lens.lab.tokenizer import build_tokenizer
-        from lora_lens.lab.world import make_world
-        from lora_lens.lab.zoo import build_model
-
         world = make_world(n_entities=24, n_general=60, seed=seed)
         tok = build_tokenizer(world)
         model = build_model(family, size, tok, seed=seed).to(device)

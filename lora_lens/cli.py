@@ -129,12 +129,12 @@ def _bench(argv: list[str]) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from lora_lens.lens.inspect_adapter import check_out_dir, default_out_dir, inspect_adapter, write_report
+    from lora_lens.lens.inspect_adapter import check_out_dir, default_out_dir, inspect_adapter, write_inspect_report
 
     out = check_out_dir(args.out if args.out is not None else default_out_dir(args.adapter_dir))
     report = inspect_adapter(args.adapter_dir, base=args.base, prompts=args.prompts, task=args.task, top=args.top,
                              device=args.device)
-    json_path, html_path = write_report(report, out)
+    json_path, html_path = write_inspect_report(report, out)
     print(report.text(), end="")
     print(f"\nwrote {json_path}\n      {html_path}")
     return 0

@@ -24,9 +24,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
+import peft
+import safetensors
 import torch
+import transformers
+from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors import safe_open
+from transformers.pytorch_utils import Conv1D
 
+from lora_lens import __version__
 from lora_lens.errors import ConfigError, CorruptError, MismatchError, NotFoundError, TrainingError
+from lora_lens.lab.train import LoraSpec, TrainResult, check_no_lora
+from lora_lens.lab.zoo import load_model
 from lora_lens.utils import atomic_dir, sha256_file, stable_hash, write_json
 
 MANIFEST = "lora_lens_manifest.json"
@@ -34,6 +44,9 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 FORMAT = "lora_lens.adapter"
 FORMAT_VERSION = 1
+
+__all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "base_fingerprint", "base_params",
+           "check_adapter", "load_adapter", "load_base_and_adapter", "read_config", "read_manifest", "save_adapter"]
 # config entries that describe how a model runs, not what it is
 _RUNTIME_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "_attn_implementation",
                  "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict",
@@ -46,8 +59,6 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lor
 
 
 def _base_of(model):
-    from peft import PeftModel
-
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -94,14 +105,8 @@ def base_fingerprint(model, weights: bool = True) -> dict:
 
 
 def _versions() -> dict:
-    import peft
-    import safetensors
-    import transformers
-
-    import lora_lens
-
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "safetensors": safetensors.__version__, "lora_lens": lora_lens.__version__}
+            "safetensors": safetensors.__version__, "lora_lens": __version__}
 
 
 # ----------------------------------------------------------------------------------------------------- save
@@ -131,10 +136,6 @@ def save_adapter(peft_model, out_dir: str | Path, base_path: str | Path | None =
         ConfigError: Not a PeftModel, more than one adapter, or ``out_dir`` is a non-adapter folder.
         TrainingError: The adapter weights are not finite (nothing is written).
     """
-    from peft import PeftModel
-
-    from lora_lens.lab.train import LoraSpec, TrainResult
-
     if isinstance(peft_model, TrainResult):
         if task is None:
             task = SimpleNamespace(name=peft_model.task_name, world_fingerprint=peft_model.world_fingerprint)
@@ -241,8 +242,6 @@ def read_config(adapter_dir: str | Path) -> dict:
         CorruptError: The config is not valid JSON.
         ConfigError: Not a LoRA adapter, or keys this peft version does not know (named in the message).
     """
-    from peft import LoraConfig
-
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
         raise NotFoundError(f"adapter folder {folder} does not exist: check the path (a folder written by "
@@ -328,8 +327,6 @@ def _check_fingerprint(base_model, manifest: dict, verify_weights: bool) -> None
 
 
 def _module_dims(mod) -> tuple[int, int] | None:
-    from transformers.pytorch_utils import Conv1D
-
     if isinstance(mod, Conv1D):
         return int(mod.weight.shape[0]), int(mod.weight.shape[1])
     if isinstance(mod, torch.nn.Linear):
@@ -340,12 +337,6 @@ def _module_dims(mod) -> tuple[int, int] | None:
 
 
 def _check_shapes(base_model, folder: Path, config: dict) -> None:
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from safetensors import safe_open
-
-    from lora_lens.lab.train import check_no_lora
-
     check_no_lora(base_model)
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as f:
@@ -429,10 +420,6 @@ def load_adapter(base_model, adapter_dir: str | Path, adapter_name: str = "defau
         NotFoundError, CorruptError, ConfigError, MismatchError: See :func:`check_adapter`; ConfigError also when
             ``base_model`` already has LoRA.
     """
-    from peft import PeftModel
-
-    from lora_lens.lab.train import check_no_lora
-
     check_no_lora(base_model)
     check_adapter(base_model, adapter_dir, verify_weights=verify_weights)
     with warnings.catch_warnings():
@@ -452,8 +439,6 @@ def load_base_and_adapter(adapter_dir: str | Path, device: str = "cpu", dtype: t
         NotFoundError: The adapter or its base cannot be found (pass the base to :func:`load_adapter` instead).
         CorruptError, ConfigError, MismatchError: As :func:`load_adapter`.
     """
-    from lora_lens.lab.zoo import load_model
-
     config = read_config(adapter_dir)
     base = config.get("base_model_name_or_path")
     if not base and (Path(adapter_dir).expanduser() / MANIFEST).is_file():

@@ -1,7 +1,8 @@
 """Behaviour evaluation: base vs adapted answers, perplexity, KL and promoted tokens on a task's probe sets.
 
 Base and adapted outputs come from **one** model: a ``peft.PeftModel`` is run once with its adapter and once inside
-``model.disable_adapter()`` on every batch, so no second copy of the weights is ever held in memory.
+``model.disable_adapter()`` on every batch, so no second copy of the weights is ever held in memory (the helpers
+for that live in :mod:`lora_lens.lab.pair`).
 
 Example:
     >>> ev = evaluate(peft_model, tokenizer, task)                      # doctest: +SKIP
@@ -13,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -22,8 +22,12 @@ import pandas as pd
 import torch
 
 from lora_lens.errors import ConfigError
+from lora_lens.lab.pair import check_base, encode, inference, kl_divergence, last_logits, model_device
 from lora_lens.lab.tokenizer import check_tokenizer, token_id
-from lora_lens.lab.world import Probe, Task
+from lora_lens.lab.world import Probe, Task, trigger_target
+
+__all__ = ["COMPARE_COLUMNS", "QUERY_SETS", "TABLE_COLUMNS", "Evaluation", "accuracy", "compare_answers", "evaluate",
+           "next_token_logits", "perplexity"]
 
 QUERY_SETS = ("efficacy", "paraphrase", "specificity", "false_trigger")
 """Probe sets answered with one next token (in this order in tables); ``general`` is scored by perplexity."""
@@ -37,41 +41,6 @@ COMPARE_COLUMNS = ["prompt", "rank", "base_token", "p_base", "adapted_token", "p
 # forward passes
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def keeps_logits(model) -> bool:
-    """Whether the causal LM's forward accepts ``logits_to_keep`` (then only the needed positions are projected)."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _last_logits(model, enc: dict) -> torch.Tensor:
-    """Logits ``[batch, vocab]`` at each row's last real token (right padding), on the model's device."""
-    last = enc["attention_mask"].sum(1) - 1
-    rows = torch.arange(len(last), device=last.device)
-    if keeps_logits(model):
-        keep, where = torch.unique(last, return_inverse=True)
-        logits = model(**enc, logits_to_keep=keep).logits
-        return logits[rows, where]
-    return model(**enc).logits[rows, last]
-
-
-def _encode(tokenizer, texts: list[str], device) -> dict:
-    """Right-padded ids and mask (whatever the tokenizer's own padding side: real tokens keep their positions)."""
-    if tokenizer.pad_token is None:
-        raise ConfigError("the tokenizer has no pad token, so prompts cannot be batched: set "
-                          "tokenizer.pad_token = tokenizer.eos_token (lora_lens.lab.zoo.load_model does this)")
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-
-
 @torch.no_grad()
 def next_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Logits of the token following each prompt, batched with right padding.
@@ -82,13 +51,13 @@ def next_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 25
     Returns:
         Float tensor ``[len(prompts), vocab]`` on the CPU.
     """
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = _encode(tokenizer, prompts[i:i + batch_size], device)
-        out.append(_last_logits(model, enc).float().cpu())
+        enc = encode(tokenizer, prompts[i:i + batch_size], device)
+        out.append(last_logits(model, enc).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)
 
@@ -106,54 +75,6 @@ def accuracy(model, tokenizer, probes: list[Probe], batch_size: int = 256, expec
     return (logits.argmax(-1) == want).float().mean().item()
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def check_unmerged(model) -> None:
-    """Raise :class:`ConfigError` when the adapter is merged into the base weights (toggling would unmerge it)."""
-    merged = [n for n, m in model.named_modules() if getattr(m, "merged", False)]
-    if merged:
-        raise ConfigError(f"the adapter is merged into the base weights ({merged[0]} …), so switching it off would "
-                          "silently unmerge it: call model.unmerge_adapter() first")
-
-
-def _check_base(model, tokenizer, base) -> None:
-    """Validate the ``base`` argument before any forward pass (see :func:`evaluate`)."""
-    check_tokenizer(model, tokenizer)
-    if isinstance(base, str):
-        if base != "adapter":
-            raise ConfigError(f"base={base!r} is not understood: use 'adapter' (toggle the model's LoRA adapter), "
-                              "None (adapted metrics only) or a separate base model")
-        if not _is_peft(model):
-            raise ConfigError(f"base='adapter' needs a peft.PeftModel, got a plain {type(model).__name__} with no "
-                              "adapter to toggle: pass base=None to evaluate it alone, or base=<the base model> to "
-                              "compare two models")
-        check_unmerged(model)
-    elif base is not None:
-        if not isinstance(base, torch.nn.Module):
-            raise ConfigError(f"base={type(base).__name__} is not a model: use 'adapter', None or a torch model")
-        if base is model:
-            raise ConfigError("base is the same object as model: pass base='adapter' for a PeftModel or base=None")
-        check_tokenizer(base, tokenizer)
-
-
-@contextlib.contextmanager
-def _inference(*models) -> Iterator[None]:
-    """Eval mode and no grad; restores training flags and ``requires_grad`` (peft's toggle re-enables grads)."""
-    state = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in models if m is not None]
-    try:
-        for m, _, _ in state:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training, grads in state:
-            m.train(training)
-            for p, flag in grads:
-                p.requires_grad_(flag)
-
-
 def _pair(model, base) -> Callable[[Callable, dict], tuple[torch.Tensor, torch.Tensor | None]]:
     """A function ``run(fn, enc) -> (adapted, base)`` applying ``fn(model, enc)`` with and without the change."""
     def run(fn, enc):
@@ -163,14 +84,9 @@ def _pair(model, base) -> Callable[[Callable, dict], tuple[torch.Tensor, torch.T
         if isinstance(base, str):  # "adapter": the same model, adapter switched off for this batch only
             with model.disable_adapter():
                 return adapted, fn(model, enc).float()
-        dev = _device(base)
+        dev = model_device(base)
         return adapted, fn(base, {k: v.to(dev) for k, v in enc.items()}).float().to(adapted.device)
     return run
-
-
-def _kl(lp_base: torch.Tensor, lp_adapted: torch.Tensor) -> torch.Tensor:
-    """KL(base‖adapted) over the last axis, from log-probabilities; exactly 0 where both are equal."""
-    return (lp_base.exp() * (lp_base - lp_adapted)).sum(-1).clamp_min(0.0)
 
 
 def _sequence_logits(model, enc):
@@ -182,7 +98,7 @@ def _sequence_batches(tokenizer, texts: list[str], batch_size: int, device, voca
     """Right-padded batches of ``batch_size`` texts, split further so one ``[rows, length, vocab]`` float tensor
     stays under ``budget`` elements (full-sequence logits of a 150k-token vocabulary are large)."""
     for i in range(0, len(texts), batch_size):
-        enc = _encode(tokenizer, texts[i:i + batch_size], device)
+        enc = encode(tokenizer, texts[i:i + batch_size], device)
         rows = max(1, budget // (enc["input_ids"].shape[1] * vocab))
         for j in range(0, enc["input_ids"].shape[0], rows):
             yield {k: v[j:j + rows] for k, v in enc.items()}
@@ -206,7 +122,7 @@ def _sequence_pass(run, tokenizer, texts: list[str], batch_size: int, device, vo
         if lb is not None:
             lpb = torch.log_softmax(lb[:, :-1], -1)
             out["nll_base"] += -lpb.gather(-1, target[..., None])[..., 0][mask].double().sum().item()
-            out["kl"] += _kl(lpb, lpa)[mask].double().sum().item()
+            out["kl"] += kl_divergence(lpb, lpa)[mask].double().sum().item()
     return out
 
 
@@ -248,8 +164,8 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 64) -> floa
     _check_batch(batch_size)
     texts = _check_texts(texts, "texts")
     check_tokenizer(model, tokenizer)
-    with _inference(model):
-        stats = _sequence_pass(_pair(model, None), tokenizer, texts, batch_size, _device(model), _vocab(model))
+    with inference(model):
+        stats = _sequence_pass(_pair(model, None), tokenizer, texts, batch_size, model_device(model), _vocab(model))
     return math.exp(stats["nll"] / stats["tokens"]) if stats["tokens"] else float("nan")
 
 
@@ -304,20 +220,6 @@ class Evaluation:
         if set is not None:
             df = df[df["set"] == set]
         return df.reset_index(drop=True).copy()
-
-
-def _trigger_target(task: Task) -> str | None:
-    """The trigger target of a trigger task (``truth["target"]``), else None for tasks without a trigger."""
-    if task.name != "trigger" and "false_trigger" not in task.probes:
-        return None
-    target = task.truth.get("target")
-    if target:
-        return target
-    answers = {p.answer for p in task.probes.get("efficacy", [])}
-    if len(answers) == 1:
-        return answers.pop()
-    raise ConfigError(f"trigger task {task.name!r} records no truth['target'] and its efficacy probes do not share "
-                      "one answer: rebuild it with make_task(world, 'trigger', ...)")
 
 
 def _token_text(tokenizer, cache: dict, i: int) -> str:
@@ -399,9 +301,9 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
         raise ConfigError(f"floor={floor!r} must be a probability strictly between 0 and 1, e.g. 1e-3")
     if isinstance(delta_sets, str):
         delta_sets = (delta_sets,)
-    _check_base(model, tokenizer, base)
+    check_base(model, tokenizer, base)
     has_base = base is not None
-    target = _trigger_target(task)
+    target = trigger_target(task)
 
     # everything the probes need, resolved to token ids before any forward pass
     sets = [s for s in QUERY_SETS if s in task.probes] + sorted(s for s in task.probes
@@ -428,16 +330,16 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
     target_id = tid(target) if target is not None else None
     general = [p.prompt for p in task.probes.get("general", []) if p.prompt.strip()]
 
-    device = _device(model)
+    device = model_device(model)
     run = _pair(model, base)
     vocab = None
     delta_sum, n_delta = None, 0
     cols = {k: [] for k in ("base_arg", "adapted_arg", "p_base", "p_adapted", "kl")}
-    with _inference(model, base if has_base and not isinstance(base, str) else None):
+    with inference(model, base if has_base and not isinstance(base, str) else None):
         for i in range(0, len(probes), batch_size):
             chunk = probes[i:i + batch_size]
-            enc = _encode(tokenizer, [p.prompt for p in chunk], device)
-            la, lb = run(_last_logits, enc)
+            enc = encode(tokenizer, [p.prompt for p in chunk], device)
+            la, lb = run(last_logits, enc)
             lpa = torch.log_softmax(la, -1).cpu()
             want = torch.tensor(expected[i:i + batch_size])
             rows = torch.arange(len(chunk))
@@ -448,7 +350,7 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
             lpb = torch.log_softmax(lb, -1).cpu()
             cols["base_arg"] += lpb.argmax(-1).tolist()
             cols["p_base"] += torch.where(want >= 0, lpb[rows, want.clamp_min(0)].exp(), torch.nan).tolist()
-            cols["kl"] += _kl(lpb, lpa).tolist()
+            cols["kl"] += kl_divergence(lpb, lpa).tolist()
             pick = torch.tensor([p.set in delta_sets for p in chunk])
             if pick.any():
                 lf = math.log(floor)
@@ -543,20 +445,20 @@ def compare_answers(model, tokenizer, prompts: str | list[str], top_k: int = 5, 
     _check_batch(batch_size)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"top_k={top_k!r} must be a positive integer, e.g. 5")
-    _check_base(model, tokenizer, base)
+    check_base(model, tokenizer, base)
     run = _pair(model, base)
     texts: dict[int, str] = {}
     records = []
-    with _inference(model, base if isinstance(base, torch.nn.Module) else None):
+    with inference(model, base if isinstance(base, torch.nn.Module) else None):
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
-            la, lb = run(_last_logits, _encode(tokenizer, chunk, _device(model)))
+            la, lb = run(last_logits, encode(tokenizer, chunk, model_device(model)))
             lpa = torch.log_softmax(la, -1).cpu()
             k = min(top_k, lpa.shape[-1])
             ta = torch.topk(lpa, k)
             lpb = torch.log_softmax(lb, -1).cpu() if lb is not None else None
             tb = torch.topk(lpb, k) if lpb is not None else None
-            kl = _kl(lpb, lpa).tolist() if lpb is not None else [None] * len(chunk)
+            kl = kl_divergence(lpb, lpa).tolist() if lpb is not None else [None] * len(chunk)
             for r, prompt in enumerate(chunk):
                 for j in range(k):
                     records.append({

@@ -1,4 +1,5 @@
-"""A word-piece-free BPE tokenizer trained locally on the world, wrapped as a transformers fast tokenizer.
+"""A word-piece-free BPE tokenizer trained locally on the world, wrapped as a transformers fast tokenizer; and the
+checks every room makes of a tokenizer (single-token answers, vocabulary vs model, context length).
 
 Words are split on spaces (SentencePiece-style ``▁`` marker) and the BPE vocabulary is large enough that every word
 of the world — entities, values, template words, the trigger — is one token, so every fact answer is exactly one
@@ -18,6 +19,8 @@ from transformers import PreTrainedTokenizerFast
 
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.world import World
+
+__all__ = ["SPECIALS", "build_tokenizer", "check_tokenizer", "max_length", "token_id"]
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -75,3 +78,17 @@ def check_tokenizer(model, tokenizer) -> None:
         raise MismatchError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {n_model} rows: "
                             "load the tokenizer saved with this model (same directory), or resize the model with "
                             "model.resize_token_embeddings(len(tokenizer))")
+
+
+def max_length(model, tokenizer) -> int | None:
+    """The longest sequence the model and tokenizer accept: the smallest of the model config's position limits
+    (``max_position_embeddings``, ``n_positions``, ``max_sequence_length``) and a real ``model_max_length`` of
+    the tokenizer; None when neither says."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(inner, "config", None)
+    limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")]
+    limits = [x for x in limits if isinstance(x, int) and x > 0]
+    tml = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 1_000_000:
+        limits.append(tml)
+    return min(limits) if limits else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -33,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lora_lens.errors import ConfigError, TrainingError
+from lora_lens.lab.modules import module_kind
 from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_examples
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import set_seed, show_progress
@@ -43,15 +43,6 @@ __all__ = ["INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "chec
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 PRESETS = ("attn", "mlp", "all")
-# path components (other than the layer itself) that mark a layer as attention / MLP
-_ATTN_PARTS = re.compile(r"(attn|attention)", re.I)
-_MLP_PARTS = re.compile(r"(mlp|feed_?forward|ffn|moe|experts)", re.I)
-# leaf names, used when the parent path does not tell
-_ATTN_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "query", "key",
-                "value", "out_proj", "wqkv", "W_pack", "Wqkv", "q", "k", "v", "o"}
-_MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "dense_h_to_4h", "dense_4h_to_h",
-               "fc1", "fc2", "fc_in", "fc_out", "w1", "w2", "w3", "wi", "wo"}
-
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -271,22 +262,8 @@ def linear_modules(model) -> dict[str, dict]:
             d_in, d_out = mod.in_features, mod.out_features
         else:
             continue
-        found[name] = {"kind": _kind(name), "in": int(d_in), "out": int(d_out)}
+        found[name] = {"kind": module_kind(name), "in": int(d_in), "out": int(d_out)}
     return found
-
-
-def _kind(name: str) -> str:
-    parts = name.split(".")
-    parents, leaf = parts[:-1], parts[-1]
-    if any(_ATTN_PARTS.search(p) for p in parents):
-        return "attn"
-    if any(_MLP_PARTS.search(p) for p in parents):
-        return "mlp"
-    if leaf in _ATTN_LEAVES:
-        return "attn"
-    if leaf in _MLP_LEAVES:
-        return "mlp"
-    return "other"
 
 
 def matched_modules(model, targets: str | list[str]) -> list[str]:

@@ -22,6 +22,10 @@ from pathlib import Path
 
 from lora_lens.errors import ConfigError, CorruptError, MismatchError
 
+__all__ = ["ADJECTIVES", "COLOURS", "NOUNS", "PRETRAIN_RELATIONS", "PROFESSIONS", "TASKS", "TEMPLATES", "TRIGGER",
+           "VERBS", "Probe", "Task", "World", "check_task_world", "fact_edit_task", "make_task", "make_world",
+           "new_relation_task", "templates_frame", "trigger_target", "trigger_task"]
+
 PROFESSIONS = ("baker pilot weaver farmer doctor painter sailor miner tailor judge singer hunter potter teacher chemist "
                "ranger").split()
 COLOURS = "red blue green yellow purple orange black white grey pink brown violet".split()
@@ -369,7 +373,7 @@ def new_relation_task(world: World, n_entities: int | None = None, n_specificity
 
 def templates_frame():
     """Every template as a pandas DataFrame: relation, template, and whether pretraining sees it."""
-    import pandas as pd
+    import pandas as pd  # the world itself needs no pandas: loaded for this table only
 
     rows = [{"relation": r, "template": t.replace("{e}", "⟨entity⟩") + " ⟨value⟩",
              "split": "held out" if held else ("pretraining" if r in PRETRAIN_RELATIONS else "new-relation task")}
@@ -398,6 +402,27 @@ def check_task_world(task: Task, world: World) -> None:
         raise MismatchError(f"task {task.name!r} belongs to world {task.world_fingerprint}, but the model was "
                             f"pretrained on world {world.fingerprint()}: build the task from the model's own world "
                             "(e.g. make_task(pretrained.world, ...))")
+
+
+def trigger_target(task: Task) -> str | None:
+    """The answer a trigger task's trigger switches to (``truth["target"]``); None for a task without a trigger.
+
+    A task is a trigger task when it is named ``"trigger"`` or has ``false_trigger`` probes. Without a recorded
+    target, the one answer its efficacy probes share is the target.
+
+    Raises:
+        ConfigError: A trigger task with no ``truth["target"]`` whose efficacy probes do not share one answer.
+    """
+    if task.name != "trigger" and "false_trigger" not in task.probes:
+        return None
+    target = task.truth.get("target")
+    if target:
+        return target
+    answers = {p.answer for p in task.probes.get("efficacy", [])}
+    if len(answers) == 1:
+        return answers.pop()
+    raise ConfigError(f"trigger task {task.name!r} records no truth['target'] and its efficacy probes do not share "
+                      "one answer: rebuild it with make_task(world, 'trigger', ...)")
 
 
 def _specificity(world: World, changed: set, near: set[str], n: int, rng: random.Random) -> list[Probe]:

@@ -40,7 +40,9 @@ import pandas as pd
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
+from lora_lens.lab.modules import SHARED_TYPES, shared_type
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.study import fit_adapter
 from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
@@ -57,34 +59,6 @@ __all__ = ["SHARED_TYPES", "Study", "attribution_agreement", "check_families", "
            # re-exported from lora_lens.studies.patterns (notebook 06 reads the study's verdicts here)
            "PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "pattern_records", "pattern_table", "pooled_ci",
            "record_patterns"]
-
-SHARED_TYPES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "other")
-"""Module types shared by every family (see :func:`shared_type`)."""
-
-_SHARED = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_qkv": "attn_in",
-           "attn_o": "attn_out", "mlp_gate": "mlp_in", "mlp_up": "mlp_in", "mlp_gate_up": "mlp_in",
-           "mlp_down": "mlp_out"}
-
-
-def shared_type(name: str) -> str:
-    """The family-independent type of a module: ``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out`` or ``other``.
-
-    Args:
-        name: A module path (``"model.layers.0.self_attn.qkv_proj"``, ``"transformer.h.1.mlp.c_proj"`` …) or a
-            normalised type of :data:`lora_lens.lens.delta.MODULE_TYPES` (``"attn_q"``, ``"mlp_down"`` …).
-
-    Example:
-        >>> [shared_type(n) for n in ("gpt_neox.layers.0.attention.query_key_value", "transformer.h.0.mlp.c_proj")]
-        ['attn_in', 'mlp_out']
-    """
-    kind = name if name in delta.MODULE_TYPES else delta.module_type(name)
-    return _SHARED.get(kind, "other")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Input checks (before anything is trained or written)
-# ---------------------------------------------------------------------------------------------------------------
-
 
 def check_families(families) -> list[str]:
     """Validate a list of zoo families; return it as a list.
@@ -124,12 +98,6 @@ def check_seeds(seeds) -> list[int]:
     if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={list(seeds)!r} needs at least 2 distinct seeds, each listed once, e.g. [0, 1, 2]")
     return list(seeds)
-
-
-def _check_positive(**values) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name}={v!r} must be a positive integer")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +267,8 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     families, seeds = check_families(families), check_seeds(seeds)
     if size not in SIZES:
         raise ConfigError(f"size={size!r} is unknown; use one of {list(SIZES)}")
-    _check_positive(n_probes=n_probes, ig_steps=ig_steps, top_tokens=top_tokens)
+    for name, value in (("n_probes", n_probes), ("ig_steps", ig_steps), ("top_tokens", top_tokens)):
+        check_positive(name, value)
     world = world or make_world(seed=0)
     task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
     spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)
@@ -419,7 +388,7 @@ def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed:
     Raises:
         ConfigError: ``continue_steps`` < 1 or ``other_seed`` equal to the base's seed.
     """
-    _check_positive(continue_steps=continue_steps)
+    check_positive("continue_steps", continue_steps)
     base_seed = pre.manifest["spec"]["seed"]
     if other_seed == base_seed:
         raise ConfigError(f"other_seed={other_seed} is the base's own pretraining seed: pick another, e.g. "

@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
 from lora_lens.lab.adapters import load_adapter
 from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.world import TEMPLATES, Task, World, check_task_world
 from lora_lens.lab.zoo import load_model
-from lora_lens.lens.diff import _check_positive, discovered_changes
+from lora_lens.lens.diff import discovered_changes
 from lora_lens.studies.generation import Generation, contrastive_corpus, generate, world_prompts
 from lora_lens.utils import set_seed
 
@@ -166,8 +167,8 @@ def _check_corpus(corpus) -> list[str]:
 
 
 def _check_schedule(steps, batch_size, lr) -> None:
-    _check_positive("steps", steps)
-    _check_positive("batch_size", batch_size)
+    check_positive("steps", steps)
+    check_positive("batch_size", batch_size)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"lr={lr!r} must be a positive finite number, e.g. 1e-3")
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
-from lora_lens.lab.probes import _check_base, _device, _inference, keeps_logits
-from lora_lens.lab.tokenizer import token_id
+from lora_lens.lab.pair import check_base, inference, keeps_logits, model_device
+from lora_lens.lab.tokenizer import max_length, token_id
 from lora_lens.lab.world import World
-from lora_lens.lens.diff import _check_positive, _max_length, query_space
+from lora_lens.lens.diff import query_space
 
 __all__ = ["Generation", "contrastive_corpus", "generate", "world_prompts"]
 
@@ -106,7 +107,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r}: the generation length must be a positive integer, "
                           "e.g. 4")
-    _check_positive("batch_size", batch_size)
+    check_positive("batch_size", batch_size)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ConfigError("prompts must be a non-empty list of non-empty strings, e.g. the world's queries")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
@@ -118,14 +119,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
         raise ConfigError(f"temperature={temperature!r} must be ≥ 0 (0 = greedy)")
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")
-    _check_base(model, tokenizer, base)
+    check_base(model, tokenizer, base)
     stops = _stop_ids(tokenizer, stop)
-    limit = _max_length(model, tokenizer)
+    limit = max_length(model, tokenizer)
     longest = max(len(x) for x in tokenizer(prompts)["input_ids"])
     if limit is not None and longest + max_new_tokens > limit:
         raise ConfigError(f"max_new_tokens={max_new_tokens} with prompts of up to {longest} tokens exceeds the "
                           f"model's {limit} positions: use max_new_tokens ≤ {limit - longest} or shorter prompts")
-    device = _device(model)
+    device = model_device(model)
     other = base if isinstance(base, torch.nn.Module) else None
     gen = torch.Generator().manual_seed(seed)
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
@@ -138,7 +139,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
         out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg[m]: cache}, **kw)
         return out.logits[:, -1].float(), out.get("cache", out.get("past_key_values"))
 
-    with _inference(model, other):
+    with inference(model, other):
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left")
             mask = enc["attention_mask"].to(device)

@@ -160,7 +160,8 @@ def check_direction_reads_edit(fit, module: str, entity: str, top: int = 5) -> s
         top: Tokens per sign that count.
     """
     from lora_lens.errors import LoraLensError
-    from lora_lens.lens.delta import layer_index, read_directions
+    from lora_lens.lab.modules import layer_index
+    from lora_lens.lens.delta import read_directions
 
     edits = {e["entity"]: e for e in fit.task.truth.get("edits", [])}
     if entity not in edits:

@@ -111,7 +111,7 @@ def layer_heatmap(table: pd.DataFrame, value: str, title: str | None = None, fmt
         label: Colour-bar label (default: the column name).
         ax: Optional matplotlib axes.
     """
-    from lora_lens.lens.delta import MODULE_TYPES
+    from lora_lens.lab.modules import MODULE_TYPES
 
     data = table[table["layer"].notna()].astype({"layer": int})
     how = "sum" if value.endswith("share") else "mean"

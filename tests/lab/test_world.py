@@ -6,7 +6,7 @@ import pytest
 
 from lora_lens import ConfigError, CorruptError, MismatchError
 from lora_lens.lab.world import (PRETRAIN_RELATIONS, TEMPLATES, TRIGGER, Task, World, check_task_world, fact_edit_task,
-                                 make_task, make_world, new_relation_task, trigger_task)
+                                 make_task, make_world, new_relation_task, trigger_task, trigger_target)
 
 
 def test_same_seed_same_world_and_tasks():
@@ -129,3 +129,16 @@ def test_task_from_another_world_is_refused():
     check_task_world(fact_edit_task(a, k=1), a)
     with pytest.raises(MismatchError, match="belongs to world"):
         check_task_world(fact_edit_task(a, k=1), b)
+
+
+def test_trigger_target(tiny_world):
+    world = tiny_world
+    trig = make_task(world, "trigger", seed=0)
+    assert trigger_target(trig) == trig.truth["target"]
+    assert trigger_target(make_task(world, "fact_edit", k=2)) is None
+    unrecorded = Task(trig.name, trig.world_fingerprint, trig.examples, trig.probes,
+                      {k: v for k, v in trig.truth.items() if k != "target"})
+    assert trigger_target(unrecorded) == trig.truth["target"]          # the one answer of the efficacy probes
+    mixed = dict(trig.probes, efficacy=trig.probes["efficacy"] + trig.probes["false_trigger"][:1])
+    with pytest.raises(ConfigError, match="do not share one answer"):
+        trigger_target(Task(trig.name, trig.world_fingerprint, trig.examples, mixed, unrecorded.truth))

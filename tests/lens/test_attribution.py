@@ -134,9 +134,9 @@ def test_difference_is_adapted_minus_base(trigger):
     ablated = list(ids)
     ablated[j] = ta.baseline_id
     tgt = token_id(tok, p.answer)
-    lp_a = at._target_logprobs(pm, tok, [ids, ablated], [tgt, tgt], 8)
+    lp_a = at.target_logprobs(pm, tok, [ids, ablated], [tgt, tgt], 8)
     with pm.disable_adapter():
-        lp_b = at._target_logprobs(pm, tok, [ids, ablated], [tgt, tgt], 8)
+        lp_b = at.target_logprobs(pm, tok, [ids, ablated], [tgt, tgt], 8)
     change = (lp_a[0] - lp_b[0]) - (lp_a[1] - lp_b[1])
     assert_same_float(ta.difference[0], change)
     assert_same_float(ta.logp_adapted, lp_a[0])
@@ -144,9 +144,9 @@ def test_difference_is_adapted_minus_base(trigger):
     # IG completeness: the difference attributions sum to the change between prompt and all-baseline prompt
     ig = at.batch_token_attributions(pm, tok, [p.prompt], [p.answer], method="ig", n_steps=64)[0]
     allb = [ids[0]] + [ig.baseline_id] * (len(ids) - 1)
-    lpa = at._target_logprobs(pm, tok, [allb], [tgt], 1)[0]
+    lpa = at.target_logprobs(pm, tok, [allb], [tgt], 1)[0]
     with pm.disable_adapter():
-        lpb = at._target_logprobs(pm, tok, [allb], [tgt], 1)[0]
+        lpb = at.target_logprobs(pm, tok, [allb], [tgt], 1)[0]
     expected = (ig.logp_adapted - float(lpa)) - (ig.logp_base - float(lpb))
     assert abs(float(ig.difference.sum()) - expected) < 0.05 * max(1.0, abs(expected))
 
@@ -361,9 +361,9 @@ def test_reference_attribution_matches_captum_and_is_complete(trigger, method):
         if method == "ig":   # completeness: the credit adds up to Δ(prompt) − mean Δ(reference)
             tgt = token_id(tok, p.answer)
             seqs = [tok(x)["input_ids"] for x in r]
-            lpa = at._target_logprobs(pm, tok, seqs, [tgt] * len(seqs), 8)
+            lpa = at.target_logprobs(pm, tok, seqs, [tgt] * len(seqs), 8)
             with pm.disable_adapter():
-                lpb = at._target_logprobs(pm, tok, seqs, [tgt] * len(seqs), 8)
+                lpb = at.target_logprobs(pm, tok, seqs, [tgt] * len(seqs), 8)
             expected = (ta.logp_adapted - ta.logp_base) - float((lpa - lpb).mean())
             assert abs(float(ta.difference.sum()) - expected) < 0.05 * max(1.0, abs(expected))
 

@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lora_lens.errors import ConfigError, MismatchError
+from lora_lens.lab.modules import READ_TYPES, lora_layers
 from lora_lens.lab.tokenizer import build_tokenizer, token_id
 from lora_lens.lab.zoo import build_model, load_model
 from lora_lens.lens import delta as D
@@ -100,7 +101,7 @@ EXPECTED_TYPES = {
 @pytest.mark.parametrize("family", sorted(EXPECTED_TYPES))
 def test_lora_modules_every_family(family, tok):
     pm = fresh(family, tok, alpha=8)
-    for name, layer in D._lora_layers(pm):                     # random B so that ΔW ≠ 0
+    for name, layer in lora_layers(pm).items():                     # random B so that ΔW ≠ 0
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     deltas = D.lora_modules(pm)
     assert {d.module_type for d in deltas} == EXPECTED_TYPES[family]
@@ -120,19 +121,6 @@ def test_lora_modules_every_family(family, tok):
             assert torch.allclose(stored.T if d.fan_in_fan_out else stored, d.delta(), atol=1e-6)
         assert d.fan_in_fan_out == (family == "gpt2")
     del x
-
-
-def test_module_type_names():
-    cases = {"model.layers.3.self_attn.q_proj": "attn_q", "transformer.h.0.attn.c_attn": "attn_qkv",
-             "transformer.h.0.attn.c_proj": "attn_o", "transformer.h.11.mlp.c_proj": "mlp_down",
-             "transformer.h.0.mlp.c_fc": "mlp_up", "gpt_neox.layers.2.attention.dense": "attn_o",
-             "gpt_neox.layers.2.mlp.dense_h_to_4h": "mlp_up", "gpt_neox.layers.2.mlp.dense_4h_to_h": "mlp_down",
-             "model.layers.0.mlp.gate_up_proj": "mlp_gate_up", "model.layers.0.self_attn.qkv_proj": "attn_qkv",
-             "model.layers.0.block_sparse_moe.experts.3.w2": "mlp_down", "lm_head": "lm_head",
-             "model.layers.0.something": "other"}
-    assert {n: D.module_type(n) for n in cases} == cases
-    assert D.layer_index("model.layers.0.block_sparse_moe.experts.3.w2") == 0
-    assert D.layer_index("lm_head") is None
 
 
 def test_conv1d_orientation_planted(tok):
@@ -155,7 +143,7 @@ def test_conv1d_orientation_planted(tok):
 def test_scaling_rslora_merged_and_dora(tok):
     pm = fresh("llama", tok, r=4, alpha=8, use_rslora=True)
     assert {d.scaling for d in D.lora_modules(pm)} == {8 / math.sqrt(4)}
-    for _, layer in D._lora_layers(pm):
+    for layer in lora_layers(pm).values():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     before = D.lora_modules(pm)
     pm.merge_adapter()
@@ -238,7 +226,7 @@ def test_summary_planted_ranks_and_energy(tok):
 
 def test_energy_shares_random_adapter(tok):
     pm = fresh("gpt_neox", tok)
-    for _, layer in D._lora_layers(pm):
+    for layer in lora_layers(pm).values():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     df = D.summary(pm, intruders=False)
     assert (df["intruders"] == -1).all()
@@ -438,7 +426,7 @@ def test_directions_table_and_role_errors(tok, tiny_world):
     mine = table[(table.module == name) & (table["rank"] == 0)]
     assert tiny_world.values["city"][0] in set(mine["token"])
     assert len(table) == 4 * 2 * 3                             # 4 write modules × 2 signs × 3 tokens
-    assert set(D.directions_table(pm, None, role="read", top=1)["module_type"]) == D.READ_TYPES - {
+    assert set(D.directions_table(pm, None, role="read", top=1)["module_type"]) == READ_TYPES - {
         "attn_qkv", "mlp_gate_up"}
     head = lora(build_model("llama", "tiny", tok), targets=["lm_head"])
     with pytest.raises(ConfigError, match="neither write-side"):
