@@ -29,7 +29,8 @@ from pathlib import Path
 from lora_lens import __version__
 from lora_lens.errors import LoraLensError, NotFoundError
 from lora_lens.workshop.presets import DEFAULT_PRESET, PRESETS
-from lora_lens.workshop.runner import DEFAULT_JOBS, NotebookFailed, parse_assignments, run_series
+from lora_lens.workshop.runner import DEFAULT_JOBS, NotebookFailed, run_series
+from lora_lens.workshop.series import parse_assignments
 
 
 def _build_parser() -> argparse.ArgumentParser:
