@@ -52,7 +52,8 @@ def test_check_own_hypothesis(db):
     ledger.record("rank-low", 3.0, seed=1, path=db)
     assert "needs 3" in exercises.check_own_hypothesis("rank-low", db)
     ledger.record("rank-low", 3.5, seed=2, path=db)
-    assert exercises.check_own_hypothesis("rank-low", db) == "correct: 'rank-low' is supported on 3 live records from 3 runs/seeds"
+    assert exercises.check_own_hypothesis("rank-low", db) == ("correct: 'rank-low' is supported on 3 live records "
+                                                             "from 3 runs/seeds")
     ledger.declare("vague", "Something changes", "x", ">", 0, min_runs=2, path=db)
     assert "falsifier" in exercises.check_own_hypothesis("vague", db)
 
