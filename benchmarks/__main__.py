@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,10 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from lora_lens.errors import LoraLensError
+from lora_lens.utils import write_json
+from lora_lens.workshop.runner import load_run
 
 HERE = Path(__file__).resolve().parent
 RSS_BUDGET_MB = 4e9 / 2**20
@@ -65,10 +68,10 @@ def run_rss(run_dir: str | None, cwd: Path | None = None) -> dict[str, Any] | No
         candidates = [p.parent for p in candidates]
     for folder in candidates:
         try:
-            record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            _, record = load_run(folder)
             rss = {e["notebook"]: e["max_rss_mb"] for e in record["notebooks"]
                    if isinstance(e.get("max_rss_mb"), (int, float))}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (LoraLensError, KeyError, TypeError) as exc:
             if run_dir is not None:
                 raise SystemExit(f"--run {run_dir}: not a run folder with a readable run.json ({exc}); pass a folder "
                                  "made by `lora-lens run`")
@@ -209,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": round(time.perf_counter() - t_start, 3)}
     print(format_table(result))
     if args.out:
-        from lora_lens.utils import write_json
-
         write_json(args.out, result)
         print(f"wrote {args.out}")
     if any(b.get("error") for b in benchmarks):

@@ -8,7 +8,8 @@ Subcommands:
              (a checkout's ``benchmarks/`` folder).
     inspect  report on any PEFT LoRA adapter of a causal LM: weight space, vocabulary, behaviour (see
              :mod:`lora_lens.lens.inspect_adapter`); writes report.json and report.html.
-    ledger   the hypothesis ledger; every argument after ``ledger`` goes to :func:`lora_lens.ledger.main`.
+    ledger   the hypothesis ledger; every argument after ``ledger`` goes to
+             :func:`lora_lens.ledger.command.ledger_main`.
 
 Exit codes: 0 success, 1 a notebook failed while running, 2 any other lora_lens error or a usage error.
 
@@ -28,7 +29,8 @@ from pathlib import Path
 from lora_lens import __version__
 from lora_lens.errors import LoraLensError, NotFoundError
 from lora_lens.workshop.presets import DEFAULT_PRESET, PRESETS
-from lora_lens.workshop.runner import DEFAULT_JOBS, NotebookFailed, parse_assignments, run_series
+from lora_lens.workshop.runner import DEFAULT_JOBS, NotebookFailed, run_series
+from lora_lens.workshop.series import parse_assignments
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -141,8 +143,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _ledger(argv: list[str]) -> int:
-    from lora_lens import ledger
-    return int(ledger.main(argv) or 0)
+    from lora_lens.ledger.command import ledger_main
+    return int(ledger_main(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,53 @@
 """Checks for the notebooks' "Try it" exercises.
 
-Each check returns a one-line message that starts with ``"correct"`` or ``"not yet"``: it says whether the
-participant's answer holds and, if not, where to look — never the answer itself.
+Every check of the series lives here, named after its notebook and exercise (``Exercise 02-1`` …). Each returns a
+one-line message that starts with ``"correct"``, ``"not yet"`` or ``"not attempted"``: it says whether the
+participant's answer holds and, if not, where to look — never the answer itself. The journal's exercises (07) build
+their practice ledgers in scratch files of their own, never in the participant's ledger.
+
+Example:
+    >>> from lora_lens.workshop import exercises
+    >>> exercises.check_verdicts(None).split(":")[0]
+    'not attempted'
+
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+from lora_lens import ledger
+from lora_lens.errors import ConfigError, LoraLensError, NotFoundError
+from lora_lens.lab.modules import layer_index
 from lora_lens.lab.probes import next_token_logits
 from lora_lens.lab.tokenizer import token_id
+from lora_lens.lens.delta import phi_table, read_directions
+from lora_lens.lens.diff import discovered_changes, score_against_truth
+
+__all__ = ["PRACTICE_STEPS", "check_best_rank", "check_collateral", "check_confidence_threshold", "check_deletion_k",
+           "check_direction_reads_edit", "check_fastest_family", "check_own_hypothesis", "check_paraphrase_gap",
+           "check_retraction", "check_seed_vs_rank", "check_trigger_token", "check_universal_pattern",
+           "check_verdicts", "practice_ledger"]
+
+# Notebook 07, exercise 1: the practice hypothesis and the five steps whose verdicts the participant predicts.
+PRACTICE_STEPS = (("record", 0, 0.96), ("record", 1, 0.93), ("record", 2, 0.97), ("record", 3, 0.85),
+                  ("retract", 3, None))
+"""(action, seed, efficacy): four records, then the retraction of the seed-3 record."""
+_HINTS = {"min_runs": "how many live records does the rule need before it says anything?",
+          "fail": "what does the rule say about a single failing record?",
+          "retract": "a retracted record no longer counts: which records are live afterwards?"}
+
+# Notebook 07, exercise 3: a practice ledger with one documented mistake among four records (seed, value, notes).
+_FORGET = (("practice-forgetting", "Higher rank forgets more: rank 16 loses more general accuracy than rank 2",
+            "forgetting_gap", ">", 0.0),
+           dict(falsifier="rank 16 forgets no more than rank 2 on any seed", min_runs=3))
+_FORGET_RECORDS = ((0, 0.031, "seed 0"), (1, -0.006, "seed 1"),
+                   (2, 0.044, "seed 2; NOTE added later: the rank-2 run crashed, so this gap compares rank 16 "
+                              "with the rank-2 adapter of seed 0"),
+                   (3, 0.027, "seed 3"))
+
+
 
 
 def _steps_to(curves: dict, level: float) -> int | None:
@@ -91,8 +131,6 @@ def check_collateral(fit, entity: str) -> str:
 
 
 def _mean_phi_top1(fit_a, fit_b) -> float:
-    from lora_lens.lens.delta import phi_table
-
     return float(phi_table(fit_a.model, fit_b.model, 1, 1)["phi"].mean())
 
 
@@ -114,8 +152,6 @@ def check_seed_vs_rank(small, large, other_seed, answer: str) -> str:
     if other_seed.spec.rank != small.spec.rank or other_seed.spec.targets != small.spec.targets:
         return (f"not yet: train the other seed at the same rank ({small.spec.rank}) and targets as the small "
                 "adapter, so only the seed differs")
-    from pathlib import Path
-
     if Path(other_seed.adapter_dir) == Path(small.adapter_dir):
         return "not yet: that is the same adapter; pass another seed to fit_adapter"
     by_rank, by_seed = _mean_phi_top1(small, large), _mean_phi_top1(small, other_seed)
@@ -159,10 +195,6 @@ def check_direction_reads_edit(fit, module: str, entity: str, top: int = 5) -> s
         entity: An edited person.
         top: Tokens per sign that count.
     """
-    from lora_lens.errors import LoraLensError
-    from lora_lens.lab.modules import layer_index
-    from lora_lens.lens.delta import read_directions
-
     edits = {e["entity"]: e for e in fit.task.truth.get("edits", [])}
     if entity not in edits:
         return f"not yet: {entity!r} is not one of the edited people (see fit.task.truth['edits'])"
@@ -196,9 +228,6 @@ def check_confidence_threshold(diff, task, min_confidence: float, precision: flo
         precision: Precision to reach.
         recall: Recall to keep.
     """
-    from lora_lens.errors import LoraLensError
-    from lora_lens.lens.diff import discovered_changes, score_against_truth
-
     try:
         found = discovered_changes(diff, min_confidence=min_confidence)
         s = score_against_truth(found, task, queried=diff)
@@ -217,7 +246,8 @@ def check_trigger_token(recovery, answer: str) -> str:
     """Exercise 03-1: the token the difference attribution ranks first most often on the triggered probes.
 
     Args:
-        recovery: The :class:`lora_lens.lens.attribution.Recovery` of :func:`lora_lens.lens.attribution.trigger_recovery`.
+        recovery: The :class:`lora_lens.lens.attribution.Recovery` of
+            :func:`lora_lens.lens.attribution.trigger_recovery`.
         answer: The token the participant names (as shown in the heatmaps).
     """
     counts = recovery.table["top"].value_counts()
@@ -244,3 +274,101 @@ def check_deletion_k(curve, answer: int, level: float = 0.8) -> str:
     if answer in set(enough):
         return "not yet: this k removes enough, but a smaller one does too"
     return f"not yet: the top-{answer} components remove less than {level:.0%}; read the curve again"
+
+
+def _practice_verdicts() -> list[str]:
+    """Run the practice steps through a throw-away ledger and return the verdict after each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db, out, ids = Path(tmp) / "practice.sqlite", [], {}
+        ledger.declare("practice-efficacy", "A rank-4 LoRA learns all ten fact edits", "efficacy", ">=", 0.9,
+                       falsifier="efficacy below 0.9 on any seed", min_runs=3, path=db)
+        for action, seed, value in PRACTICE_STEPS:
+            if action == "record":
+                ids[seed] = ledger.record("practice-efficacy", value, seed=seed, path=db).id
+            else:
+                ledger.retract(ids[seed], "practice", path=db)
+            out.append(ledger.verdict("practice-efficacy", path=db))
+    return out
+
+
+def check_verdicts(answer) -> str:
+    """Exercise 07-1: are these the verdicts after each of the :data:`PRACTICE_STEPS`?
+
+    Args:
+        answer: A list of five verdicts (``"supported"``, ``"refuted"``, ``"inconclusive"``), or None.
+    """
+    if answer is None:
+        return "not attempted: set my_verdicts to a list of five verdicts, one per step"
+    if isinstance(answer, str) or len(answer) != len(PRACTICE_STEPS) or any(a not in ledger.VERDICTS for a in answer):
+        return f"not yet: give a list of {len(PRACTICE_STEPS)} verdicts, each one of {', '.join(ledger.VERDICTS)}"
+    truth = _practice_verdicts()
+    wrong = [i for i, (a, t) in enumerate(zip(answer, truth)) if a != t]
+    if not wrong:
+        return "correct: all five verdicts follow from the rule declared before any evidence arrived"
+    i = wrong[0]
+    kind = "retract" if PRACTICE_STEPS[i][0] == "retract" else "fail" if PRACTICE_STEPS[i][2] < 0.9 else "min_runs"
+    return (f"not yet: {len(PRACTICE_STEPS) - len(wrong)} of {len(PRACTICE_STEPS)} right; look again at step "
+            f"{i + 1} - {_HINTS[kind]}")
+
+
+def check_own_hypothesis(hypothesis_id: str | None, path=None) -> str:
+    """Exercise 07-2: is ``hypothesis_id`` a falsifiable, replicated, decided hypothesis in the ledger at ``path``?"""
+    if hypothesis_id is None:
+        return "not attempted: declare your hypothesis with ledger.declare and set my_hypothesis to its id"
+    try:
+        h = ledger.hypothesis(hypothesis_id, path)
+    except NotFoundError as exc:
+        return f"not yet: {exc}"
+    if not h.falsifier.strip():
+        return "not yet: a hypothesis without a falsifier cannot be wrong; declare a new id with falsifier=..."
+    if h.min_runs < 2:
+        return "not yet: with min_runs=1 a single run decides; declare a new id that needs at least two runs"
+    ev = ledger.evidence(hypothesis_id, path)
+    live = ev[ev["retracts"].isna() & ~ev["retracted"]]
+    runs = {(r, s) for r, s in zip(live["run_id"], live["seed"].fillna(-1))}
+    if len(runs) < 2:
+        return (f"not yet: {len(live)} live record(s) from {len(runs)} run/seed; record the same metric from "
+                "another seed")
+    v = ledger.verdict(hypothesis_id, path)
+    if v == "inconclusive":
+        return f"not yet: {len(live)} live records, but the rule needs {h.min_runs}; record more runs"
+    return f"correct: {hypothesis_id!r} is {v} on {len(live)} live records from {len(runs)} runs/seeds"
+
+
+def practice_ledger(path) -> Path:
+    """Exercise 07-3: (re)build a practice ledger at ``path`` with four records, one of them a documented mistake.
+
+    An earlier practice ledger at ``path`` is replaced, so a participant can start over.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ConfigError: ``path`` holds a ledger with other hypotheses (it is never replaced).
+    """
+    path = Path(path)
+    if path.exists() and set(ledger.hypotheses(path)["id"]) - {_FORGET[0][0]}:
+        raise ConfigError(f"{str(path)!r} holds other hypotheses; pass a scratch file for the practice ledger, "
+                          "e.g. Path(output_dir) / 'practice.sqlite'")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    args, kw = _FORGET
+    ledger.declare(*args, **kw, path=path)
+    for seed, value, notes in _FORGET_RECORDS:
+        ledger.record(args[0], value, seed=seed, notes=notes, path=path)
+    return path
+
+
+def check_retraction(path) -> str:
+    """Exercise 07-3: was exactly the documented mistake in the practice ledger retracted, with a reason?"""
+    ev = ledger.evidence(_FORGET[0][0], path)
+    retractions = ev[ev["retracts"].notna()]
+    if retractions.empty:
+        return "not attempted: no record is retracted yet; read the notes column of the evidence table"
+    mistake = int(ev[ev["seed"] == 2]["id"].iloc[0])
+    hit = set(retractions["retracts"].astype(int))
+    if hit != {mistake}:
+        return ("not yet: a record that is merely inconvenient is evidence, not a mistake - only retract a record "
+                "whose notes document an error; rebuild with exercises.practice_ledger(path) and try again")
+    return (f"correct: record #{mistake} is retracted and the verdict is now "
+            f"{ledger.verdict(_FORGET[0][0], path)!r} - an honest retraction does not have to rescue a claim")

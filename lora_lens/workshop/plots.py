@@ -1,12 +1,48 @@
-"""Figures for the notebooks (seaborn/matplotlib). Every function takes an optional ``ax`` and returns the figure."""
+"""Figures of the notebook series (seaborn/matplotlib).
+
+The package's one figure convention: every function draws into ``ax=`` when given (a sequence of axes where a
+figure has several panels, as documented per function) or into a new figure, and returns the figure. Nothing here
+sets a global theme: each function draws under :data:`~lora_lens.ledger.plots.FIGURE_STYLE`, and
+:func:`subplots` makes axes in that style for a figure that a notebook composes from several functions.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
-sns.set_theme(style="whitegrid", context="notebook")
+from lora_lens.lab.modules import MODULE_TYPES
+from lora_lens.ledger.plots import FIGURE_STYLE
+
+__all__ = ["component_heatmap", "deletion_curves", "discovery_tradeoff", "energy_depth_curves", "family_scores",
+           "intruder_curves", "layer_heatmap", "learning_curves", "match_vs_chance", "pattern_forest", "phi_heatmap",
+           "portability_bars", "pretraining_curves", "rank_profile", "subplots", "token_heatmaps", "tradeoff"]
+
+
+def _styled(draw):
+    """Run a figure function under :data:`FIGURE_STYLE` (the rc settings are restored afterwards)."""
+    @functools.wraps(draw)
+    def styled(*args, **kwargs):
+        with plt.rc_context(FIGURE_STYLE):
+            return draw(*args, **kwargs)
+    return styled
+
+
+@_styled
+def subplots(*args, **kwargs):
+    """``plt.subplots`` in the package's figure style: axes to pass as ``ax=`` to several figure functions.
+
+    Example:
+        >>> fig, axes = subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+        >>> len(axes)
+        2
+    """
+    return plt.subplots(*args, **kwargs)
 
 
 def _axes(ax, ncols: int = 1, size=(6.4, 4.0)):
@@ -16,6 +52,7 @@ def _axes(ax, ncols: int = 1, size=(6.4, 4.0)):
     return fig, axes
 
 
+@_styled
 def pretraining_curves(curves: dict[str, dict], ax=None):
     """Loss and fact accuracy against training step, one line per family.
 
@@ -36,6 +73,7 @@ def pretraining_curves(curves: dict[str, dict], ax=None):
     return fig
 
 
+@_styled
 def family_scores(table: pd.DataFrame, ax=None):
     """Grouped bars: fact accuracy (seen templates) and paraphrase accuracy (held-out templates) per family.
 
@@ -55,6 +93,7 @@ def family_scores(table: pd.DataFrame, ax=None):
     return fig
 
 
+@_styled
 def learning_curves(curves: dict[str, dict], ax=None):
     """Training loss (answer tokens only) against step, one line per adapter.
 
@@ -69,6 +108,7 @@ def learning_curves(curves: dict[str, dict], ax=None):
     return fig
 
 
+@_styled
 def tradeoff(table: pd.DataFrame, x: str = "specificity", y: str = "efficacy", hue: str = "targets",
              size: str = "rank", ax=None):
     """Efficacy against specificity (or any two metrics), one point per adapter, labelled by rank.
@@ -90,6 +130,7 @@ def tradeoff(table: pd.DataFrame, x: str = "specificity", y: str = "efficacy", h
 # notebook 02: what changed
 
 
+@_styled
 def layer_heatmap(table: pd.DataFrame, value: str, title: str | None = None, fmt: str = ".2f",
                   cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
                   label: str | None = None, ax=None):
@@ -111,8 +152,6 @@ def layer_heatmap(table: pd.DataFrame, value: str, title: str | None = None, fmt
         label: Colour-bar label (default: the column name).
         ax: Optional matplotlib axes.
     """
-    from lora_lens.lab.modules import MODULE_TYPES
-
     data = table[table["layer"].notna()].astype({"layer": int})
     how = "sum" if value.endswith("share") else "mean"
     grid = data.pivot_table(index="module_type", columns="layer", values=value, aggfunc=how)
@@ -125,6 +164,7 @@ def layer_heatmap(table: pd.DataFrame, value: str, title: str | None = None, fmt
     return fig
 
 
+@_styled
 def phi_heatmap(grid, title: str | None = None, zoom: int | None = 8, ax=None):
     """The LoRA paper's Figure 3: φ(i, j) between the top-i directions of one adapter and the top-j of another.
 
@@ -135,8 +175,6 @@ def phi_heatmap(grid, title: str | None = None, zoom: int | None = 8, ax=None):
             one panel only).
         ax: Optional axes: one (full grid only) or a pair ``(full, zoom)``.
     """
-    import numpy as np
-
     grid = np.asarray(grid, dtype=float)
     ni, nj = grid.shape
     zoom = None if zoom is None or (zoom >= ni and zoom >= nj) else zoom
@@ -153,8 +191,6 @@ def phi_heatmap(grid, title: str | None = None, zoom: int | None = 8, ax=None):
                         extent=(0.5, nj + 0.5, ni + 0.5, 0.5))
     axes[0].set(xlabel="j (top-j directions of the second adapter)", ylabel="i (top-i of the first adapter)",
                 title=title or "subspace similarity φ(i, j)")
-    from matplotlib.ticker import MaxNLocator
-
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].grid(False)
@@ -174,6 +210,7 @@ def phi_heatmap(grid, title: str | None = None, zoom: int | None = 8, ax=None):
     return fig
 
 
+@_styled
 def rank_profile(summaries: dict, ax=None):
     """Effective (entropy) and stable rank of every module against the adapter's nominal rank.
 
@@ -181,8 +218,6 @@ def rank_profile(summaries: dict, ax=None):
         summaries: ``{nominal rank: lora_lens.lens.delta.summary(...)}``.
         ax: Optional axes.
     """
-    import numpy as np
-
     fig, ax = _axes(ax, size=(6.0, 4.2))
     ranks = sorted(summaries)
     rng = np.random.default_rng(0)
@@ -205,6 +240,7 @@ def rank_profile(summaries: dict, ax=None):
     return fig
 
 
+@_styled
 def energy_depth_curves(energy: pd.DataFrame, ax=None):
     """Share of update energy against relative depth, one line per family (mean over seeds, seeds as thin lines).
 
@@ -229,6 +265,7 @@ def energy_depth_curves(energy: pd.DataFrame, ax=None):
     return fig
 
 
+@_styled
 def pattern_forest(table: pd.DataFrame, ax=None):
     """Forest plot: each pattern's statistic per family with its bootstrap interval, against its threshold.
 
@@ -236,8 +273,6 @@ def pattern_forest(table: pd.DataFrame, ax=None):
         table: :func:`lora_lens.studies.compare.pattern_table` output.
         ax: Optional axes (one per pattern, as an array), else a grid is made.
     """
-    import numpy as np
-
     pats = list(dict.fromkeys(table["pattern"]))
     if ax is None:
         ncols = min(3, len(pats))
@@ -266,6 +301,7 @@ def pattern_forest(table: pd.DataFrame, ax=None):
     return fig
 
 
+@_styled
 def portability_bars(table: pd.DataFrame, ax=None):
     """Efficacy of an adapter on its own base, ported to other bases, and re-trained there (bars per family).
 
@@ -286,6 +322,7 @@ def portability_bars(table: pd.DataFrame, ax=None):
     return fig
 
 
+@_styled
 def intruder_curves(counts: pd.DataFrame, epsilon: float = 0.5, ax=None):
     """Intruder dimensions against the similarity threshold ε, one line per adapter (Shuttleworth et al. 2024).
 
@@ -304,6 +341,7 @@ def intruder_curves(counts: pd.DataFrame, epsilon: float = 0.5, ax=None):
     return fig
 
 
+@_styled
 def match_vs_chance(table: pd.DataFrame, ax=None):
     """Share of edited values found among the top tokens of the leading directions, against its chance level.
 
@@ -327,6 +365,7 @@ def match_vs_chance(table: pd.DataFrame, ax=None):
     return fig
 
 
+@_styled
 def discovery_tradeoff(table: pd.DataFrame, default: float | None = None, ax=None):
     """Precision and recall of the discovered changes against the confidence a moved answer needs.
 
@@ -348,6 +387,7 @@ def discovery_tradeoff(table: pd.DataFrame, default: float | None = None, ax=Non
     return fig
 
 
+@_styled
 def token_heatmaps(attribution, ax=None):
     """Input attribution of one probe: base, adapted and difference (adapter on − off), one heatmap row each.
 
@@ -360,8 +400,6 @@ def token_heatmaps(attribution, ax=None):
         attribution: A :class:`lora_lens.lens.attribution.TokenAttribution`.
         ax: Optional sequence of three matplotlib axes (base, adapted, difference).
     """
-    import numpy as np
-
     rows = {"base": attribution.base, "adapted": attribution.adapted, "difference": attribution.difference}
     if ax is None:
         fig, axes = plt.subplots(3, 1, figsize=(max(5.0, 1.0 + 0.9 * len(attribution.tokens)), 3.6),
@@ -386,6 +424,7 @@ def token_heatmaps(attribution, ax=None):
     return fig
 
 
+@_styled
 def component_heatmap(attribution: pd.DataFrame, components, behaviour: str, title: str | None = None, ax=None):
     """Module type × layer heatmap of one behaviour's component attribution (module grain).
 
@@ -403,6 +442,7 @@ def component_heatmap(attribution: pd.DataFrame, components, behaviour: str, tit
                          vmin=-lim, vmax=lim, label="attribution", ax=ax)
 
 
+@_styled
 def deletion_curves(curve: pd.DataFrame, k: int | None = None, ax=None):
     """Share of a behaviour's effect removed by switching off the top-k components vs k random ones.
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["DEFAULT_PRESET", "PRESETS"]
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "workshop": {
         "00": {},
@@ -43,3 +45,4 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 """Preset name -> notebook prefix -> parameter overrides."""
 
 DEFAULT_PRESET = "workshop"
+"""The preset of ``lora-lens run`` without ``--preset``; its runs record into the main ledger."""

@@ -34,8 +34,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lora_lens.errors import ConfigError, NotFoundError
+import nbformat
+from nbconvert import HTMLExporter
+
+from lora_lens import ledger
 from lora_lens.utils import atomic_dir
+from lora_lens.workshop.runner import load_run
+
+__all__ = ["MAX_FIGURES", "MAX_NUMBERS", "export_html", "extract_figures", "flatten", "ledger_rows", "render",
+           "write_report"]
 
 MAX_FIGURES = 12
 """Figures shown per notebook on the index page (all of them are in the notebook's export)."""
@@ -46,26 +53,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _STATUS_COLOUR = {"ok": "#1a7f37", "failed": "#cf222e", "interrupted": "#bc4c00", "running": "#9a6700",
                   "pending": "#6e7781", "incomplete": "#9a6700", "supported": "#1a7f37", "refuted": "#cf222e",
                   "inconclusive": "#6e7781"}
-
-
-def load_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """Return ``(run_dir, run.json)`` of a run folder.
-
-    Raises:
-        NotFoundError: the folder does not exist.
-        ConfigError: it holds no readable ``run.json`` (not a run folder).
-    """
-    path = Path(run_dir).resolve()
-    if not path.is_dir():
-        raise NotFoundError(f"run folder {run_dir} does not exist; pass a folder made by `lora-lens run`")
-    try:
-        record = json.loads((path / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{run_dir} is not a run folder (run.json missing or unreadable: {exc}); "
-                          "pass a folder made by `lora-lens run`") from None
-    if not isinstance(record, dict) or not isinstance(record.get("notebooks"), list):
-        raise ConfigError(f"{path / 'run.json'} has no 'notebooks' list; it is not a lora-lens run folder")
-    return path, record
 
 
 def flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -149,8 +136,6 @@ def extract_figures(nb, dest: Path) -> list[dict[str, str]]:
 
 def export_html(nb, path: Path) -> None:
     """Export an executed notebook to HTML with nbconvert (images embedded; see the module docstring)."""
-    from nbconvert import HTMLExporter
-
     body, _ = HTMLExporter().from_notebook_node(nb)
     path.write_text(body, encoding="utf-8")
 
@@ -172,7 +157,6 @@ def ledger_rows(run_id: str, ledger_file: Path) -> list[dict[str, Any]]:
     """
     if not ledger_file.exists():
         return []
-    from lora_lens import ledger
     ev = ledger.evidence(path=ledger_file)
     ev = ev[(ev["run_id"] == run_id) & ev["retracts"].isna()]
     if ev.empty:
@@ -197,8 +181,6 @@ def _seconds(x: Any) -> str:
 
 def _notebook_section(run_dir: Path, entry: dict, report_dir: Path) -> tuple[str, dict | None]:
     """The HTML section of one notebook and its failure row (None when it did not fail)."""
-    import nbformat
-
     stem = entry.get("notebook", "?")
     status = entry.get("status")
     parts = [f'<section id="{_e(stem)}"><h2>{_e(stem)} {_badge(status)}</h2>']

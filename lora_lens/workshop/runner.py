@@ -1,30 +1,23 @@
-"""Run the notebook series with papermill into a fresh run folder.
+"""Run the notebook series with papermill into a run folder, and read a run folder's record (``run.json``).
 
-The series is every ``notebooks/NN_*.ipynb``, executed in order of its two-digit prefix ``NN``. Each notebook gets
-its own folder ``<run>/<notebook stem>/``, passed to it as the ``output_dir`` parameter and used as the kernel's
-working directory; the executed notebook is written there too. ``<run>/run.json`` records what ran.
-
-Parameters come from three layers, later ones winning: the notebook's own defaults, the preset
-(:mod:`lora_lens.workshop.presets`), and explicit overrides (``NAME`` for every notebook that declares it, ``NN.NAME`` for
-notebook ``NN`` only). Every name is checked against the parameters the notebooks declare before anything runs.
+What the series holds, what each notebook declares and needs and which parameters it gets is
+:mod:`lora_lens.workshop.series`; this module executes that plan. Each notebook gets its own folder
+``<run>/<notebook stem>/``, passed to it as the ``output_dir`` parameter and used as the kernel's working directory;
+the executed notebook is written there too. ``<run>/run.json`` records what ran (:func:`load_run` reads it).
 
 Scheduling: every notebook runs in its own worker process (spawned) with its own kernel, so ``jobs`` notebooks can
-run at once (jupyter_client gives each kernel free ports). A notebook may declare what it needs in its notebook
-metadata, ``{"lora_lens": {"needs": ["00"]}}`` (prefixes) or ``{"lora_lens": {"needs": "all"}}`` (every selected
-notebook with a lower prefix; the journal declares this, so it runs last). Without a declaration, a notebook needs
-``00`` (which pretrains the models the others load from the shared cache) and ``00`` needs nothing. Needs are
-about scheduling only: a need that is not selected is ignored, because every notebook can build what it lacks
-through the (locked) cache. A notebook starts when everything it needs has finished ``ok``; ties go to the lower
-prefix, so ``jobs=1`` runs the series in prefix order. After the first failure no new notebook starts; those
-already running finish. With ``jobs > 1`` each kernel gets ``OMP_NUM_THREADS = CPUs // jobs`` (at least 1) unless
-``$OMP_NUM_THREADS`` is set, so that parallel notebooks do not oversubscribe the CPUs.
+run at once (jupyter_client gives each kernel free ports). A notebook starts when everything it needs
+(:func:`~lora_lens.workshop.series.dependencies`) has finished ``ok``; ties go to the lower prefix, so ``jobs=1``
+runs the series in prefix order. After the first failure no new notebook starts; those already running finish.
+With ``jobs > 1`` each kernel gets ``OMP_NUM_THREADS = CPUs // jobs`` (at least 1) unless ``$OMP_NUM_THREADS`` is
+set, so that parallel notebooks do not oversubscribe the CPUs.
 
 ``<run>/run.json`` (written atomically after every change) records per notebook: status, wall seconds, peak RSS of
 its kernel (``max_rss_mb``, from ``getrusage(RUSAGE_CHILDREN)`` of its worker), parameters and ``inputs_hash``
 (parameters + the notebook file). ``resume=RUN_DIR`` reruns a run folder in place: notebooks that finished ``ok``
 with the same ``inputs_hash`` are skipped; failed, pending or changed ones run again, and so does every notebook
-that needs one of those (its input may have changed). After every run (also a
-failed one) the runner writes ``<run>/index.html`` (:mod:`lora_lens.workshop.report`).
+that needs one of those (its input may have changed). After every run (also a failed one) the runner writes
+``<run>/index.html`` (:mod:`lora_lens.workshop.report`).
 
 While a notebook runs, the kernel sees the run context in these environment variables:
 ``LORA_LENS_RUN_ID`` (run folder name), ``LORA_LENS_RUN_DIR`` (absolute run folder), ``LORA_LENS_NOTEBOOK``
@@ -40,41 +33,32 @@ Example:
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import fcntl
-import hashlib
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import re
+import resource
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import nbformat  # noqa: E402
+import nbformat
 
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
+from lora_lens.workshop.series import (RESERVED, Notebook, declared_needs, declared_parameters, default_notebooks_dir,
+                                       dependencies, discover, inputs_hash, plan, select)
 
-# nbformat imports jsonschema, which imports the optional rfc3987_syntax (when installed, as jupyter pulls it in)
-# for its "iri" format check — 1.6 s of grammar building, paid again in every notebook's worker process. Notebook
-# schemas never use that format: mark the module absent in this process (jsonschema then skips the check).
-sys.modules.setdefault("rfc3987_syntax", None)
-
-
+__all__ = ["DEFAULT_JOBS", "ENV_VARS", "INLINE_BACKEND", "NotebookFailed", "load_run", "run_series",
+           "thread_env"]
 
 ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS", "LORA_LENS_LEDGER")
 """The run context every kernel gets (the ledger path too: each preset records into its own ledger)."""
-RESERVED = "output_dir"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 """The kernels' matplotlib backend, whatever ``$MPLBACKEND`` says: executed notebooks keep their figures."""
-_NOTEBOOK_RE = re.compile(r"^(\d{2})_.+\.ipynb$")
-_KEY_RE = re.compile(r"^(?:(\d{2})\.)?([A-Za-z_]\w*)$")
 
 
 class NotebookFailed(NotebookError):
@@ -89,252 +73,6 @@ class NotebookFailed(NotebookError):
         super().__init__(message)
         self.notebook = notebook
         self.executed = executed
-
-
-@dataclass
-class Notebook:
-    """One notebook of the series and the parameters its ``parameters`` cell declares."""
-
-    prefix: str
-    path: Path
-    declared: dict[str, dict[str, Any]]
-    needs: list[str] | str | None = field(default=None)
-
-    @property
-    def stem(self) -> str:
-        """The file name without ``.ipynb``, also the name of its output folder."""
-        return self.path.stem
-
-
-def default_notebooks_dir() -> Path:
-    """Return the ``notebooks/`` folder next to the package source, else ``./notebooks``.
-
-    Raises:
-        NotFoundError: if neither folder exists.
-    """
-    candidates = [Path(__file__).resolve().parents[2] / "notebooks", Path.cwd() / "notebooks"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise NotFoundError(
-        f"no notebooks folder found (looked in {', '.join(str(c) for c in candidates)}); "
-        "pass the folder with --notebooks DIR"
-    )
-
-
-def discover(notebooks_dir: Path) -> list[Path]:
-    """Return the series ``NN_*.ipynb`` in ``notebooks_dir``, sorted by prefix.
-
-    Raises:
-        NotFoundError: if the folder does not exist or holds no ``NN_*.ipynb``.
-        ConfigError: if two notebooks share a prefix.
-    """
-    if not notebooks_dir.is_dir():
-        raise NotFoundError(f"notebooks folder {notebooks_dir} does not exist; pass an existing folder")
-    paths = sorted(p for p in notebooks_dir.iterdir() if _NOTEBOOK_RE.match(p.name))
-    if not paths:
-        raise NotFoundError(f"no NN_*.ipynb notebooks in {notebooks_dir}")
-    prefixes = [p.name[:2] for p in paths]
-    duplicates = sorted({x for x in prefixes if prefixes.count(x) > 1})
-    if duplicates:
-        raise ConfigError(f"notebook prefixes must be unique; {', '.join(duplicates)} used twice in {notebooks_dir}")
-    return paths
-
-
-def declared_parameters(path: Path) -> dict[str, dict[str, Any]]:
-    """Return the parameters declared by the notebook's cell tagged ``parameters``.
-
-    Raises:
-        NotebookError: if no cell is tagged ``parameters`` or ``output_dir`` is not declared.
-    """
-    import papermill  # slow import, only needed here and in run_series
-
-    nb = nbformat.read(path, as_version=4)
-    if not any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in nb.cells):
-        raise NotebookError(
-            f"notebook {path.name} has no cell tagged 'parameters'; tag the cell holding its parameters "
-            "(cell toolbar -> Tags -> parameters)"
-        )
-    declared = papermill.inspect_notebook(str(path))
-    if RESERVED not in declared:
-        raise NotebookError(f"notebook {path.name} must declare `{RESERVED}: str = ...` in its parameters cell")
-    return declared
-
-
-def declared_needs(path: Path) -> list[str] | str | None:
-    """Return what the notebook declares it needs: ``metadata.lora_lens.needs`` (None when not declared).
-
-    Raises:
-        NotebookError: if the declaration is not ``"all"`` or a list of two-digit prefixes.
-    """
-    meta = nbformat.read(path, as_version=4).metadata.get("lora_lens", {})
-    needs = meta.get("needs") if isinstance(meta, dict) else None
-    if needs is None or needs == "all":
-        return needs
-    if isinstance(needs, list) and all(isinstance(x, str) and re.fullmatch(r"\d{2}", x) for x in needs):
-        return list(needs)
-    raise NotebookError(
-        f"notebook {path.name}: metadata lora_lens.needs = {needs!r}; use \"all\" or a list of two-digit "
-        'prefixes such as ["00", "01"]'
-    )
-
-
-def dependencies(notebooks: list[Notebook], available: Iterable[str] | None = None) -> dict[str, list[str]]:
-    """Resolve what each selected notebook waits for (see the module docstring for the rule).
-
-    Args:
-        notebooks: the selected notebooks.
-        available: every prefix in the notebooks folder (a need outside it is an error); default: the selected.
-
-    Returns:
-        prefix -> prefixes (selected ones only) that must finish ``ok`` before it starts.
-
-    Raises:
-        ConfigError: a need names a prefix that is not in the folder, or the needs form a cycle.
-    """
-    selected = [nb.prefix for nb in notebooks]
-    known = set(available if available is not None else selected)
-    deps: dict[str, list[str]] = {}
-    for nb in notebooks:
-        if nb.needs == "all":
-            wanted = [p for p in selected if p < nb.prefix]
-        elif nb.needs is None:
-            wanted = ["00"] if nb.prefix != "00" else []
-        else:
-            missing = [p for p in nb.needs if p not in known]
-            if missing:
-                raise ConfigError(
-                    f"notebook {nb.stem} needs {', '.join(missing)}, which is not in the notebooks folder; "
-                    f"fix metadata lora_lens.needs (available: {', '.join(sorted(known))})"
-                )
-            wanted = list(nb.needs)
-        deps[nb.prefix] = [p for p in wanted if p in selected and p != nb.prefix]
-    done: set[str] = set()
-    while len(done) < len(deps):
-        ready = [p for p in deps if p not in done and all(d in done for d in deps[p])]
-        if not ready:
-            cycle = ", ".join(f"{p} needs {','.join(deps[p])}" for p in deps if p not in done)
-            raise ConfigError(f"notebook needs form a cycle ({cycle}); fix metadata lora_lens.needs")
-        done.update(ready)
-    return deps
-
-
-def inputs_hash(path: Path, params: Mapping[str, Any]) -> str:
-    """A short hash of what determines a notebook's result here: its file's bytes and its parameters."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    blob = json.dumps({"notebook": digest, "parameters": params}, sort_keys=True, default=repr)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def parse_value(text: str) -> Any:
-    """Parse a command-line value as a Python literal, falling back to the raw string.
-
-    Example:
-        >>> parse_value("[1, 2]"), parse_value("0.5"), parse_value("tiny")
-        ([1, 2], 0.5, 'tiny')
-    """
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
-
-
-def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
-    """Turn ``["NAME=VALUE", "01.NAME=VALUE"]`` into an overrides dict.
-
-    Raises:
-        ConfigError: if an item has no ``=``.
-    """
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"-p expects NAME=VALUE or NN.NAME=VALUE, got {item!r}")
-        overrides[key.strip()] = parse_value(value)
-    return overrides
-
-
-def _plain(value: Any, where: str) -> Any:
-    """Return ``value`` as JSON-like data (tuples become lists) or raise ConfigError."""
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, where) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _plain(v, where) for k, v in value.items()}
-    raise ConfigError(f"{where}: value {value!r} is not a string, number, bool, None, list or dict")
-
-
-def _allowed(notebooks: list[Notebook]) -> str:
-    lines = []
-    for nb in notebooks:
-        names = ", ".join(n for n in nb.declared if n != RESERVED) or "-"
-        lines.append(f"  {nb.prefix} ({nb.stem}): {names}")
-    return "allowed names per notebook:\n" + "\n".join(lines)
-
-
-def plan(
-    notebooks: list[Notebook], preset: str, overrides: Mapping[str, Any]
-) -> list[tuple[Notebook, dict[str, Any]]]:
-    """Resolve the parameters for each notebook, checking every name first.
-
-    Returns:
-        ``(notebook, parameters)`` pairs; ``output_dir`` is added later by :func:`run_series`.
-
-    Raises:
-        ConfigError: unknown preset, stale preset name, unknown or malformed override name, bad value.
-    """
-    if preset not in presets.PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(presets.PRESETS))}")
-    table = presets.PRESETS[preset]
-    by_prefix = {nb.prefix: nb for nb in notebooks}
-    resolved: dict[str, dict[str, Any]] = {nb.prefix: {} for nb in notebooks}
-    for nb in notebooks:
-        for name, value in table.get(nb.prefix, {}).items():
-            if name not in nb.declared or name == RESERVED:
-                raise ConfigError(
-                    f"preset {preset!r} sets {name!r} for notebook {nb.stem}, which does not declare it; "
-                    f"fix lora_lens/presets.py\n{_allowed([nb])}"
-                )
-            resolved[nb.prefix][name] = _plain(value, f"preset {preset!r} {nb.prefix}.{name}")
-    # plain names first, then NN.NAME so that the targeted value wins
-    for key in sorted(overrides, key=lambda k: "." in k):
-        match = _KEY_RE.match(key)
-        if not match:
-            raise ConfigError(f"bad parameter name {key!r}; use NAME or NN.NAME (NN = notebook prefix)")
-        prefix, name = match.groups()
-        if name == RESERVED:
-            raise ConfigError(f"{RESERVED} is set by the runner; choose the run folder with --out instead")
-        value = _plain(overrides[key], f"-p {key}")
-        if prefix is not None:
-            nb = by_prefix.get(prefix)
-            if nb is None:
-                raise ConfigError(
-                    f"-p {key}: notebook {prefix} is not selected; selected: {', '.join(by_prefix)}"
-                )
-            if name not in nb.declared:
-                raise ConfigError(f"-p {key}: notebook {nb.stem} does not declare {name!r}\n{_allowed([nb])}")
-            resolved[prefix][name] = value
-        else:
-            targets = [nb for nb in notebooks if name in nb.declared]
-            if not targets:
-                raise ConfigError(f"-p {key}: no selected notebook declares {name!r}\n{_allowed(notebooks)}")
-            for nb in targets:
-                resolved[nb.prefix][name] = value
-    return [(nb, resolved[nb.prefix]) for nb in notebooks]
-
-
-def _select(paths: list[Path], only: Iterable[str | int] | None) -> list[Path]:
-    if only is None:
-        return paths
-    available = {p.name[:2]: p for p in paths}
-    wanted = [str(x).strip().zfill(2) for x in only if str(x).strip()]
-    unknown = [x for x in wanted if x not in available]
-    if unknown or not wanted:
-        raise ConfigError(
-            f"--only {','.join(unknown) or '(empty)'}: no such notebook; available: {', '.join(available)}"
-        )
-    return [p for p in paths if p.name[:2] in wanted]
 
 
 def _resolve_run_dir(out: str | os.PathLike | None) -> Path:
@@ -364,7 +102,7 @@ def _now() -> str:
 
 def _failure(nb: Notebook, exc: Exception, executed: Path) -> tuple[str, dict[str, Any]]:
     """The message of a failed notebook and its structured form (cell index, first source line, error)."""
-    from papermill.exceptions import PapermillExecutionError
+    from papermill.exceptions import PapermillExecutionError  # heavy: only once a notebook has failed
 
     if isinstance(exc, PapermillExecutionError):
         first = next((line for line in str(exc.source).splitlines() if line.strip()), "").strip()
@@ -389,13 +127,11 @@ def _execute(conn, nb: Notebook, executed: str, params: dict, env: dict, verbose
     Runs in a fresh (spawned) process, so the environment, the kernel and ``getrusage(RUSAGE_CHILDREN)`` belong to
     this notebook alone; the kernel is a child of this process, reaped when papermill shuts it down.
     """
-    import resource
-
     os.environ.update(env)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"status": "ok"}
     try:
-        import papermill
+        import papermill  # heavy (and imports nbconvert): only in the worker that runs a notebook
 
         papermill.execute_notebook(
             nb.path, executed, parameters=params, kernel_name="python3",
@@ -411,22 +147,24 @@ def _execute(conn, nb: Notebook, executed: str, params: dict, env: dict, verbose
     conn.close()
 
 
-def _load_run(resume: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """Return ``(run_dir, run.json)`` of an existing run folder, or raise before anything is written."""
-    run_dir = Path(resume).resolve()
-    if not run_dir.is_dir():
-        raise NotFoundError(f"--resume {resume}: no such folder; pass a run folder made by `lora-lens run`")
-    path = run_dir / "run.json"
+def load_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Return ``(run_dir, run.json)`` of a run folder made by :func:`run_series`; raises before anything is written.
+
+    Raises:
+        NotFoundError: the folder does not exist.
+        ConfigError: it holds no readable ``run.json`` with a ``notebooks`` list (not a run folder).
+    """
+    path = Path(run_dir).resolve()
+    if not path.is_dir():
+        raise NotFoundError(f"run folder {run_dir} does not exist; pass a folder made by `lora-lens run`")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads((path / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"--resume {resume}: not a run folder ({path.name} missing or unreadable: {exc}); "
-            "pass a folder made by `lora-lens run`, or start a new run with --out"
-        ) from None
+        raise ConfigError(f"{run_dir} is not a run folder (run.json missing or unreadable: {exc}); pass a folder "
+                          "made by `lora-lens run`, or start a new run with --out") from None
     if not isinstance(record, dict) or not isinstance(record.get("notebooks"), list):
-        raise ConfigError(f"--resume {resume}: {path} has no 'notebooks' list; it is not a lora-lens run folder")
-    return run_dir, record
+        raise ConfigError(f"{path / 'run.json'} has no 'notebooks' list; it is not a lora-lens run folder")
+    return path, record
 
 
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)
@@ -434,7 +172,7 @@ DEFAULT_JOBS = min(2, os.cpu_count() or 1)
 seconds starting its kernel and importing torch, which the other one's work overlaps)."""
 
 
-def _thread_env(jobs: int) -> dict[str, str]:
+def thread_env(jobs: int) -> dict[str, str]:
     """``OMP_NUM_THREADS`` for the kernels: the CPUs shared out between ``jobs`` notebooks (unless already set).
 
     Notebooks running at once with torch's default of one thread per CPU each would oversubscribe the CPUs, and
@@ -465,6 +203,8 @@ def _run_lock(run_dir: Path):
 def _report(run_dir: Path) -> None:
     """Write ``index.html``; a report that cannot be built is a warning, never the run's failure."""
     try:
+        # the report pulls in nbconvert and (through lora_lens.utils) torch: imported only when a run ends, so
+        # that importing the runner (lora-lens run, every worker process) stays light
         from lora_lens.workshop.report import write_report
 
         print(f"report: {write_report(run_dir)}", flush=True)
@@ -486,8 +226,8 @@ def run_series(
     """Execute the notebook series into a fresh run folder, or resume one.
 
     Args:
-        preset: name of a preset in :data:`lora_lens.workshop.presets.PRESETS`; default ``workshop`` (the recorded one when
-            resuming).
+        preset: name of a preset in :data:`lora_lens.workshop.presets.PRESETS`; default ``workshop`` (the recorded
+            one when resuming).
         overrides: ``{"NAME": value, "NN.NAME": value}``; NAME applies to every selected notebook declaring it.
             When resuming, these are applied on top of the recorded overrides.
         only: notebook prefixes to run (``["00", "02"]``); all when None (the recorded selection when resuming).
@@ -515,7 +255,7 @@ def run_series(
     if resume is not None:
         if out is not None:
             raise ConfigError("--resume and --out exclude each other: --resume RUN_DIR reruns in that folder")
-        run_dir, previous = _load_run(resume)
+        run_dir, previous = load_run(resume)
         preset = preset if preset is not None else previous.get("preset", presets.DEFAULT_PRESET)
         overrides = {**previous.get("overrides", {}), **dict(overrides or {})}
         if only is None:
@@ -525,7 +265,7 @@ def run_series(
     preset = preset if preset is not None else presets.DEFAULT_PRESET
     folder = Path(notebooks_dir).resolve() if notebooks_dir is not None else default_notebooks_dir()
     all_paths = discover(folder)
-    paths = _select(all_paths, only)
+    paths = select(all_paths, only)
     notebooks = [Notebook(p.name[:2], p, declared_parameters(p), declared_needs(p)) for p in paths]
     deps = dependencies(notebooks, [p.name[:2] for p in all_paths])
     steps = plan(notebooks, preset, dict(overrides or {}))
@@ -580,7 +320,7 @@ def run_series(
         for stem in attempt["reused"]:
             print(f"{stem}: done earlier with the same parameters, skipped", flush=True)
 
-        threads = _thread_env(jobs)
+        threads = thread_env(jobs)
         ctx = multiprocessing.get_context("spawn")
         ok = {stem[:2] for stem, e in entries.items() if e["status"] == "ok"}  # prefixes finished ok
         pending = list(todo)

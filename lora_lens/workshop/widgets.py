@@ -7,8 +7,18 @@ set a control's ``.value`` headless and read the result. No notebook cell depend
 from __future__ import annotations
 
 import ipywidgets as w
+import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 from IPython.display import display
+
+from lora_lens.lab.probes import next_token_logits
+from lora_lens.lab.tokenizer import token_id
+from lora_lens.lens.attribution import ComponentMask
+from lora_lens.workshop import plots
+
+__all__ = ["PROBE_COLUMNS", "ablation_slider", "ablation_view", "attribution_picker", "attribution_view",
+           "probe_browser", "probe_view"]
 
 PROBE_COLUMNS = ["set", "prompt", "expected", "base_answer", "adapted_answer", "p_expected_base",
                  "p_expected_adapted", "changed"]
@@ -85,9 +95,6 @@ def attribution_picker(attributions: list, labels: list[str] | None = None) -> w
         A ``VBox``; ``.state`` holds ``index``, ``frame`` (the attribution table on display) and ``top`` (the
         top token of the difference).
     """
-    import matplotlib.pyplot as plt
-
-    from lora_lens.workshop import plots
     labels = labels or [f"{a.prompt} → {a.target}" for a in attributions]
     pick = w.Dropdown(options=[(lab, i) for i, lab in enumerate(labels)], description="probe",
                       layout=w.Layout(width="90%"))
@@ -126,12 +133,6 @@ def ablation_view(peft_model, tokenizer, components, order: list[str], k: int, p
     Returns:
         ``{"k", "off" (names switched off), "answer" (top next token), "probs" ({word: p})}``.
     """
-    import torch
-
-    from lora_lens.lab.probes import next_token_logits
-    from lora_lens.lab.tokenizer import token_id
-    from lora_lens.lens.attribution import ComponentMask
-
     off = list(order[:k])
     names = components.names
     values = torch.tensor([0.0 if n in off else 1.0 for n in names], dtype=torch.float32)

@@ -12,8 +12,8 @@ from conftest import write_notebook
 from lora_lens import cli
 from lora_lens.errors import ConfigError, LoraLensError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
-from lora_lens.workshop.runner import (ENV_VARS, Notebook, NotebookFailed, declared_parameters, parse_assignments,
-                                       parse_value, plan, run_series)
+from lora_lens.workshop.runner import ENV_VARS, NotebookFailed, run_series, thread_env
+from lora_lens.workshop.series import Notebook, declared_parameters, dependencies
 
 RECORD = """\
 import json, os, pathlib
@@ -213,35 +213,6 @@ def test_missing_notebooks_folder(tmp_path):
 # --- pure helpers --------------------------------------------------------------------------------------------
 
 
-def test_parse_value_literals_and_strings():
-    assert parse_value("3") == 3
-    assert parse_value("0.5") == 0.5
-    assert parse_value("['llama', 'gpt2']") == ["llama", "gpt2"]
-    assert parse_value("True") is True
-    assert parse_value("None") is None
-    assert parse_value("tiny") == "tiny"
-    assert parse_value("hello world") == "hello world"
-    assert parse_value("") == ""
-
-
-def test_parse_assignments():
-    assert parse_assignments(["a=1", "01.b=x=y", "c="]) == {"a": 1, "01.b": "x=y", "c": ""}
-    with pytest.raises(ConfigError, match="NAME=VALUE"):
-        parse_assignments(["novalue"])
-
-
-def test_plan_layers_defaults_preset_and_overrides(monkeypatch, tmp_path):
-    declared = {name: {} for name in ("output_dir", "size", "seed")}
-    nbs = [Notebook("00", tmp_path / "00_a.ipynb", declared), Notebook("01", tmp_path / "01_b.ipynb", declared)]
-    monkeypatch.setattr(presets, "PRESETS", {"smoke": {"00": {"size": "tiny", "seed": (1, 2)}, "05": {"gone": 1}}})
-    steps = plan(nbs, "smoke", {"seed": 3, "01.size": "small"})
-    assert [params for _, params in steps] == [{"size": "tiny", "seed": 3}, {"size": "small", "seed": 3}]
-    steps = plan(nbs, "smoke", {})
-    assert steps[0][1] == {"size": "tiny", "seed": [1, 2]}  # tuples become lists, as papermill needs
-    with pytest.raises(ConfigError, match="not a string"):
-        plan(nbs, "smoke", {"seed": {1, 2}})
-
-
 def test_declared_parameters_reads_the_notebook(series):
     assert set(declared_parameters(series / "01_second.ipynb")) == {"output_dir", "x", "label"}
 
@@ -280,16 +251,10 @@ def test_cli_without_command_prints_help(capsys):
 
 
 def test_cli_ledger_forwards_argv(monkeypatch):
-    import sys
-    import types
+    from lora_lens.ledger import command
 
     seen = []
-    fake = types.ModuleType("lora_lens.ledger")
-    fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "lora_lens.ledger", fake)
-    import lora_lens
-
-    monkeypatch.setattr(lora_lens, "ledger", fake, raising=False)
+    monkeypatch.setattr(command, "ledger_main", lambda argv: seen.append(argv) or 3)
     assert cli.main(["ledger", "list", "--all"]) == 3
     assert seen == [["list", "--all"]]
 
@@ -333,19 +298,15 @@ def test_cli_runs_two_notebooks_at_once_by_default(tmp_path):
 
 
 def test_parallel_kernels_share_the_cpus(monkeypatch):
-    from lora_lens.workshop.runner import _thread_env
-
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert _thread_env(1) == {} and _thread_env(3) == {"OMP_NUM_THREADS": "2"}
-    assert _thread_env(16) == {"OMP_NUM_THREADS": "1"}
+    assert thread_env(1) == {} and thread_env(3) == {"OMP_NUM_THREADS": "2"}
+    assert thread_env(16) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert _thread_env(3) == {}  # the user's choice wins
+    assert thread_env(3) == {}  # the user's choice wins
 
 
 def test_needs_all_runs_last_and_needs_are_validated(tmp_path):
-    from lora_lens.workshop.runner import dependencies
-
     folder = _stamped(tmp_path / "nbs", ["00", "01", "02"], wait=0)
     nbs = [Notebook(p, folder / f"{p}_nb.ipynb", {}) for p in ("00", "01", "02")]
     nbs[2].needs = "all"

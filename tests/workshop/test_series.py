@@ -1,0 +1,38 @@
+"""Tests of the series: parsing overrides and planning the parameters of each notebook."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_lens.errors import ConfigError
+from lora_lens.workshop import presets
+from lora_lens.workshop.series import Notebook, parse_assignments, parse_value, plan
+
+
+def test_parse_value_literals_and_strings():
+    assert parse_value("3") == 3
+    assert parse_value("0.5") == 0.5
+    assert parse_value("['llama', 'gpt2']") == ["llama", "gpt2"]
+    assert parse_value("True") is True
+    assert parse_value("None") is None
+    assert parse_value("tiny") == "tiny"
+    assert parse_value("hello world") == "hello world"
+    assert parse_value("") == ""
+
+
+def test_parse_assignments():
+    assert parse_assignments(["a=1", "01.b=x=y", "c="]) == {"a": 1, "01.b": "x=y", "c": ""}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        parse_assignments(["novalue"])
+
+
+def test_plan_layers_defaults_preset_and_overrides(monkeypatch, tmp_path):
+    declared = {name: {} for name in ("output_dir", "size", "seed")}
+    nbs = [Notebook("00", tmp_path / "00_a.ipynb", declared), Notebook("01", tmp_path / "01_b.ipynb", declared)]
+    monkeypatch.setattr(presets, "PRESETS", {"smoke": {"00": {"size": "tiny", "seed": (1, 2)}, "05": {"gone": 1}}})
+    steps = plan(nbs, "smoke", {"seed": 3, "01.size": "small"})
+    assert [params for _, params in steps] == [{"size": "tiny", "seed": 3}, {"size": "small", "seed": 3}]
+    steps = plan(nbs, "smoke", {})
+    assert steps[0][1] == {"size": "tiny", "seed": [1, 2]}  # tuples become lists, as papermill needs
+    with pytest.raises(ConfigError, match="not a string"):
+        plan(nbs, "smoke", {"seed": {1, 2}})
