@@ -24,7 +24,6 @@ import ast
 import hashlib
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -36,11 +35,6 @@ from lora_lens.workshop import presets
 
 __all__ = ["RESERVED", "Notebook", "declared_needs", "declared_parameters", "default_notebooks_dir", "dependencies",
            "discover", "inputs_hash", "parse_assignments", "parse_value", "plan", "select"]
-
-# nbformat imports jsonschema, which imports the optional rfc3987_syntax (when installed, as jupyter pulls it in)
-# for its "iri" format check — 1.6 s of grammar building, paid again in every notebook's worker process. Notebook
-# schemas never use that format: mark the module absent in this process (jsonschema then skips the check).
-sys.modules.setdefault("rfc3987_syntax", None)
 
 RESERVED = "output_dir"
 """The parameter every notebook declares and the runner sets: the notebook's own output folder."""
