@@ -19,10 +19,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from lora_lens.errors import ConfigError
+from lora_lens.figures import FIGURE_STYLE
 from lora_lens.ledger import store
 from lora_lens.ledger.api import VERDICTS, evidence, hypotheses
 from lora_lens.ledger.export import export
-from lora_lens.ledger.plots import FIGURE_STYLE, plot_evidence
+from lora_lens.ledger.plots import plot_evidence
 
 __all__ = ["markdown", "plot_evidence_grid", "resolve", "status", "verdict_counts", "verdict_table"]
 

@@ -9,18 +9,13 @@ from __future__ import annotations
 import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import pandas as pd
-import seaborn as sns
-from cycler import cycler
 
+from lora_lens.figures import FIGURE_STYLE
 from lora_lens.ledger.api import evidence, history, hypothesis, verdict
 from lora_lens.ledger.store import Hypothesis
 
-__all__ = ["FIGURE_STYLE", "VERDICT_COLORS", "plot_evidence", "plot_timeline"]
+__all__ = ["VERDICT_COLORS", "plot_evidence", "plot_timeline"]
 
-FIGURE_STYLE = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook"),
-                "axes.prop_cycle": cycler(color=sns.color_palette("deep"))}
-"""The matplotlib settings the package's figures are drawn with (``plt.rc_context(FIGURE_STYLE)``): seaborn's
-whitegrid style, notebook context and deep palette, what ``sns.set_theme(style="whitegrid")`` would set globally."""
 VERDICT_COLORS = {"supported": "#2a9d4b", "refuted": "#d62728", "inconclusive": "#8c8c8c"}
 
 

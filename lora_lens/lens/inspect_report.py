@@ -18,6 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from lora_lens.figures import styled
+
 __all__ = ["InspectReport", "plot_energy", "plot_spectra"]
 
 
@@ -263,6 +265,7 @@ def _new_axes(ax, size=(6.4, 3.6)):
     return fig, fig.subplots()
 
 
+@styled
 def plot_energy(energy: pd.DataFrame, by: str = "layer", ax=None):
     """Bar chart of the share of update energy per layer (relative depth) or module type.
 
@@ -286,6 +289,7 @@ def plot_energy(energy: pd.DataFrame, by: str = "layer", ax=None):
     return fig
 
 
+@styled
 def plot_spectra(summary: pd.DataFrame, top: int = 10, ax=None):
     """Singular values of ΔW for the ``top`` modules with the largest ‖ΔW‖_F (log scale).
 

@@ -28,6 +28,7 @@ import pandas as pd
 
 from lora_lens import ledger
 from lora_lens.errors import ConfigError
+from lora_lens.figures import styled
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
 from lora_lens.lab.world import TEMPLATES, Task, check_task_world
@@ -247,6 +248,7 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
     return result
 
 
+@styled
 def plot_rounds(results: list[LoopResult], target: float | None = None, ax=None):
     """Efficacy (solid) and specificity (dashed) against data tokens, one colour per strategy."""
     import matplotlib.pyplot as plt

@@ -37,6 +37,7 @@ import pandas as pd
 
 from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
+from lora_lens.figures import styled
 from lora_lens.lab.adapters import load_adapter
 from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import evaluate
@@ -325,6 +326,7 @@ def transfer_table(transfers: dict[str, Transfer]) -> pd.DataFrame:
 # figures
 
 
+@styled
 def plot_replay_sweep(table: pd.DataFrame, ax=None):
     """Transfer rate, paraphrase transfer and specificity drop against the replay ratio (one line each)."""
     import matplotlib.pyplot as plt
@@ -340,6 +342,7 @@ def plot_replay_sweep(table: pd.DataFrame, ax=None):
     return fig
 
 
+@styled
 def plot_forgetting(table: pd.DataFrame, ax=None):
     """Forgetting (specificity drop) against transfer rate, one labelled point per route or setting."""
     import matplotlib.pyplot as plt

@@ -2,13 +2,11 @@
 
 The package's one figure convention: every function draws into ``ax=`` when given (a sequence of axes where a
 figure has several panels, as documented per function) or into a new figure, and returns the figure. Nothing here
-sets a global theme: each function draws under :data:`~lora_lens.ledger.plots.FIGURE_STYLE`, and
-:func:`subplots` makes axes in that style for a figure that a notebook composes from several functions.
+sets a global theme: each function draws under :data:`~lora_lens.figures.FIGURE_STYLE`, and
+:func:`~lora_lens.figures.subplots` (re-exported here) makes axes in that style for a figure that a notebook composes from several functions.
 """
 
 from __future__ import annotations
-
-import functools
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,33 +14,12 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
+from lora_lens.figures import styled, subplots
 from lora_lens.lab.modules import MODULE_TYPES
-from lora_lens.ledger.plots import FIGURE_STYLE
 
 __all__ = ["component_heatmap", "deletion_curves", "discovery_tradeoff", "energy_depth_curves", "family_scores",
            "intruder_curves", "layer_heatmap", "learning_curves", "match_vs_chance", "pattern_forest", "phi_heatmap",
            "portability_bars", "pretraining_curves", "rank_profile", "subplots", "token_heatmaps", "tradeoff"]
-
-
-def _styled(draw):
-    """Run a figure function under :data:`FIGURE_STYLE` (the rc settings are restored afterwards)."""
-    @functools.wraps(draw)
-    def styled(*args, **kwargs):
-        with plt.rc_context(FIGURE_STYLE):
-            return draw(*args, **kwargs)
-    return styled
-
-
-@_styled
-def subplots(*args, **kwargs):
-    """``plt.subplots`` in the package's figure style: axes to pass as ``ax=`` to several figure functions.
-
-    Example:
-        >>> fig, axes = subplots(1, 2, figsize=(12, 4), constrained_layout=True)
-        >>> len(axes)
-        2
-    """
-    return plt.subplots(*args, **kwargs)
 
 
 def _axes(ax, ncols: int = 1, size=(6.4, 4.0)):
@@ -52,7 +29,7 @@ def _axes(ax, ncols: int = 1, size=(6.4, 4.0)):
     return fig, axes
 
 
-@_styled
+@styled
 def pretraining_curves(curves: dict[str, dict], ax=None):
     """Loss and fact accuracy against training step, one line per family.
 
@@ -73,7 +50,7 @@ def pretraining_curves(curves: dict[str, dict], ax=None):
     return fig
 
 
-@_styled
+@styled
 def family_scores(table: pd.DataFrame, ax=None):
     """Grouped bars: fact accuracy (seen templates) and paraphrase accuracy (held-out templates) per family.
 
@@ -93,7 +70,7 @@ def family_scores(table: pd.DataFrame, ax=None):
     return fig
 
 
-@_styled
+@styled
 def learning_curves(curves: dict[str, dict], ax=None):
     """Training loss (answer tokens only) against step, one line per adapter.
 
@@ -108,7 +85,7 @@ def learning_curves(curves: dict[str, dict], ax=None):
     return fig
 
 
-@_styled
+@styled
 def tradeoff(table: pd.DataFrame, x: str = "specificity", y: str = "efficacy", hue: str = "targets",
              size: str = "rank", ax=None):
     """Efficacy against specificity (or any two metrics), one point per adapter, labelled by rank.
@@ -130,7 +107,7 @@ def tradeoff(table: pd.DataFrame, x: str = "specificity", y: str = "efficacy", h
 # notebook 02: what changed
 
 
-@_styled
+@styled
 def layer_heatmap(table: pd.DataFrame, value: str, title: str | None = None, fmt: str = ".2f",
                   cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
                   label: str | None = None, ax=None):
@@ -164,7 +141,7 @@ def layer_heatmap(table: pd.DataFrame, value: str, title: str | None = None, fmt
     return fig
 
 
-@_styled
+@styled
 def phi_heatmap(grid, title: str | None = None, zoom: int | None = 8, ax=None):
     """The LoRA paper's Figure 3: φ(i, j) between the top-i directions of one adapter and the top-j of another.
 
@@ -210,7 +187,7 @@ def phi_heatmap(grid, title: str | None = None, zoom: int | None = 8, ax=None):
     return fig
 
 
-@_styled
+@styled
 def rank_profile(summaries: dict, ax=None):
     """Effective (entropy) and stable rank of every module against the adapter's nominal rank.
 
@@ -240,7 +217,7 @@ def rank_profile(summaries: dict, ax=None):
     return fig
 
 
-@_styled
+@styled
 def energy_depth_curves(energy: pd.DataFrame, ax=None):
     """Share of update energy against relative depth, one line per family (mean over seeds, seeds as thin lines).
 
@@ -265,7 +242,7 @@ def energy_depth_curves(energy: pd.DataFrame, ax=None):
     return fig
 
 
-@_styled
+@styled
 def pattern_forest(table: pd.DataFrame, ax=None):
     """Forest plot: each pattern's statistic per family with its bootstrap interval, against its threshold.
 
@@ -301,7 +278,7 @@ def pattern_forest(table: pd.DataFrame, ax=None):
     return fig
 
 
-@_styled
+@styled
 def portability_bars(table: pd.DataFrame, ax=None):
     """Efficacy of an adapter on its own base, ported to other bases, and re-trained there (bars per family).
 
@@ -322,7 +299,7 @@ def portability_bars(table: pd.DataFrame, ax=None):
     return fig
 
 
-@_styled
+@styled
 def intruder_curves(counts: pd.DataFrame, epsilon: float = 0.5, ax=None):
     """Intruder dimensions against the similarity threshold ε, one line per adapter (Shuttleworth et al. 2024).
 
@@ -341,7 +318,7 @@ def intruder_curves(counts: pd.DataFrame, epsilon: float = 0.5, ax=None):
     return fig
 
 
-@_styled
+@styled
 def match_vs_chance(table: pd.DataFrame, ax=None):
     """Share of edited values found among the top tokens of the leading directions, against its chance level.
 
@@ -365,7 +342,7 @@ def match_vs_chance(table: pd.DataFrame, ax=None):
     return fig
 
 
-@_styled
+@styled
 def discovery_tradeoff(table: pd.DataFrame, default: float | None = None, ax=None):
     """Precision and recall of the discovered changes against the confidence a moved answer needs.
 
@@ -387,7 +364,7 @@ def discovery_tradeoff(table: pd.DataFrame, default: float | None = None, ax=Non
     return fig
 
 
-@_styled
+@styled
 def token_heatmaps(attribution, ax=None):
     """Input attribution of one probe: base, adapted and difference (adapter on − off), one heatmap row each.
 
@@ -424,7 +401,7 @@ def token_heatmaps(attribution, ax=None):
     return fig
 
 
-@_styled
+@styled
 def component_heatmap(attribution: pd.DataFrame, components, behaviour: str, title: str | None = None, ax=None):
     """Module type × layer heatmap of one behaviour's component attribution (module grain).
 
@@ -442,7 +419,7 @@ def component_heatmap(attribution: pd.DataFrame, components, behaviour: str, tit
                          vmin=-lim, vmax=lim, label="attribution", ax=ax)
 
 
-@_styled
+@styled
 def deletion_curves(curve: pd.DataFrame, k: int | None = None, ax=None):
     """Share of a behaviour's effect removed by switching off the top-k components vs k random ones.
 

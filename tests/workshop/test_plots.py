@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend)
 
-from lora_lens.ledger.plots import FIGURE_STYLE  # noqa: E402
+from lora_lens.figures import FIGURE_STYLE  # noqa: E402
 from lora_lens.workshop import plots  # noqa: E402
 
 CURVES = {"a": {"step": [1, 2, 3], "loss": [3.0, 2.0, 1.0]}}
