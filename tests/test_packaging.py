@@ -95,9 +95,30 @@ def test_ci_script_installs_cpu_torch_first():
     assert "MPLBACKEND" in CI and "HF_HUB_OFFLINE" in CI
 
 
-def test_readme_layout_lists_only_existing_modules():
+def layout_map() -> dict[str, set[str]]:
+    """``{room: module names}`` from the code block of the README's Layout section (top-level modules under "")."""
     section = README.split("## Layout of the package", 1)[1].split("\n## ", 1)[0]
-    listed = re.findall(r"`lora_lens/([\w/]+\.py)`", section)
-    assert listed, "the Layout section lists modules as `lora_lens/NAME.py`"
-    for module in listed:
-        assert (REPO / "lora_lens" / module).is_file(), f"README lists lora_lens/{module}, which does not exist"
+    block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+    rooms: dict[str, set[str]] = {}
+    room = None
+    for line in block.splitlines()[1:]:
+        head = re.match(r"\s{2}(\w+)/\s", line)
+        if head:
+            room = head.group(1)
+        elif not line.startswith(" " * 16):
+            room = ""
+        entries = line[16:] if head or line.startswith(" " * 16) else line.strip()
+        if re.match(r"\s*__init__\s", line):
+            continue
+        for sub, inner in re.findall(r"(\w+)/ \(([^)]*)\)", entries):
+            rooms.setdefault(f"{room}/{sub}", set()).update(n.strip() for n in inner.split("·"))
+        rest = re.sub(r"\w+/ \([^)]*\)", "", entries)
+        rooms.setdefault(room, set()).update(n.strip() for n in rest.split("·") if n.strip())
+    return rooms
+
+
+def test_readme_layout_maps_every_module():
+    listed = {f"{room}/{name}".strip("/") for room, names in layout_map().items() for name in names}
+    actual = {str(p.relative_to(REPO / "lora_lens").with_suffix("")) for p in (REPO / "lora_lens").rglob("*.py")
+              if p.name != "__init__.py"}
+    assert listed == actual, f"README layout map: missing {sorted(actual - listed)}, no such module {sorted(listed - actual)}"
