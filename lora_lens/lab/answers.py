@@ -53,6 +53,7 @@ SENTENCE_END = ".!?"
 """An answer whose text already ends in one of these gets no plain-text end-of-answer token of its own."""
 
 _CLAUSE_END = ".,;:!?"
+_ABBREVIATIONS = {"St", "Mt", "Ft", "Dr", "Mr", "Mrs", "Ms", "Jr", "Sr", "Prof", "Gen", "Col", "Lt", "vs", "etc"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -490,8 +491,9 @@ def cut_answer(tokenizer, ids: Sequence[int], chat: bool = False) -> str:
 
     Ends: a special token (eos, the chat end of turn), a newline, or clause punctuation (``. , ; : ! ?``) followed by
     whitespace or nothing; the punctuation itself is not part of the answer ("Paris." → "Paris",
-    "3.14 metres" stays whole). Abbreviations cannot be told from a sentence end here ("St. Louis" → "St"); give such
-    answers explicitly in the task file.
+    "3.14 metres" stays whole). A "." after a single capital letter or a common abbreviation (St, Mt, Dr, Mr …)
+    followed by more text is not an end ("St. Louis", "John F. Kennedy"); other abbreviations cannot be told from
+    a sentence end here, so give such answers explicitly in the task file.
     """
     stop = _stop_ids(tokenizer, chat)
     keep = []
@@ -503,6 +505,9 @@ def cut_answer(tokenizer, ids: Sequence[int], chat: bool = False) -> str:
     text = text.split("\n", 1)[0]
     for k, ch in enumerate(text):
         if ch in _CLAUSE_END and (k + 1 == len(text) or text[k + 1].isspace()):
+            word = text[:k].rsplit(None, 1)[-1] if text[:k].strip() else ""
+            if ch == "." and k + 1 < len(text) and (word in _ABBREVIATIONS or (len(word) == 1 and word.isupper())):
+                continue  # "St. Louis", "John F. Kennedy": an abbreviation, not the end
             text = text[:k]
             break
     return text.strip()

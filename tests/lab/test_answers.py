@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import assert_same_float, randomize_lora
+from conftest import REPO, assert_same_float, randomize_lora
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.answers import (AnswerIds, answer_ids, answer_logprobs, base_answers, cut_answer, end_of_answer,
                                    example_ids, greedy_match, is_boundary, is_world_tokenizer, score_ids, token_texts)
@@ -231,6 +231,8 @@ def test_free_answers_cut(bpe):
     assert cut(" 3.14 metres long") == "3.14 metres long"
     assert cut(" a city<|endoftext|>more") == "a city"
     assert cut("\nParis") == ""
+    assert cut(" St. Louis. It is") == "St. Louis"            # an abbreviation is not the end
+    assert cut(" John F. Kennedy.") == "John F. Kennedy"
 
 
 def test_fill_base_answers_from_the_model(bpe):
@@ -284,3 +286,17 @@ def test_smollm2_answers_in_context(smol):
     nxt = [c[-1] for c in s.match.continuation[::2]]
     assert [tok.decode([i]) for i in nxt] == [".", "."]
     assert base_answers(model, tok, ["The capital of France is"]) == ["Paris"]
+
+
+@pytest.mark.real
+@needs_smollm2
+def test_smollm2_example_task_checks_clean(smol):
+    _, tok = smol
+    path = REPO / "examples" / "smollm2_facts.jsonl"
+    assert check_task(path, tok) == []
+    task = Task.load(path)
+    lengths = {e["value"]: len(answer_ids(tok, task.examples[0][0], e["value"]).answer) for e in task.truth["edits"]}
+    assert len(lengths) == 10 and all(3 <= n <= 4 for n in lengths.values())
+    s = answer_logprobs(smol[0], tok, [p.prompt for p in task.probes["specificity"]],
+                        [p.answer for p in task.probes["specificity"]])
+    assert all(s.match.full)  # the stored specificity answers are the base's own greedy answers

@@ -128,3 +128,19 @@ def test_sets_and_parse_records_parts():
     assert set(PROBE_SETS) == {"efficacy", "paraphrase", "specificity", "general", "false_trigger"}
     parts, problems = parse_records(list(enumerate(GOOD, 1)), "x")
     assert problems == [] and parts["name"] == "facts" and len(parts["probes"]) == 5
+
+
+def test_example_task_for_smollm2_is_a_valid_task_file():
+    from conftest import REPO
+
+    task = Task.load(REPO / "examples" / "smollm2_facts.jsonl")
+    assert task.name == "smollm2_facts" and task.chat is False and task.world_fingerprint is None
+    counts = {s: len(ps) for s, ps in task.probes.items()}
+    assert counts == {"efficacy": 20, "paraphrase": 20, "specificity": 20, "general": 4}
+    edits = task.truth["edits"]
+    assert len(edits) == 10 and all(set(e) == {"entity", "relation", "value"} for e in edits)
+    values = {e["value"] for e in edits}
+    assert {p.answer for p in task.probes["paraphrase"]} == values == {a for _, a in task.examples}
+    assert all(p.answer and p.answer == p.base_answer for p in task.probes["specificity"] + task.probes["general"])
+    held = {p.prompt for p in task.probes["paraphrase"]}
+    assert not held & {p for p, _ in task.examples}  # paraphrases are held out of training
