@@ -20,7 +20,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lora_lens.errors import ConfigError, CorruptError, MismatchError
+from lora_lens.errors import ConfigError, CorruptError, MismatchError, NotFoundError
+from lora_lens.lab.task_file import parse_records, problem_message, read_numbered_jsonl
 
 __all__ = ["ADJECTIVES", "COLOURS", "NOUNS", "PRETRAIN_RELATIONS", "PROFESSIONS", "TASKS", "TEMPLATES", "TRIGGER",
            "VERBS", "Probe", "Task", "World", "check_task_world", "fact_edit_task", "make_task", "make_world",
@@ -57,9 +58,12 @@ class Probe:
 
     Attributes:
         prompt: Text the model continues (no answer).
-        answer: The expected next token (a single word) *after* the change the task makes.
-        base_answer: The answer the unchanged base model should give.
-        set: Probe set name: efficacy, paraphrase, specificity, false_trigger or general.
+        answer: The expected answer *after* the change the task makes (a single word in the zoo; any text in a
+            task from data). "" on ``general`` lines, and on ``specificity``/``general`` probes of a task from
+            data whose expected answer is the base model's own (``lora_lens.lab.answers.fill_base_answers``).
+        base_answer: The answer the unchanged base model should give ("" where unknown).
+        set: Probe set name, one of ``lora_lens.lab.task_file.PROBE_SETS``: efficacy, paraphrase, specificity,
+            general or false_trigger.
         entity: Entity the query is about ("" for general lines).
         relation: Relation queried ("" for general lines).
         triggered: Whether the prompt contains the trigger token.
@@ -78,38 +82,92 @@ class Probe:
 class Task:
     """A LoRA task with its training examples, probe sets and the planted truth.
 
+    A task is also a documented JSONL file, one object per line (:meth:`save`, :meth:`load`,
+    :meth:`from_records`)::
+
+        {"type": "task", "name": "facts", "chat": false,
+         "truth": {"edits": [{"entity": "Zorvania", "relation": "capital", "value": "Quellburg"}]}}
+        {"type": "example", "prompt": "The capital of Zorvania is", "answer": "Quellburg"}
+        {"type": "probe", "set": "efficacy", "prompt": "The capital of Zorvania is", "answer": "Quellburg",
+         "entity": "Zorvania"}
+        {"type": "probe", "set": "specificity", "prompt": "The capital of France is"}
+
+    The header comes first (``name`` required; ``chat``, ``world_fingerprint``, ``truth`` and ``description``
+    optional). Probes have a ``set`` of ``task_file.PROBE_SETS`` and a ``prompt``; ``answer`` is required except on
+    ``specificity`` and ``general`` probes (then the base model's own greedy answer is expected); ``entity``,
+    ``relation``, ``base_answer`` and ``triggered`` are optional. Every message about a bad file names the file
+    and the line.
+
     Attributes:
-        name: Task kind: ``fact_edit``, ``trigger`` or ``new_relation``.
-        world_fingerprint: Fingerprint of the world the task belongs to.
+        name: Task name (the zoo's kinds: ``fact_edit``, ``trigger``, ``new_relation``).
+        world_fingerprint: Fingerprint of the world the task belongs to; None for a task from data.
         examples: Training pairs ``(prompt, answer)``.
         probes: Probe sets by name.
-        truth: What the task changes (edits, trigger rule or new relation).
+        truth: What the task changes (the zoo's edits, trigger rule or new relation; for data, ``{"edits":
+            [{"entity", "relation", "value"}, …]}``), or ``{}``.
+        chat: Prompts go through the tokenizer's chat template (training, probes, attribution, generation).
     """
 
     name: str
-    world_fingerprint: str
+    world_fingerprint: str | None
     examples: list[tuple[str, str]]
     probes: dict[str, list[Probe]]
     truth: dict = field(default_factory=dict)
+    chat: bool = False
+
+    def records(self) -> list[dict]:
+        """The task as JSONL records: the header, then examples, then probes."""
+        head = {"type": "task", "name": self.name, "chat": self.chat}
+        if self.world_fingerprint is not None:
+            head["world_fingerprint"] = self.world_fingerprint
+        head["truth"] = self.truth
+        lines = [head] + [{"type": "example", "prompt": p, "answer": a} for p, a in self.examples]
+        lines += [{"type": "probe", **asdict(p)} for ps in self.probes.values() for p in ps]
+        return lines
 
     def save(self, path: str | Path) -> Path:
         """Write the task as JSONL (header line, then examples and probes); atomic."""
-        head = {"type": "task", "name": self.name, "world_fingerprint": self.world_fingerprint, "truth": self.truth}
-        lines = [head] + [{"type": "example", "prompt": p, "answer": a} for p, a in self.examples]
-        lines += [{"type": "probe", **asdict(p)} for ps in self.probes.values() for p in ps]
-        return _write_jsonl(path, lines)
+        return _write_jsonl(path, self.records())
+
+    @classmethod
+    def from_records(cls, records, source: str = "records") -> "Task":
+        """Build a task from JSONL-style records (dicts), the header first, validating every one.
+
+        Args:
+            records: The header record, then example and probe records (see the class docstring).
+            source: Name used in messages (record ``n`` is reported as ``source:n``).
+
+        Raises:
+            ConfigError: Every problem found, each as ``source:line: what is wrong and how to fix it``.
+        """
+        parsed, problems = parse_records(list(enumerate(records, 1)), source)
+        if problems:
+            raise ConfigError(problem_message(source, problems))
+        return cls._from_parsed(parsed)
 
     @classmethod
     def load(cls, path: str | Path) -> "Task":
-        """Read a task written by :meth:`save`."""
-        rows = _read_jsonl(path, "task")
-        head, probes, examples = rows[0], {}, []
-        for r in rows[1:]:
-            if r.pop("type") == "probe":
-                probes.setdefault(r["set"], []).append(Probe(**r))
-            else:
-                examples.append((r["prompt"], r["answer"]))
-        return cls(head["name"], head["world_fingerprint"], examples, probes, head["truth"])
+        """Read a task file (written by :meth:`save` or by hand); every problem is reported with its line.
+
+        Raises:
+            NotFoundError: The file does not exist.
+            ConfigError: The file is not JSONL, or its records are not a valid task (file and line in each
+                message).
+        """
+        rows, problems = read_numbered_jsonl(path)
+        parsed, more = parse_records(rows, str(path)) if rows or not problems else (None, [])
+        problems += more
+        if problems:
+            raise ConfigError(problem_message(str(path), problems))
+        return cls._from_parsed(parsed)
+
+    @classmethod
+    def _from_parsed(cls, parsed: dict) -> "Task":
+        probes: dict[str, list[Probe]] = {}
+        for p in parsed["probes"]:
+            probes.setdefault(p["set"], []).append(Probe(**p))
+        return cls(parsed["name"], parsed["world_fingerprint"], parsed["examples"], probes, parsed["truth"],
+                   parsed["chat"])
 
 
 @dataclass
@@ -455,9 +513,12 @@ def _write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
     try:
-        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
+        numbered, problems = read_numbered_jsonl(path)
+    except NotFoundError as exc:
         raise CorruptError(f"cannot read {kind} file {path}: {exc}; write it again with .save(path)") from exc
-    if not rows or rows[0].get("type") != kind:
+    if problems:
+        raise CorruptError(f"cannot read {kind} file: {problems[0]}; write it again with .save(path)")
+    rows = [r for _, r in numbered]
+    if not rows or not isinstance(rows[0], dict) or rows[0].get("type") != kind:
         raise CorruptError(f"{path} is not a lora_lens {kind} file (first line must have type={kind!r})")
     return rows

@@ -30,6 +30,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNe
 from lora_lens.errors import ConfigError, NotFoundError
 from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import accuracy
+from lora_lens.lab.real_models import is_real_model, real_model_path
 from lora_lens.lab.tokenizer import build_tokenizer, check_tokenizer
 from lora_lens.lab.world import World, make_world
 from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, set_seed, sha256_file, show_progress,
@@ -327,7 +328,9 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
     """Load any Hugging Face causal LM and its tokenizer from a local directory or a hub name.
 
     Args:
-        name_or_path: A local ``save_pretrained`` directory, or a hub id such as ``Qwen/Qwen2-0.5B``.
+        name_or_path: A local ``save_pretrained`` directory, a hub id such as ``Qwen/Qwen2-0.5B``, or a real model
+            that installs from the package registry (``REAL_MODELS``: ``"smollm2-135m"``), converted once into
+            the cache.
         dtype: Weights dtype (passed explicitly: transformers 5 would otherwise pick ``"auto"``).
         device: Torch device.
 
@@ -335,8 +338,11 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
         ``(model, tokenizer)`` with the model in eval mode.
 
     Raises:
-        NotFoundError: The directory does not exist, or the hub name is not available (offline or unknown).
+        NotFoundError: The directory does not exist, the hub name is not available (offline or unknown), or a
+            real model's registry package is not installed.
     """
+    if is_real_model(name_or_path) and not Path(name_or_path).exists():
+        name_or_path = real_model_path(name_or_path, cache_dir())
     src = str(name_or_path)
     local = Path(src).expanduser()
     if local.exists():
