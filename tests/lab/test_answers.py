@@ -18,7 +18,7 @@ from lora_lens.lab.answers import (AnswerIds, answer_ids, answer_logprobs, base_
                                    example_ids, greedy_match, is_boundary, is_world_tokenizer, score_ids, token_texts)
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.tasks import check_task, fill_base_answers
-from lora_lens.lab.train import encode_example
+from lora_lens.lab.train_data import encode_example
 from lora_lens.lab.world import Task, make_task
 from lora_lens.lab.zoo import load_model
 

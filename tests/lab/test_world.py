@@ -6,7 +6,7 @@ import pytest
 
 from lora_lens import ConfigError, CorruptError, MismatchError
 from lora_lens.lab.world import (PRETRAIN_RELATIONS, TEMPLATES, TRIGGER, Task, World, check_task_world, fact_edit_task,
-                                 make_task, make_world, new_relation_task, trigger_task, trigger_target)
+                                 make_task, make_world, new_relation_task, trigger_target, trigger_task)
 
 
 def test_same_seed_same_world_and_tasks():
