@@ -32,6 +32,8 @@ from lora_lens.workshop.presets import DEFAULT_PRESET, PRESETS
 from lora_lens.workshop.runner import DEFAULT_JOBS, NotebookFailed, run_series
 from lora_lens.workshop.series import parse_assignments
 
+__all__ = ["main"]
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-lens", description="Study what a LoRA adapter does to a causal LM.")

@@ -5,6 +5,9 @@ says how to fix it. They also subclass the matching built-in (``ValueError``, ``
 generic ``except`` clauses keep working.
 """
 
+__all__ = ["ConfigError", "CorruptError", "LoraLensError", "MismatchError", "NotFoundError", "NotebookError",
+           "TrainingError"]
+
 
 class LoraLensError(Exception):
     """Base class of every error lora_lens raises on purpose."""

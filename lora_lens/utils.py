@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+__all__ = ["atomic_dir", "file_lock", "quiet_transformers", "set_seed", "sha256_file", "show_progress", "stable_hash",
+           "write_json"]
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch."""

@@ -5,3 +5,6 @@ Data flows one way through the rooms: ``lab`` (world, models, adapters) → ``le
 ``studies`` (distil back, the loop, across families) → ``ledger`` (hypotheses and verdicts) → ``workshop``
 (the notebook series and its report).
 """
+
+__all__ = ["adapters", "answers", "lm_training", "modules", "pair", "probes", "real_models", "study", "task_file",
+           "tasks", "tokenizer", "train", "train_data", "world", "zoo"]
