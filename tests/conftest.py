@@ -195,3 +195,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def ledger_outside_run(monkeypatch) -> None:
+    """No run context from the environment (``LORA_LENS_RUN_ID`` …): the test runs as outside a run."""
+    from lora_lens.workshop.runner import ENV_VARS
+
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def three_hypotheses(tmp_path, ledger_outside_run) -> Path:
+    """A ledger outside any run with three hypotheses: supported (after a retraction), refuted, inconclusive."""
+    from lora_lens import ledger
+
+    db = tmp_path / "ledger.sqlite"
+    ledger.declare("acc-high", "The adapter learns the edits", "accuracy", ">=", 0.9, falsifier="below 0.9",
+                   min_runs=2, path=db)
+    ledger.declare("kl-small", "General text barely moves", "kl", "<=", 0.05, falsifier="above 0.05", path=db)
+    ledger.declare("rank-low", "The update is low rank", "effective_rank", "between", (1, 4),
+                   falsifier="rank above 4", min_runs=3, path=db)
+    for seed, value in enumerate([0.95, 0.97, 0.5]):
+        ledger.record("acc-high", value, seed=seed, path=db)
+    ledger.retract(3, "wrong probe set", path=db)
+    ledger.record("kl-small", 0.2, seed=0, path=db)
+    ledger.record("rank-low", 2.5, seed=0, path=db)
+    return db

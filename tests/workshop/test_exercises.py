@@ -7,32 +7,16 @@ import pytest
 from lora_lens import ledger
 from lora_lens.errors import ConfigError
 from lora_lens.workshop import exercises
-from lora_lens.workshop.runner import ENV_VARS
 
 RIGHT = ["inconclusive", "inconclusive", "supported", "refuted", "supported"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("ledger_outside_run")
 
 
 @pytest.fixture
-def db(tmp_path):
-    """Three hypotheses: supported (after a retraction), refuted, inconclusive."""
-    db = tmp_path / "ledger.sqlite"
-    ledger.declare("acc-high", "The adapter learns the edits", "accuracy", ">=", 0.9, falsifier="below 0.9",
-                   min_runs=2, path=db)
-    ledger.declare("kl-small", "General text barely moves", "kl", "<=", 0.05, falsifier="above 0.05", path=db)
-    ledger.declare("rank-low", "The update is low rank", "effective_rank", "between", (1, 4),
-                   falsifier="rank above 4", min_runs=3, path=db)
-    for seed, value in enumerate([0.95, 0.97, 0.5]):
-        ledger.record("acc-high", value, seed=seed, path=db)
-    ledger.retract(3, "wrong probe set", path=db)
-    ledger.record("kl-small", 0.2, seed=0, path=db)
-    ledger.record("rank-low", 2.5, seed=0, path=db)
-    return db
+def db(three_hypotheses):
+    return three_hypotheses
 
 
 def test_check_verdicts():
