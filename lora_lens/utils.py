@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, hashing, seeding, progress bars and cross-process locks."""
+"""Small shared helpers: atomic writes, hashing and verified cache folders, seeding, progress bars and cross-process locks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_dir", "file_lock", "quiet_transformers", "set_seed", "sha256_file", "show_progress", "stable_hash",
-           "write_json"]
+           "verify_manifest", "write_json"]
 
 
 def set_seed(seed: int) -> None:
@@ -54,6 +54,25 @@ def write_json(path: str | Path, obj) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def verify_manifest(folder: str | Path, manifest: str) -> str | None:
+    """Check a cache folder against the sha256 of every file its JSON ``manifest`` lists (under ``"files"``).
+
+    Returns:
+        None when every listed file is there with its sha256; otherwise what is wrong, in words.
+    """
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / manifest).read_text())["files"]
+        for name, digest in files.items():
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+            if sha256_file(folder / name) != digest:
+                return f"{name} does not match its sha256"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"manifest unreadable: {exc}"
+    return None
 
 
 def _jsonable(x):

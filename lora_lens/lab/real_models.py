@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from lora_lens.errors import ConfigError, CorruptError, NotFoundError
-from lora_lens.utils import atomic_dir, file_lock, quiet_transformers, sha256_file, stable_hash, write_json
+from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, sha256_file, stable_hash, verify_manifest,
+                             write_json)
 
 __all__ = ["MANIFEST", "REAL_MODELS", "RealModel", "convert_gguf", "find_gguf", "is_real_model", "real_model_path"]
 
@@ -202,20 +203,6 @@ def convert_gguf(gguf_path: str | Path, dest: str | Path, max_length: int, recor
     return info
 
 
-def _verify(entry: Path) -> str | None:
-    """None when every file of the manifest is there with its sha256; else what is wrong."""
-    try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-        for name, digest in manifest["files"].items():
-            if not (entry / name).is_file():
-                return f"{name} is missing"
-            if sha256_file(entry / name) != digest:
-                return f"{name} does not match its sha256"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"manifest unreadable: {exc}"
-    return None
-
-
 def real_model_path(name: str, cache: str | Path | None = None, rebuild: bool = False) -> Path:
     """The cache folder of real model ``name`` (an ordinary ``save_pretrained`` folder), converted now if needed.
 
@@ -247,7 +234,7 @@ def real_model_path(name: str, cache: str | Path | None = None, rebuild: bool = 
     entry = root / "models" / f"{name}-{key}"
     with file_lock(root / "locks" / f"{entry.name}.lock"):
         if entry.exists() and not rebuild:
-            problem = _verify(entry)
+            problem = verify_manifest(entry, MANIFEST)
             if problem is None:
                 return entry
             warnings.warn(f"cache entry {entry} is corrupt ({problem}); converting {name} again", stacklevel=2)

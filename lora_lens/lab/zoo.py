@@ -34,7 +34,7 @@ from lora_lens.lab.real_models import is_real_model, real_model_path
 from lora_lens.lab.tokenizer import build_tokenizer, check_tokenizer
 from lora_lens.lab.world import World, make_world
 from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, set_seed, sha256_file, show_progress,
-                             stable_hash, write_json)
+                             stable_hash, verify_manifest, write_json)
 
 __all__ = ["CACHE_VERSION", "FAMILIES", "MAX_POSITIONS", "PRETRAIN", "SIZES", "Pretrained", "Size", "build_model",
            "cache_dir", "check_family", "get_pretrained", "load_model", "n_params", "pretrain", "resolve_size"]
@@ -288,7 +288,7 @@ def get_pretrained(family: str = "llama", size: str = "small", world: World | No
     entry = root / "models" / f"{family}-{size}-{key}"
     with file_lock(root / "locks" / f"{entry.name}.lock"):
         if entry.exists() and not rebuild:
-            problem = _verify(entry)
+            problem = verify_manifest(entry, "lora_lens.json")
             if problem is None:
                 return _load_entry(entry, family, size, world, device)
             warnings.warn(f"cache entry {entry} is corrupt ({problem}); rebuilding it", stacklevel=2)
@@ -303,19 +303,6 @@ def get_pretrained(family: str = "llama", size: str = "small", world: World | No
             write_json(tmp / "lora_lens.json", {"spec": spec, "key": key, "family": family, "size": size,
                                                 "files": files, **result})
         return _load_entry(entry, family, size, world, device)
-
-
-def _verify(entry: Path) -> str | None:
-    try:
-        manifest = json.loads((entry / "lora_lens.json").read_text())
-        for name, digest in manifest["files"].items():
-            if not (entry / name).is_file():
-                return f"{name} is missing"
-            if sha256_file(entry / name) != digest:
-                return f"{name} does not match its sha256"
-    except (OSError, ValueError, KeyError) as exc:
-        return f"manifest unreadable: {exc}"
-    return None
 
 
 def _load_entry(entry: Path, family: str, size: str, world: World, device: str) -> Pretrained:
