@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, hashing and verified cache folders, seeding, progress bars and cross-process locks."""
+"""Small shared helpers: atomic writes, hashing, verified cache folders, seeding, progress bars and locks."""
 
 from __future__ import annotations
 
