@@ -9,7 +9,15 @@ are not retractions and have not been retracted. **refuted** as soon as any live
 pre-registered, because the API only accepts evidence for an already declared hypothesis); **supported** when at
 least n live records exist and all pass; **inconclusive** otherwise. With ``rule="majority"`` and a ``fraction``
 f in (0, 1] (default 0.5): **inconclusive** below n live records, else **supported** when the pass share is ≥ f,
-else **refuted**. A rule that cannot be evaluated raises :class:`~lora_lens.errors.ConfigError` at declaration.
+else **refuted**. With ``rule="interval"`` (for a headline number over seeds; ``level`` default 0.95, ``min_runs``
+default 3) the pooled live values decide: their seeded bootstrap interval of the mean
+(:func:`lora_lens.stats.bootstrap_ci`) makes the hypothesis **supported** when it clears the threshold on the
+predicted side (``>=``/``>``: low end ≥/> threshold; ``<=``/``<``: high end ≤/< threshold; ``between (a, b)``:
+a ≤ low and high ≤ b), **refuted** when it lies entirely on the other side, **inconclusive** otherwise and below
+``min_runs``. A rule that cannot be evaluated (``==``/``!=`` or a ``level`` outside (0, 1) with
+``rule="interval"``, a ``fraction`` or ``level`` with a rule that does not read it) raises
+:class:`~lora_lens.errors.ConfigError` at declaration. :func:`hypotheses` shows the mean and its interval
+(``mean``, ``ci_low``, ``ci_high``) beside the verdict for every rule.
 
 Comparators: ``>``, ``>=``, ``<``, ``<=``, ``==``, ``!=`` (equality within ``math.isclose(rel_tol=1e-9,
 abs_tol=1e-12)``) and ``between`` (threshold ``(lo, hi)``, both ends included).
@@ -23,7 +31,9 @@ tags and author of the first declaration are kept); a changed one is an error.
 Location: ``path`` argument > ``$LORA_LENS_LEDGER`` > ``<parent of $LORA_LENS_RUN_DIR>/ledger.sqlite`` >
 ``<project>/runs/ledger.sqlite`` inside a checkout (from any subfolder, e.g. ``notebooks/``) >
 ``./runs/ledger.sqlite``. Run context comes from ``$LORA_LENS_RUN_ID``, ``$LORA_LENS_NOTEBOOK`` and
-``$LORA_LENS_PARAMS`` (JSON) set by the runner; outside a run the run id is ``interactive-<pid>-<time>``.
+``$LORA_LENS_PARAMS`` (JSON) set by the runner; outside a run the run id is ``interactive-<pid>-<time>``. Every
+record also keeps the machine (architecture, CPU model, CPU count) and the thread count (``torch.get_num_threads()``
+when torch is imported, else ``$OMP_NUM_THREADS``), so that a verdict that differs between two machines can be traced.
 
 Example:
     >>> import tempfile
@@ -37,6 +47,10 @@ Example:
     'supported'
     >>> ledger.verdict("rank-low", path=db)
     'supported'
+    >>> h = ledger.declare("eff-high", "The edit lands on every seed", "efficacy", ">=", 0.8, rule="interval",
+    ...                    path=db)
+    >>> [ledger.record("eff-high", v, seed=s, path=db).verdict for s, v in enumerate([0.9, 0.95, 0.85])]
+    ['inconclusive', 'inconclusive', 'supported']
 
 Modules: :mod:`~lora_lens.ledger.store` (records, SQLite schema, run context, location), :mod:`~.api` (declare,
 record, retract, queries, the verdict rule), :mod:`~.export` (md/html/jsonl, import), :mod:`~.plots` (figures),
@@ -50,9 +64,9 @@ from lora_lens.ledger.api import VERDICTS, declare, evidence, history, hypothese
 from lora_lens.ledger.export import export, export_hypothesis, import_jsonl
 from lora_lens.ledger.plots import plot_evidence, plot_timeline
 from lora_lens.ledger.store import (COMPARATORS, RULES, SCHEMA_VERSION, Evidence, Hypothesis, RunContext, git_commit,
-                                    ledger_path, run_context)
+                                    ledger_path, machine, run_context, thread_count)
 
 __all__ = ["COMPARATORS", "RULES", "SCHEMA_VERSION", "VERDICTS", "Evidence", "Hypothesis", "RunContext", "declare",
            "evidence", "export", "export_hypothesis", "git_commit", "history", "hypotheses", "hypothesis",
-           "import_jsonl", "ledger_path", "plot_evidence", "plot_timeline", "record", "retract", "run_context",
-           "verdict"]
+           "import_jsonl", "ledger_path", "machine", "plot_evidence", "plot_timeline", "record", "retract",
+           "run_context", "thread_count", "verdict"]

@@ -2,8 +2,8 @@
 
 A hypothesis is declared *before* the test; every run then attaches evidence — a measured value whose pass/fail is
 computed here from the comparator, never passed in — and the verdict follows from the declared rule
-(:func:`decide`; the rule is described in :mod:`lora_lens.ledger`). Every declaration is validated completely
-before anything is written.
+(:func:`decide` over the live evidence's :class:`Tally`; the rules are described in :mod:`lora_lens.ledger`).
+Every declaration is validated completely before anything is written.
 """
 
 from __future__ import annotations
@@ -26,36 +26,85 @@ from lora_lens.errors import ConfigError, MismatchError, NotFoundError
 from lora_lens.ledger.store import (COMPARATORS, RULES, Evidence, Hypothesis, RunContext, evidence_from_row,
                                     evidence_records, get_hypothesis, git_commit, hypothesis_from_row, ledger_path,
                                     open_ledger, run_context, utc_now)
+from lora_lens.stats import bootstrap_ci
 
-__all__ = ["VERDICTS", "as_number", "decide", "declare", "evidence", "history", "hypotheses", "hypothesis",
-           "insert_evidence", "insert_hypothesis", "live_counts", "make_hypothesis", "record", "retract", "verdict"]
+__all__ = ["DEFAULT_LEVEL", "VERDICTS", "Tally", "as_number", "decide", "declare", "evidence", "history",
+           "hypotheses", "hypothesis", "insert_evidence", "insert_hypothesis", "make_hypothesis", "record", "retract",
+           "tally", "verdict"]
 
 VERDICTS = ("supported", "refuted", "inconclusive")
+DEFAULT_LEVEL = 0.95
+"""Coverage of the interval shown beside every verdict, and of ``rule="interval"`` unless it declares a ``level``."""
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_FIXED = ("claim", "falsifier", "metric", "comparator", "threshold", "rule", "min_runs", "fraction")
+_FIXED = ("claim", "falsifier", "metric", "comparator", "threshold", "rule", "min_runs", "fraction", "level")
+_N_BOOT, _BOOT_SEED = 2000, 0  # the interval's resamples and seed: fixed, so that a verdict is deterministic
 
 
 _LIVE = ("hypothesis_id = ? AND retracts IS NULL "  # live = neither a retraction nor retracted
          "AND id NOT IN (SELECT retracts FROM evidence WHERE retracts IS NOT NULL)")
 
 
-def live_counts(db: sqlite3.Connection, id: str) -> tuple[int, int]:
-    """``(live records, live records that pass)`` of hypothesis ``id``: the counts the verdict rule reads."""
-    n, n_pass = db.execute(f"SELECT COUNT(*), COALESCE(SUM(passed), 0) FROM evidence WHERE {_LIVE}", (id,)).fetchone()
-    return n, n_pass
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """What the verdict rule reads from a hypothesis's live evidence.
+
+    Attributes:
+        n: Live records.
+        n_pass: Live records that pass the prediction.
+        mean: Mean of their values (None without live records).
+        ci_low: Low end of the seeded bootstrap interval of the mean (:func:`lora_lens.stats.bootstrap_ci`).
+        ci_high: High end of that interval.
+        level: Its coverage: the hypothesis's ``level``, else :data:`DEFAULT_LEVEL`.
+    """
+
+    n: int
+    n_pass: int
+    mean: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    level: float = DEFAULT_LEVEL
 
 
-def decide(h: Hypothesis, n: int, n_pass: int) -> str:
-    """The verdict rule: ``h``'s verdict given ``n`` live records of which ``n_pass`` pass (see the package docs)."""
+def tally(db: sqlite3.Connection, h: Hypothesis, interval: bool = True) -> Tally:
+    """The live evidence of ``h`` counted, with the mean and its interval (unless ``interval=False`` and ``h``'s
+    rule does not read it).
+
+    The interval (:func:`lora_lens.stats.bootstrap_ci`, 2000 resamples, seed 0) resamples the values in sorted
+    order, so it depends only on the live values, not on the order in which they were recorded or imported.
+    """
+    rows = db.execute(f"SELECT value, passed FROM evidence WHERE {_LIVE}", (h.id,)).fetchall()
+    n, n_pass, level = len(rows), sum(bool(r["passed"]) for r in rows), h.level or DEFAULT_LEVEL
+    if not (rows and (interval or h.rule == "interval")):
+        return Tally(n, n_pass, level=level)
+    values = sorted(r["value"] for r in rows)
+    mean, lo, hi = bootstrap_ci(values, n_boot=_N_BOOT, level=level, seed=_BOOT_SEED)
+    # a mean of resampled values lies within [min, max]: clip the float rounding of the mean, so that equal values
+    # give exactly that value and a value on the threshold stays on it
+    return Tally(n, n_pass, mean, max(lo, values[0]), min(hi, values[-1]), level)
+
+
+def _interval_verdict(h: Hypothesis, lo: float, hi: float) -> str:
+    """Supported when the whole interval ``[lo, hi]`` passes, refuted when none of it does, else inconclusive."""
+    if h.comparator == "between":
+        a, b = h.threshold
+        return "supported" if a <= lo and hi <= b else "refuted" if hi < a or lo > b else "inconclusive"
+    near, far = (lo, hi) if h.comparator in (">", ">=") else (hi, lo)  # the end that must clear, the other end
+    return "supported" if h.passes(near) else "refuted" if not h.passes(far) else "inconclusive"
+
+
+def decide(h: Hypothesis, t: Tally) -> str:
+    """The verdict rule: ``h``'s verdict given the :class:`Tally` of its live evidence (see the package docs)."""
     if h.rule == "all":
-        return "refuted" if n_pass < n else "supported" if n >= h.min_runs else "inconclusive"
-    if n < h.min_runs:
+        return "refuted" if t.n_pass < t.n else "supported" if t.n >= h.min_runs else "inconclusive"
+    if t.n < h.min_runs:
         return "inconclusive"
-    return "supported" if n_pass >= h.fraction * n - 1e-9 else "refuted"
+    if h.rule == "interval":
+        return _interval_verdict(h, t.ci_low, t.ci_high)
+    return "supported" if t.n_pass >= h.fraction * t.n - 1e-9 else "refuted"
 
 
 def _update_verdict(db: sqlite3.Connection, h: Hypothesis, evidence_id: int | None, when: str) -> str:
-    new = decide(h, *live_counts(db, h.id))
+    new = decide(h, tally(db, h, interval=False))
     last = db.execute("SELECT verdict FROM verdicts WHERE hypothesis_id = ? ORDER BY id DESC LIMIT 1",
                       (h.id,)).fetchone()
     if last is None or last[0] != new:
@@ -89,7 +138,7 @@ def _text(x: Any, what: str, required: bool = False) -> str:
 
 
 def make_hypothesis(id, claim, metric, comparator, threshold, falsifier, method, tags, author, rule, min_runs, fraction,
-          created) -> Hypothesis:
+                    created, level=None) -> Hypothesis:
     """Validate a declaration completely before anything is written.
 
     Raises:
@@ -111,10 +160,20 @@ def make_hypothesis(id, claim, metric, comparator, threshold, falsifier, method,
         threshold = as_number(threshold, "threshold")
     if rule not in RULES:
         raise ConfigError(f"unknown verdict rule {rule!r}; use one of {', '.join(RULES)}")
+    min_runs = (3 if rule == "interval" else 1) if min_runs is None else min_runs
     if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
         raise ConfigError(f"min_runs={min_runs!r} cannot be evaluated; pass an integer >= 1")
-    if rule == "all" and fraction is not None:
+    if rule != "majority" and fraction is not None:
         raise ConfigError(f"fraction={fraction!r} is only used by rule='majority'; drop it or set rule='majority'")
+    if rule != "interval" and level is not None:
+        raise ConfigError(f"level={level!r} is only used by rule='interval'; drop it or set rule='interval'")
+    if rule == "interval":
+        if comparator in ("==", "!="):
+            raise ConfigError(f"comparator {comparator!r} has no side for an interval to clear; with "
+                              "rule='interval' use >, >=, <, <= or between, or keep rule='all'")
+        level = DEFAULT_LEVEL if level is None else as_number(level, "level")
+        if not 0 < level < 1:
+            raise ConfigError(f"level={level!r} cannot be evaluated; pass a coverage in (0, 1), e.g. 0.95")
     if rule == "majority":
         fraction = 0.5 if fraction is None else as_number(fraction, "fraction")
         if not 0 < fraction <= 1:
@@ -125,7 +184,7 @@ def make_hypothesis(id, claim, metric, comparator, threshold, falsifier, method,
         _text(author, "author")
     return Hypothesis(id, _text(claim, "claim", True), _text(metric, "metric", True), comparator, threshold,
                       _text(falsifier, "falsifier"), _text(method, "method"), tuple(tags), author, rule, min_runs,
-                      fraction, created)
+                      fraction, level, created)
 
 
 def insert_hypothesis(db: sqlite3.Connection, h: Hypothesis) -> Hypothesis:
@@ -145,9 +204,10 @@ def insert_hypothesis(db: sqlite3.Connection, h: Hypothesis) -> Hypothesis:
                     f"(e.g. {h.id + '-v2'!r}) or restore the original {field}")
         return old
     lo, hi = h.threshold if h.comparator == "between" else (h.threshold, None)
-    db.execute("INSERT INTO hypotheses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               (h.id, h.claim, h.metric, h.comparator, lo, hi, h.falsifier, h.method, json.dumps(list(h.tags)),
-                h.author, h.rule, h.min_runs, h.fraction, h.created))
+    db.execute("INSERT INTO hypotheses (id, claim, metric, comparator, threshold, threshold_hi, falsifier, method, "
+               "tags, author, rule, min_runs, fraction, level, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+               "?, ?)", (h.id, h.claim, h.metric, h.comparator, lo, hi, h.falsifier, h.method,
+                         json.dumps(list(h.tags)), h.author, h.rule, h.min_runs, h.fraction, h.level, h.created))
     db.execute("INSERT INTO verdicts (hypothesis_id, verdict, evidence_id, created) VALUES (?, 'inconclusive', "
                "NULL, ?)", (h.id, h.created))
     return h
@@ -155,21 +215,26 @@ def insert_hypothesis(db: sqlite3.Connection, h: Hypothesis) -> Hypothesis:
 
 def insert_evidence(db, h: Hypothesis, ctx: RunContext, seed, metric, value, artifacts, notes, retracts,
                      created, uid, commit) -> Evidence:
-    """Append one evidence record (a retraction when ``retracts`` is set) and log the new verdict if it changed."""
+    """Append one evidence record (a retraction when ``retracts`` is set) and log the new verdict if it changed.
+
+    The machine and thread count come from ``ctx`` (:func:`~lora_lens.ledger.store.run_context`, or the imported
+    record's).
+    """
     passed = None if value is None else h.passes(value)
     cur = db.execute(
         "INSERT INTO evidence (hypothesis_id, run_id, notebook, params, seed, git_commit, metric, value, passed, "
-        "artifacts, notes, created, retracts, uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "artifacts, notes, created, retracts, uid, machine, threads) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?, ?, ?)",
         (h.id, ctx.run_id, ctx.notebook, json.dumps(ctx.params, sort_keys=True, default=str), seed, commit, metric,
-         value, passed, json.dumps(artifacts), notes, created, retracts, uid))
+         value, passed, json.dumps(artifacts), notes, created, retracts, uid, ctx.machine, ctx.threads))
     new = _update_verdict(db, h, cur.lastrowid, created)
     return evidence_from_row(db.execute("SELECT * FROM evidence WHERE id = ?", (cur.lastrowid,)).fetchone(), new)
 
 
 # ----------------------------------------------------------------------------------------------- notebook API
 def declare(id: str, claim: str, metric: str, comparator: str, threshold: float | tuple[float, float],
-            falsifier: str = "", method: str = "", tags=(), author: str | None = None, min_runs: int = 1,
-            rule: str = "all", fraction: float | None = None, path=None) -> Hypothesis:
+            falsifier: str = "", method: str = "", tags=(), author: str | None = None, min_runs: int | None = None,
+            rule: str = "all", fraction: float | None = None, level: float | None = None, path=None) -> Hypothesis:
     """Pre-register a hypothesis (idempotent: the same declaration again returns the stored one).
 
     Args:
@@ -182,9 +247,11 @@ def declare(id: str, claim: str, metric: str, comparator: str, threshold: float 
         method: How it is tested.
         tags: Free labels.
         author: Who declares it (default: ``$USER``).
-        min_runs: Live evidence records needed before a verdict other than inconclusive.
-        rule: ``"all"`` or ``"majority"`` (see the module docstring).
+        min_runs: Live evidence records needed before a verdict other than inconclusive (default 1; 3 for
+            ``rule="interval"``).
+        rule: ``"all"``, ``"majority"`` or ``"interval"`` (see :mod:`lora_lens.ledger`).
         fraction: Pass share needed by ``"majority"`` (default 0.5).
+        level: Coverage of the bootstrap interval of the mean used by ``"interval"`` (default 0.95).
         path: Ledger file (default: see :func:`ledger_path`).
 
     Returns:
@@ -196,7 +263,7 @@ def declare(id: str, claim: str, metric: str, comparator: str, threshold: float 
     """
     author = author if author is not None else os.environ.get("USER") or None
     h = make_hypothesis(id, claim, metric, comparator, threshold, falsifier, method, tags, author, rule, min_runs,
-                        fraction, utc_now())
+                        fraction, utc_now(), level)
     with open_ledger(path, create=True, write=True) as db:
         return insert_hypothesis(db, h)
 
@@ -279,30 +346,36 @@ def hypothesis(id: str, path=None) -> Hypothesis:
 def verdict(id: str, path=None) -> str:
     """Current verdict of a hypothesis: ``"supported"``, ``"refuted"`` or ``"inconclusive"``."""
     with open_ledger(path) as db:
-        return decide(get_hypothesis(db, id), *live_counts(db, id))
+        h = get_hypothesis(db, id)
+        return decide(h, tally(db, h, interval=False))
 
 
-_H_COLS = ["id", "verdict", "n_evidence", "n_pass", "prediction", "claim", "falsifier", "method", "rule", "min_runs",
-           "fraction", "tags", "author", "created"]
+_H_COLS = ["id", "verdict", "n_evidence", "n_pass", "mean", "ci_low", "ci_high", "prediction", "claim", "falsifier",
+           "method", "rule", "min_runs", "fraction", "level", "tags", "author", "created"]
 _E_COLS = ["id", "hypothesis_id", "run_id", "notebook", "seed", "metric", "value", "passed", "retracted", "retracts",
-           "notes", "params", "artifacts", "git_commit", "created", "uid"]
+           "notes", "params", "artifacts", "git_commit", "machine", "threads", "created", "uid"]
 
 
 def hypotheses(path=None):
-    """All hypotheses with verdict and live evidence counts, as a DataFrame (empty when there is no ledger)."""
+    """All hypotheses with verdict, live evidence counts and the mean of the live values with its bootstrap interval
+    (``mean``, ``ci_low``, ``ci_high`` at the hypothesis's ``level``, else 95 %, for every rule), as a DataFrame
+    (empty when there is no ledger)."""
     if not ledger_path(path).exists():
         return pd.DataFrame([], columns=_H_COLS)
     with open_ledger(path) as db:
         rows = []
         for r in db.execute("SELECT * FROM hypotheses ORDER BY created, id").fetchall():
-            h, (n, k) = hypothesis_from_row(r), live_counts(db, r["id"])
-            rows.append({**dataclasses.asdict(h), "verdict": decide(h, n, k), "n_evidence": n, "n_pass": k,
-                         "prediction": h.prediction, "tags": ", ".join(h.tags)})
+            h = hypothesis_from_row(r)
+            t = tally(db, h)
+            rows.append({**dataclasses.asdict(h), "verdict": decide(h, t), "n_evidence": t.n, "n_pass": t.n_pass,
+                         "mean": t.mean, "ci_low": t.ci_low, "ci_high": t.ci_high, "prediction": h.prediction,
+                         "tags": ", ".join(h.tags)})
     return pd.DataFrame(rows, columns=_H_COLS)
 
 
 def evidence(id: str | None = None, path=None):
-    """Evidence records (all, or of one hypothesis) including retractions, as a DataFrame."""
+    """Evidence records (all, or of one hypothesis) including retractions, with the machine and thread count each
+    was recorded on, as a DataFrame."""
     if id is None and not ledger_path(path).exists():
         return pd.DataFrame([], columns=_E_COLS)
     with open_ledger(path) as db:

@@ -43,7 +43,8 @@ def ledger_main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             hs = hypotheses(path)
             print(f"{ledger_path(path)}: no hypotheses" if hs.empty else
-                  hs[["id", "verdict", "n_evidence", "n_pass", "prediction"]].to_string(index=False))
+                  hs[["id", "verdict", "n_evidence", "n_pass", "mean", "ci_low", "ci_high", "prediction"]]
+                  .to_string(index=False, float_format="{:.4g}".format))
         elif args.command == "show":
             print(export_hypothesis(args.id, path))
             for _, r in history(args.id, path).iterrows():

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 
 from lora_lens.errors import ConfigError
 from lora_lens.figures import FIGURE_STYLE
@@ -63,7 +64,8 @@ def status(path=None) -> str:
 
 
 def verdict_table(path=None, max_hypotheses: int = 30):
-    """The hypotheses with their verdicts as a styled DataFrame (verdict cells coloured), in declaration order.
+    """The hypotheses with their verdicts, evidence counts and the mean of the live values with its bootstrap
+    interval (``"0.95 [0.93, 0.97]"``), as a styled DataFrame (verdict cells coloured), in declaration order.
 
     Args:
         path: Ledger file (default: :func:`ledger.ledger_path`).
@@ -74,8 +76,10 @@ def verdict_table(path=None, max_hypotheses: int = 30):
     """
     _check_max(max_hypotheses)
     hs = hypotheses(path)
+    hs["interval"] = ["-" if pd.isna(m) else f"{m:.4g} [{lo:.4g}, {hi:.4g}]"
+                      for m, lo, hi in zip(hs["mean"], hs["ci_low"], hs["ci_high"])]
     cols = {"id": "id", "verdict": "verdict", "n_evidence": "evidence", "n_pass": "pass",
-            "prediction": "prediction", "claim": "claim", "falsifier": "falsifier"}
+            "interval": "mean [interval]", "prediction": "prediction", "claim": "claim", "falsifier": "falsifier"}
     table = hs[list(cols)].rename(columns=cols).head(max_hypotheses).reset_index(drop=True)
     caption = f"{len(hs)} hypotheses" + (f" (first {max_hypotheses} shown)" if len(hs) > max_hypotheses else "")
     if hs.empty:

@@ -2,7 +2,8 @@
 
 One SQLite file (WAL, 30 s busy timeout, every write a single ``BEGIN IMMEDIATE`` transaction, so concurrent runs
 and killed processes leave it consistent). The records it stores are :class:`Hypothesis` and :class:`Evidence`;
-:class:`RunContext` says where a record comes from (set by the runner through ``LORA_LENS_*`` variables).
+:class:`RunContext` says where a record comes from (set by the runner through ``LORA_LENS_*`` variables) and on
+what: the machine (:func:`machine`) and the number of threads (:func:`thread_count`).
 
 Location: ``path`` argument > ``$LORA_LENS_LEDGER`` > ``<parent of $LORA_LENS_RUN_DIR>/ledger.sqlite`` >
 ``<project>/runs/ledger.sqlite`` inside a checkout (from any subfolder, e.g. ``notebooks/``) >
@@ -19,8 +20,10 @@ import json
 import math
 import operator
 import os
+import platform
 import sqlite3
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,11 +32,11 @@ from lora_lens.errors import ConfigError, CorruptError, MismatchError, NotFoundE
 
 __all__ = ["COMPARATORS", "MIGRATIONS", "RULES", "SCHEMA_VERSION", "Evidence", "Hypothesis", "RunContext",
            "evidence_from_row", "evidence_records", "get_hypothesis", "git_commit", "hypothesis_from_row",
-           "ledger_path", "open_ledger", "run_context", "transaction", "utc_now"]
+           "ledger_path", "machine", "open_ledger", "run_context", "thread_count", "transaction", "utc_now"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 COMPARATORS = (">", ">=", "<", "<=", "==", "!=", "between")
-RULES = ("all", "majority")
+RULES = ("all", "majority", "interval")
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
@@ -53,6 +56,7 @@ class Hypothesis:
     rule: str = "all"
     min_runs: int = 1
     fraction: float | None = None
+    level: float | None = None
     created: str = ""
 
     @property
@@ -67,6 +71,10 @@ class Hypothesis:
         """The verdict rule as text."""
         if self.rule == "all":
             return f"supported when >= {self.min_runs} live run(s) and all pass; refuted by any failing run"
+        if self.rule == "interval":
+            return (f"after >= {self.min_runs} live run(s): supported when the {self.level * 100:g}% bootstrap "
+                    "interval of the mean clears the threshold on the predicted side, refuted when it lies entirely "
+                    "on the other side, else inconclusive")
         return f"after >= {self.min_runs} live run(s): supported when pass share >= {self.fraction:g}, else refuted"
 
     def passes(self, value: float) -> bool:
@@ -97,18 +105,23 @@ class Evidence:
     artifacts: list
     notes: str
     created: str
+    machine: str | None = None
+    threads: int | None = None
     retracts: int | None = None
     verdict: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-    """Where a record comes from: set by the runner through ``LORA_LENS_*`` environment variables."""
+    """Where a record comes from (set by the runner through ``LORA_LENS_*`` environment variables) and on what:
+    the machine (:func:`machine`) and the thread count (:func:`thread_count`), None when unknown."""
 
     run_id: str
     run_dir: str | None
     notebook: str | None
     params: dict
+    machine: str | None = None
+    threads: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------- context
@@ -122,8 +135,35 @@ def _interactive_id(pid: int) -> str:
     return f"interactive-{pid}-{time.strftime('%Y%m%dT%H%M%S')}"
 
 
+@functools.lru_cache(maxsize=1)
+def machine() -> str:
+    """The machine in one short string: architecture, CPU model and logical CPUs, e.g.
+    ``"x86_64 · AMD EPYC 7B13 · 16 CPUs"`` (cached per process; the CPU model is omitted when unknown)."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")) and ":" in line:
+                model = line.split(":", 1)[1].strip()
+                break
+    model = " ".join((model or platform.processor() or "").split())
+    parts = [platform.machine() or "unknown", model if model != platform.machine() else "",
+             f"{os.cpu_count() or '?'} CPUs"]
+    return " · ".join(p for p in parts if p)
+
+
+def thread_count() -> int | None:
+    """The intra-op threads of this process: ``torch.get_num_threads()`` when torch is already imported (it is
+    never imported for this), else ``$OMP_NUM_THREADS`` as an integer, else None."""
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return int(torch.get_num_threads())
+    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
 def run_context() -> RunContext:
-    """Read the run context from the environment (``interactive-<pid>-<time>`` outside a run).
+    """Read the run context from the environment (``interactive-<pid>-<time>`` outside a run), with the machine
+    and the thread count.
 
     Raises:
         ConfigError: ``$LORA_LENS_PARAMS`` is not a JSON object.
@@ -137,7 +177,7 @@ def run_context() -> RunContext:
         raise ConfigError(f"LORA_LENS_PARAMS={raw[:80]!r} must be a JSON object like '{{\"seed\": 0}}'")
     return RunContext(os.environ.get("LORA_LENS_RUN_ID") or _interactive_id(os.getpid()),
                       os.environ.get("LORA_LENS_RUN_DIR") or None, os.environ.get("LORA_LENS_NOTEBOOK") or None,
-                      params)
+                      params, machine(), thread_count())
 
 
 @functools.lru_cache(maxsize=1)
@@ -202,7 +242,14 @@ def _migrate_v2(db: sqlite3.Connection) -> None:
     CREATE INDEX evidence_retracts ON evidence(retracts)""")
 
 
-MIGRATIONS = [_migrate_v1, _migrate_v2]
+def _migrate_v3(db: sqlite3.Connection) -> None:
+    """v3: the coverage ``level`` of ``rule="interval"``; the machine and thread count of every evidence record."""
+    _run_sql(db, """ALTER TABLE hypotheses ADD COLUMN level REAL;
+    ALTER TABLE evidence ADD COLUMN machine TEXT;
+    ALTER TABLE evidence ADD COLUMN threads INTEGER""")
+
+
+MIGRATIONS = [_migrate_v1, _migrate_v2, _migrate_v3]
 """``MIGRATIONS[v]`` upgrades a version-``v`` database to ``v + 1``."""
 
 
@@ -282,7 +329,7 @@ def hypothesis_from_row(row: sqlite3.Row) -> Hypothesis:
     t = row["threshold"] if row["threshold_hi"] is None else (row["threshold"], row["threshold_hi"])
     return Hypothesis(row["id"], row["claim"], row["metric"], row["comparator"], t, row["falsifier"], row["method"],
                       tuple(json.loads(row["tags"])), row["author"], row["rule"], row["min_runs"], row["fraction"],
-                      row["created"])
+                      row["level"], row["created"])
 
 
 def evidence_from_row(row: sqlite3.Row, verdict: str | None = None) -> Evidence:
@@ -290,7 +337,8 @@ def evidence_from_row(row: sqlite3.Row, verdict: str | None = None) -> Evidence:
     passed = None if row["passed"] is None else bool(row["passed"])
     return Evidence(row["id"], row["uid"], row["hypothesis_id"], row["run_id"], row["notebook"],
                     json.loads(row["params"]), row["seed"], row["git_commit"], row["metric"], row["value"], passed,
-                    json.loads(row["artifacts"]), row["notes"], row["created"], row["retracts"], verdict)
+                    json.loads(row["artifacts"]), row["notes"], row["created"], row["machine"], row["threads"],
+                    row["retracts"], verdict)
 
 
 def get_hypothesis(db: sqlite3.Connection, id: str) -> Hypothesis:

@@ -4,11 +4,13 @@ import doctest
 import hashlib
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ledger_cases import assert_consistent, clean_env, counts, db, declare_acc  # noqa: F401 (fixtures)
 from lora_lens import ledger
 from lora_lens.errors import ConfigError, MismatchError, NotFoundError
+from lora_lens.stats import bootstrap_ci
 
 
 # ------------------------------------------------------------------------------------------ declare / record
@@ -42,6 +44,14 @@ def test_declare_is_idempotent_and_a_changed_claim_is_an_error(db):
     (dict(fraction=0.5), "only used by rule='majority'"),
     (dict(claim=""), "claim"),
     (dict(tags="edit"), "tags"),
+    (dict(rule="interval", comparator="=="), "comparator '==' has no side"),
+    (dict(rule="interval", comparator="!="), "comparator '!=' has no side"),
+    (dict(rule="interval", level=1.0), r"level=1.0.*\(0, 1\)"),
+    (dict(rule="interval", level=0), "level=0"),
+    (dict(rule="interval", level="0.9"), "not a number"),
+    (dict(rule="interval", fraction=0.5), "only used by rule='majority'"),
+    (dict(level=0.9), "level=0.9 is only used by rule='interval'"),
+    (dict(rule="majority", level=0.9), "only used by rule='interval'"),
 ])
 def test_bad_declarations_raise_and_create_nothing(db, kw, match):
     args = dict(id="acc-high", claim="c", metric="accuracy", comparator=">=", threshold=0.9, path=db)
@@ -96,6 +106,64 @@ def _verdicts(db, values, **kw):
 def test_verdict_rules(db, values, kw, expected):
     assert _verdicts(db, values, **kw) == expected
     assert ledger.verdict("h", path=db) == expected[-1]
+
+
+@pytest.mark.parametrize("values, kw, expected", [
+    # below min_runs (default 3 for this rule) inconclusive; then the interval decides, not each record
+    ([1, 2, 3], {}, ["inconclusive", "inconclusive", "supported"]),
+    ([-1, -2, -3], {}, ["inconclusive", "inconclusive", "refuted"]),
+    ([-1, 1, 2], {}, ["inconclusive", "inconclusive", "inconclusive"]),  # the interval straddles 0
+    ([2, 3, 1, 4], dict(min_runs=2), ["inconclusive", "supported", "supported", "supported"]),
+    ([-0.5, 3, 4, 5, 6, 7], dict(min_runs=6), ["inconclusive"] * 5 + ["supported"]),  # one failing run, a clear mean
+    ([1, 1, 1], dict(comparator=">=", threshold=1), ["inconclusive", "inconclusive", "supported"]),  # on the edge
+    ([1, 1, 1], dict(comparator=">", threshold=1), ["inconclusive", "inconclusive", "refuted"]),
+    ([1, 2, 3], dict(comparator="<", threshold=0), ["inconclusive", "inconclusive", "refuted"]),
+    ([0.9, 0.9, 0.9], dict(comparator="<=", threshold=0.9), ["inconclusive", "inconclusive", "supported"]),
+    ([0.2, 0.5, 0.8], dict(comparator="between", threshold=(0.2, 0.8)), ["inconclusive", "inconclusive", "supported"]),
+    ([0.5, 0.9, 1.5], dict(comparator="between", threshold=(0, 1)), ["inconclusive", "inconclusive", "inconclusive"]),
+    ([2, 3, 4], dict(comparator="between", threshold=(0, 1)), ["inconclusive", "inconclusive", "refuted"]),
+])
+def test_interval_rule(db, values, kw, expected):
+    assert _verdicts(db, values, rule="interval", **kw) == expected
+    assert ledger.verdict("h", path=db) == expected[-1]
+
+
+def test_interval_rule_reads_the_pooled_evidence_with_its_interval(db):
+    values = [0.95, 0.97, 0.93, 0.99, 0.96, 0.94]
+    h = ledger.declare("h", "claim", "acc", ">=", 0.9, rule="interval", level=0.9, path=db)
+    assert (h.min_runs, h.level) == (3, 0.9)
+    assert "90% bootstrap interval of the mean clears the threshold" in h.rule_text and "after >= 3" in h.rule_text
+    for v in values:
+        ledger.record("h", v, path=db)
+    row = ledger.hypotheses(db).iloc[0]
+    mean, lo, hi = bootstrap_ci(sorted(values), level=0.9)
+    assert (row["verdict"], row["rule"], row["level"]) == ("supported", "interval", 0.9)
+    assert (row["mean"], row["ci_low"], row["ci_high"]) == pytest.approx((mean, lo, hi))
+    assert row["ci_low"] >= 0.9
+    # the same values recorded in another order give the same interval: it depends on the values only
+    other = db.parent / "other.sqlite"
+    ledger.declare("h", "claim", "acc", ">=", 0.9, rule="interval", level=0.9, path=other)
+    for v in reversed(values):
+        ledger.record("h", v, path=other)
+    assert ledger.hypotheses(other)[["mean", "ci_low", "ci_high"]].equals(ledger.hypotheses(db)[["mean", "ci_low",
+                                                                                                    "ci_high"]])
+    # a low run pulls the interval across the threshold; retracting it restores the verdict
+    bad = ledger.record("h", 0.2, path=db)
+    assert bad.verdict == "inconclusive"
+    assert ledger.retract(bad.id, "base model evaluated", path=db).verdict == "supported"
+    with pytest.raises(MismatchError, match="level"):
+        ledger.declare("h", "claim", "acc", ">=", 0.9, rule="interval", path=db)  # level 0.95 is another rule
+    assert_consistent(db)
+
+
+def test_every_rule_shows_the_mean_and_its_interval(db):
+    declare_acc(db)
+    assert ledger.hypotheses(db)[["mean", "ci_low", "ci_high"]].isna().all(axis=None)  # no evidence yet
+    for v in (0.9, 1.0):
+        ledger.record("acc-high", v, path=db)
+    row = ledger.hypotheses(db).iloc[0]
+    assert row["level"] is None or pd.isna(row["level"])
+    assert row["mean"] == pytest.approx(0.95) and 0.9 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0
 
 
 def test_no_evidence_is_inconclusive(db):

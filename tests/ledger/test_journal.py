@@ -40,6 +40,7 @@ def test_counts_table_and_markdown(db):
     assert "3 hypotheses" in journal.status(db) and "1 refuted" in journal.status(db)
     styled = journal.verdict_table(db)
     assert list(styled.data["verdict"]) == ["supported", "refuted", "inconclusive"]
+    assert list(styled.data["mean [interval]"]) == ["0.96 [0.95, 0.97]", "0.2 [0.2, 0.2]", "2.5 [2.5, 2.5]"]
     assert "background-color: #f8d0d0" in styled.to_html()  # refuted is coloured
     assert len(journal.verdict_table(db, max_hypotheses=2).data) == 2
     assert journal.markdown(db) == ledger.export("md", db)

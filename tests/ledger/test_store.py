@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -74,9 +75,46 @@ def test_migrates_a_v1_database(db):
     con.close()
     ev = ledger.evidence("old", path=db)
     assert len(ev) == 1 and len(ev.uid[0]) == 32
-    assert ledger.record("old", -1, path=db).verdict == "refuted"
+    assert ev.machine[0] is None and ev.threads[0] is None  # v3: unknown for records made before it
+    assert ledger.hypothesis("old", path=db).level is None and ledger.verdict("old", path=db) == "supported"
+    new = ledger.record("old", -1, path=db)
+    assert new.verdict == "refuted" and new.machine == store.machine()
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT version FROM schema_version").fetchall() == [(ledger.SCHEMA_VERSION,)]
+
+
+def test_migrates_a_v2_database_to_intervals_and_machines(db):
+    con = sqlite3.connect(db, isolation_level=None)
+    for migrate in store.MIGRATIONS[:2]:
+        migrate(con)
+    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    con.execute("INSERT INTO schema_version VALUES (2)")
+    con.execute("INSERT INTO hypotheses VALUES ('old', 'c', 'm', '>=', 0, NULL, '', '', '[]', NULL, 'all', 2, NULL, "
+                "'2024-01-01T00:00:00+00:00')")
+    con.close()
+    assert ledger.SCHEMA_VERSION == 3
+    ledger.declare("new", "c", "m", ">", 0, rule="interval", path=db)
+    e = ledger.record("new", 1.0, path=db)
+    assert (ledger.hypothesis("old", path=db).level, ledger.hypothesis("new", path=db).level) == (None, 0.95)
+    assert e.machine == store.machine() and ledger.evidence("new", path=db).machine[0] == e.machine
+    assert ledger.record("old", 1.0, path=db).verdict == "inconclusive"
+
+
+def test_machine_and_threads_of_every_record(db, monkeypatch):
+    m = store.machine()
+    assert isinstance(m, str) and m.endswith(f"{os.cpu_count()} CPUs") and len(m) < 120
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # torch not imported: the environment says
+    for raw, threads in (("3", 3), ("", None), ("many", None), ("0", None)):
+        monkeypatch.setenv("OMP_NUM_THREADS", raw)
+        assert store.thread_count() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    declare_acc(db)
+    assert ledger.record("acc-high", 0.95, path=db).threads == 3
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(get_num_threads=lambda: 5))  # torch imported: it says
+    assert store.thread_count() == 5
+    e = ledger.record("acc-high", 0.95, path=db)
+    assert (e.threads, e.machine) == (5, m)
+    assert ledger.evidence("acc-high", path=db)[["threads", "machine"]].values.tolist() == [[3, m], [5, m]]
 
 
 def test_future_schema_and_garbage_are_refused(db, tmp_path):
