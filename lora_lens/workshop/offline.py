@@ -55,7 +55,10 @@ MathJax.Hub.Config({
   tex2jax: {inlineMath: [['$','$'], ["\\(","\\)"]], displayMath: [['$$','$$'], ["\\[","\\]"]],
             processEscapes: true, processEnvironments: true},
   "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null,
-               linebreaks: {automatic: true}},
+               linebreaks: {automatic: true},
+               // MathJax's placeholder font is url('about:blank'), which Chromium reports as a failed load from a
+               // file:// page; it never loads anywhere, and a missing local() font behaves the same, silently.
+               styles: {"@font-face": {"font-family": "MathJax_Blank", src: "local('MathJax_Blank_none')"}}},
   displayAlign: 'center', messageStyle: 'none', showMathMenu: false,
   menuSettings: {zoom: "None"}
 });
