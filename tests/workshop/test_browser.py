@@ -111,12 +111,13 @@ def shot(driver, tmp_path: Path, name: str) -> Path:
 # ------------------------------------------------------------------------------------------------ JupyterLab
 def notebook_copy(prefix: str, root: Path, out: Path) -> str:
     """Copy notebook ``prefix`` into ``root`` with the smoke preset's parameters injected; return its name."""
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
     from lora_lens.workshop.presets import PRESETS
 
     [src] = sorted((REPO / "notebooks").glob(f"{prefix}_*.ipynb"))
-    nb = nbformat.read(src, as_version=4)
+    nb = load_notebook_node(str(src))  # papermill's reader (it gives every cell a tags list)
     params = {**PRESETS["smoke"][prefix], "output_dir": str(out / src.stem)}
     nb = parameterize_notebook(nb, params, kernel_name="python3", language="python")
     nbformat.write(nb, root / src.name)
