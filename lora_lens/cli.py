@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         return args.handler(args)
+    except KeyboardInterrupt:  # the runner has said how to --resume
+        return 130
     except NotebookFailed as exc:
         print(f"lora-lens: error: {exc}", file=sys.stderr)
         return 1

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import platformdirs
 import torch
-from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           Phi3Config, PreTrainedTokenizerFast, Qwen2Config)
 
@@ -31,7 +30,7 @@ from lora_lens.errors import ConfigError, NotFoundError
 from lora_lens.lab.probes import accuracy
 from lora_lens.lab.tokenizer import build_tokenizer, check_tokenizer
 from lora_lens.lab.world import World, make_world
-from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, set_seed, sha256_file, show_progress,
+from lora_lens.utils import (atomic_dir, file_lock, progress_bar, quiet_transformers, set_seed, sha256_file,
                              stable_hash, write_json)
 
 CACHE_VERSION = 1
@@ -226,7 +225,7 @@ def pretrain(model, tokenizer, world: World, steps: int, batch_size: int = 64, l
     order: list[str] = []
     t0 = time.perf_counter()
     model.train()
-    bar = tqdm(range(steps), desc="pretrain", disable=not show_progress())
+    bar = progress_bar(range(steps), desc=f"pretrain {type(model).__name__}")
     for step in bar:
         if len(order) < batch_size:
             order += rng.sample(lines, len(lines))

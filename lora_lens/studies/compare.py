@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from lora_lens.errors import ConfigError
 from lora_lens.lab.probes import evaluate
@@ -45,7 +44,7 @@ from lora_lens.lab.world import Task, World, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrained, load_model, pretrain
 from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
-from lora_lens.utils import show_progress
+from lora_lens.utils import progress_bar
 
 SHARED_TYPES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "other")
 """Module types shared by every family (see :func:`shared_type`)."""
@@ -361,7 +360,7 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
     spec = (spec or default_spec(task.name, **spec_overrides)).validate()
     rows, energy, types, phis, tokens, attrs = [], [], [], [], {}, {}
-    bar = tqdm(total=len(families) * len(seeds), desc="runs", disable=not show_progress())
+    bar = progress_bar(total=len(families) * len(seeds), desc="runs")
     for family in families:
         pre = get_pretrained(family, size, world=world, cache=cache, device=device)
         mods = {}

@@ -60,6 +60,7 @@ import nbformat  # noqa: E402
 
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
+from lora_lens.workshop import progress  # issue 18 hook: progress lines, hidden transport warnings
 
 # nbformat imports jsonschema, which imports the optional rfc3987_syntax (when installed, as jupyter pulls it in)
 # for its "iri" format check — 1.6 s of grammar building, paid again in every notebook's worker process. Notebook
@@ -392,6 +393,10 @@ def _execute(conn, nb: Notebook, executed: str, params: dict, env: dict, verbose
     import resource
 
     os.environ.update(env)
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # issue 18 hook: Ctrl-C is the parent's to handle
+    progress.instrument_papermill()  # issue 18 hook
+    progress.filter_stderr()  # issue 18 hook
     t0 = time.perf_counter()
     result: dict[str, Any] = {"status": "ok"}
     try:
@@ -589,6 +594,7 @@ def run_series(
         first_failure: NotebookFailed | None = None
         t_run = time.perf_counter()
         n_total, n_started = len(todo), 0
+        view = progress.View(run_dir)  # issue 18 hook
         try:
             while pending or running:
                 while first_failure is None and len(running) < jobs:
@@ -604,7 +610,8 @@ def run_series(
                     executed = nb_dir / nb.path.name
                     env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
                            "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
-                           "LORA_LENS_LEDGER": ledger, "MPLBACKEND": INLINE_BACKEND, **threads}
+                           "LORA_LENS_LEDGER": ledger, "MPLBACKEND": INLINE_BACKEND, **threads,
+                           **progress.env_for(run_dir, nb.stem)}  # issue 18 hook
                     recv, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
                                        name=f"lora-lens-{nb.stem}", daemon=False)
@@ -614,11 +621,15 @@ def run_series(
                     entries[nb.stem].update(status="running", started=_now())
                     _write_json(run_dir / "run.json", record)
                     n_started += 1
+                    view.clear()  # issue 18 hook
                     print(f"[{n_started}/{n_total}] {nb.stem} ...", flush=True)
                 if not running:
                     break  # a failure stopped new starts (or nothing is startable)
                 waitables = [r[1] for r in running.values()] + [r[0].sentinel for r in running.values()]
-                multiprocessing.connection.wait(waitables)
+                if not multiprocessing.connection.wait(waitables, timeout=progress.TICK):  # issue 18 hook
+                    view.tick(running)
+                    continue
+                view.clear()
                 for stem, (proc, recv, nb, executed) in list(running.items()):
                     if recv.poll():
                         try:
@@ -646,7 +657,8 @@ def run_series(
                         if first_failure is None:
                             first_failure = NotebookFailed(entry["error"], stem, executed)
                     _write_json(run_dir / "run.json", record)
-        except BaseException:
+        except BaseException as exc:
+            view.clear()  # issue 18 hook
             for stem, (proc, _recv, _nb, _executed) in running.items():
                 proc.terminate()
                 proc.join(10)
@@ -656,6 +668,8 @@ def run_series(
                            seconds=round(time.perf_counter() - t_run, 3))
             _write_json(run_dir / "run.json", record)
             _report(run_dir)
+            if isinstance(exc, KeyboardInterrupt):  # issue 18 hook
+                print(progress.resume_hint(run_dir), flush=True)
             raise
         complete = all(e["status"] == "ok" for e in entries.values())
         record.update(status="failed" if first_failure else "ok" if complete else "incomplete", finished=_now())

@@ -195,7 +195,8 @@ def open_and_run_all(driver, lab, name: str, timeout: float = 900):
         " && w.content.widgets.length > 3)"))
     assert driver.execute_script("return window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.name") \
         == "python3"
-    driver.execute_script("return window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    # not awaited: the command's promise resolves only when every cell has run
+    driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells'); return true")
 
     def done(d):
         errors = d.execute_script(_TRACEBACK_JS)
