@@ -123,6 +123,15 @@ def progress_bar(iterable=None, total: int | None = None, desc: str | None = Non
     return bar
 
 
+def progress_callbacks() -> list:
+    """``transformers.Trainer`` callbacks reporting step and ETA under ``lora-lens run`` (else none)."""
+    if not os.environ.get("LORA_LENS_PROGRESS"):
+        return []
+    from lora_lens.workshop.progress import trainer_callbacks
+
+    return trainer_callbacks()
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Hide transformers' own progress bars (weight loading/saving) unless :func:`show_progress` is true."""

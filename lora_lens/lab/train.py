@@ -31,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lora_lens.errors import ConfigError, MismatchError, TrainingError
 from lora_lens.lab.world import Task, World, check_task_world
-from lora_lens.utils import set_seed, show_progress
+from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 PRESETS = ("attn", "mlp", "all")
@@ -617,7 +617,7 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
             _save_initial(peft_model, init_dir)
         args = _training_args(spec, seed, device, out_dir / "trainer", len(data))
         trainer = _GuardedTrainer(model=peft_model, args=args, train_dataset=data, data_collator=collator,
-                                  callbacks=list(callbacks or []))
+                                  callbacks=list(callbacks or []) + progress_callbacks())
         if args.disable_tqdm:
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)

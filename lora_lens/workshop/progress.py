@@ -113,6 +113,30 @@ class Tracker:
         return self.bar.close()
 
 
+def trainer_callbacks(desc: str = "train LoRA") -> list:
+    """``transformers`` callbacks that emit ``step`` events of a ``Trainer`` run (none unless ``$LORA_LENS_PROGRESS``
+    is set)."""
+    if not os.environ.get(ENV):
+        return []
+    from transformers import TrainerCallback
+
+    class StepEvents(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0, self.last = time.monotonic(), 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.monotonic()
+            if now - self.last >= 1.0 or state.global_step == state.max_steps:
+                self.last, n, total = now, state.global_step, state.max_steps
+                eta = (now - self.t0) / n * (total - n) if n and total else None
+                emit({"kind": "step", "desc": desc, "n": n, "total": total, "elapsed": now - self.t0, "eta": eta})
+
+        def on_train_end(self, args, state, control, **kwargs):
+            emit({"kind": "step_done", "desc": desc, "n": state.global_step})
+
+    return [StepEvents()]
+
+
 def section_of(cells: list, index: int) -> str:
     """The last markdown heading at or above cell ``index`` (without the ``#``), or ``""``."""
     for cell in reversed(cells[: index + 1]):

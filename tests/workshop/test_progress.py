@@ -86,3 +86,21 @@ def test_runner_plumbing_sections_steps_and_no_transport_warnings(tmp_path, monk
 @pytest.mark.parametrize("run_dir", ["runs/x"])
 def test_resume_hint(run_dir):
     assert f"lora-lens run --resume {run_dir}" in progress.resume_hint(run_dir)
+
+
+def test_trainer_callbacks_only_under_a_run(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lora_lens.utils import progress_callbacks
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert progress_callbacks() == []
+    monkeypatch.setenv(progress.ENV, str(tmp_path / "t.jsonl"))
+    [cb] = progress_callbacks()
+    cb.on_train_begin(None, None, None)
+    for step in (1, 2):
+        cb.on_step_end(None, SimpleNamespace(global_step=step, max_steps=2), None)
+    state = progress.read_state(tmp_path / "t.jsonl")
+    assert state["step"]["n"] == 2 and state["step"]["total"] == 2 and state["step"]["desc"] == "train LoRA"
+    cb.on_train_end(None, SimpleNamespace(global_step=2), None)
+    assert "step" not in progress.read_state(tmp_path / "t.jsonl")
