@@ -397,6 +397,8 @@ def _execute(conn, nb: Notebook, executed: str, params: dict, env: dict, verbose
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # issue 18 hook: Ctrl-C is the parent's to handle
     progress.instrument_papermill()  # issue 18 hook
     progress.filter_stderr()  # issue 18 hook
+    from lora_lens.workshop.execution import poll_shell_in_slices  # issue 18 hook: nbclient#312 widget-cell hang
+    poll_shell_in_slices()
     t0 = time.perf_counter()
     result: dict[str, Any] = {"status": "ok"}
     try:
