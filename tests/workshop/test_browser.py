@@ -190,14 +190,14 @@ def open_and_run_all(driver, lab, name: str, timeout: float = 900):
     """Open a notebook, wait for its kernel, run all cells and wait until every code cell ran and the kernel idles."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(f"{lab['base']}/lab/tree/{name}?token={lab['token']}")
-    WebDriverWait(driver, 120, poll_frequency=0.5).until(lambda d: d.execute_script(
-        "const a = window.jupyterapp; const w = a && a.shell.currentWidget;"
-        "return !!(w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-        " && w.sessionContext.session.kernel.connectionStatus === 'connected' && w.content"
-        " && w.content.widgets.length > 3)"))
-    assert driver.execute_script("return window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.name") \
-        == "python3"
+    # ?reset: a fresh workspace, so only this notebook is open (the server remembers the previous one's tabs)
+    driver.get(f"{lab['base']}/lab/tree/{name}?reset&token={lab['token']}")
+    kernel = WebDriverWait(driver, 120, poll_frequency=0.5).until(lambda d: d.execute_script(
+        "const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        "const k = w && w.context && w.context.path === arguments[0] && w.sessionContext"
+        " && w.sessionContext.session && w.sessionContext.session.kernel;"
+        "return k && k.connectionStatus === 'connected' && w.content.widgets.length > 3 ? k.name : null", name))
+    assert kernel == "python3"
     # not awaited: the command's promise resolves only when every cell has run
     driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells'); return true")
 
