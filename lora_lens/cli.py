@@ -3,6 +3,7 @@
 Subcommands:
     run      execute the notebook series into a fresh run folder, ``--jobs N`` at once, or ``--resume`` one
              (see :mod:`lora_lens.workshop.runner`); writes ``index.html`` into the run folder.
+    lab      open the series in JupyterLab with the run's kernel, caches and ledger (:mod:`lora_lens.workshop.lab`).
     report   rebuild a run folder's ``index.html`` (see :mod:`lora_lens.workshop.report`).
     bench    the performance suite; every argument after ``bench`` goes to ``python -m benchmarks``
              (a checkout's ``benchmarks/`` folder).
@@ -17,6 +18,7 @@ Example:
     $ lora-lens run --preset smoke --only 00 -p seed=1
     $ lora-lens run --jobs 3 --resume runs/20260101-120000
     $ lora-lens report runs/20260101-120000
+    $ lora-lens lab --dry-run
     $ lora-lens inspect out/adapters/fact_edit --prompts prompts.txt --out inspect-fact_edit
 """
 
@@ -66,6 +68,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="stream cell output from the notebooks")
     run.set_defaults(handler=_run)
 
+    lab = sub.add_parser("lab", help="open the notebook series in JupyterLab (kernel, caches and ledger as under run)")
+    lab.add_argument("--notebooks", default=None, metavar="DIR", help="folder holding NN_*.ipynb")
+    lab.add_argument("--port", type=int, default=None, help="port (default JupyterLab's)")
+    lab.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    lab.add_argument("--dry-run", action="store_true", help="print the command and its environment, start nothing")
+    lab.set_defaults(handler=_lab)
+
     rep = sub.add_parser("report", help="rebuild RUN_DIR/index.html from a run folder")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a run folder made by `lora-lens run`")
     rep.set_defaults(handler=_report)
@@ -110,6 +119,12 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     return 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from lora_lens.workshop.lab import open_lab
+
+    return open_lab(args.notebooks, args.port, args.no_browser, args.dry_run)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -170,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         return args.handler(args)
+    except KeyboardInterrupt:  # the runner has said how to --resume
+        return 130
     except NotebookFailed as exc:
         print(f"lora-lens: error: {exc}", file=sys.stderr)
         return 1

@@ -131,6 +131,29 @@ def show_progress() -> bool:
     return "ipykernel" in sys.modules or sys.stderr.isatty()
 
 
+def progress_bar(iterable=None, total: int | None = None, desc: str | None = None):
+    """A tqdm bar for a long loop, shown when :func:`show_progress` is true; under ``lora-lens run``
+    (``$LORA_LENS_PROGRESS`` set) it also reports step and ETA to the runner (:mod:`lora_lens.workshop.progress`)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(iterable, total=total, desc=desc, disable=not show_progress())
+    if os.environ.get("LORA_LENS_PROGRESS"):
+        from lora_lens.workshop.progress import Tracker
+
+        return Tracker(bar, total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None),
+                       desc)
+    return bar
+
+
+def progress_callbacks() -> list:
+    """``transformers.Trainer`` callbacks reporting step and ETA under ``lora-lens run`` (else none)."""
+    if not os.environ.get("LORA_LENS_PROGRESS"):
+        return []
+    from lora_lens.workshop.progress import trainer_callbacks
+
+    return trainer_callbacks()
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Hide transformers' own progress bars (weight loading/saving) unless :func:`show_progress` is true."""

@@ -35,7 +35,7 @@ from lora_lens.errors import ConfigError, TrainingError
 from lora_lens.lab.modules import module_kind
 from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_examples
 from lora_lens.lab.world import Task, World
-from lora_lens.utils import set_seed, show_progress
+from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
 __all__ = ["INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec", "default_spec",
            "has_lora",
@@ -476,7 +476,7 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
             _save_initial(peft_model, init_dir)
         args = _training_args(spec, seed, device, out_dir / "trainer", len(data))
         trainer = _GuardedTrainer(model=peft_model, args=args, train_dataset=data, data_collator=collator,
-                                  callbacks=list(callbacks or []))
+                                  callbacks=list(callbacks or []) + progress_callbacks())
         if args.disable_tqdm:
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import platformdirs
 import torch
-from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           Phi3Config, PreTrainedTokenizerFast, Qwen2Config)
 
@@ -33,7 +32,7 @@ from lora_lens.lab.probes import accuracy
 from lora_lens.lab.real_models import is_real_model, real_model_path
 from lora_lens.lab.tokenizer import build_tokenizer, check_tokenizer
 from lora_lens.lab.world import World, make_world
-from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, set_seed, sha256_file, show_progress,
+from lora_lens.utils import (atomic_dir, file_lock, progress_bar, quiet_transformers, set_seed, sha256_file,
                              stable_hash, verify_manifest, write_json)
 
 __all__ = ["CACHE_VERSION", "FAMILIES", "MAX_POSITIONS", "PRETRAIN", "SIZES", "Pretrained", "Size", "build_model",
@@ -228,7 +227,7 @@ def pretrain(model, tokenizer, world: World, steps: int, batch_size: int = 64, l
     curves = {"loss_step": [], "loss": [], "eval_step": [], "fact_accuracy": []}
     t0 = time.perf_counter()
     model.train()
-    bar = tqdm(range(steps), desc="pretrain", disable=not show_progress())
+    bar = progress_bar(range(steps), desc=f"pretrain {type(model).__name__}")
     for step in bar:
         loss, _ = trainer.step(order.take(batch_size))
         if step % 10 == 0:

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from peft import PeftModel
-from tqdm.auto import tqdm
 
 from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
@@ -52,7 +51,7 @@ from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
 from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, pattern_records,
                                         pattern_table, pooled_ci, record_patterns)
-from lora_lens.utils import show_progress
+from lora_lens.utils import progress_bar
 
 __all__ = ["SHARED_TYPES", "Study", "attribution_agreement", "check_families", "check_seeds", "pair_matrix",
            "portability", "portability_summary", "run_study", "shared_type",
@@ -273,7 +272,7 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
     spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)
     rows, energy, types, phis, tokens, attrs = [], [], [], [], {}, {}
-    bar = tqdm(total=len(families) * len(seeds), desc="runs", disable=not show_progress())
+    bar = progress_bar(total=len(families) * len(seeds), desc="runs")
     for family in families:
         pre = get_pretrained(family, size, world=world, cache=cache, device=device)
         mods = {}

@@ -13,9 +13,11 @@ moved or zipped::
     <run>/index.html
     <run>/report/<notebook>.html        nbconvert export of the executed notebook (images embedded)
     <run>/report/<notebook>/fig-*.png   the notebook's figures
+    <run>/report/_static/mathjax/       MathJax 2 for the exports' formulas
 
-The exports use nbconvert's ``lab`` template: CSS is inline; require.js and MathJax are referenced from a CDN,
-so offline the text, tables and images show fully while LaTeX stays as source and JavaScript outputs do not run.
+The exports make no network request (:mod:`lora_lens.workshop.offline`): CSS and images are inline, MathJax is
+copied once into ``<run>/report/_static/mathjax/``, and widget outputs show a note (each widget cell of the series
+is followed by a static figure or table).
 ``report/`` is replaced as a whole and ``index.html`` is written atomically, so a rebuild never leaves a mix.
 
 Example:
@@ -35,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-from nbconvert import HTMLExporter
 
 from lora_lens import ledger
 from lora_lens.utils import atomic_dir
+from lora_lens.workshop.offline import export_html as offline_export
 from lora_lens.workshop.runner import load_run
 
 __all__ = ["MAX_FIGURES", "MAX_NUMBERS", "export_html", "extract_figures", "flatten", "ledger_rows", "render",
@@ -135,9 +137,8 @@ def extract_figures(nb, dest: Path) -> list[dict[str, str]]:
 
 
 def export_html(nb, path: Path) -> None:
-    """Export an executed notebook to HTML with nbconvert (images embedded; see the module docstring)."""
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    path.write_text(body, encoding="utf-8")
+    """Export an executed notebook to HTML that works offline (:mod:`lora_lens.workshop.offline`)."""
+    offline_export(nb, path, path.parent / "_static")
 
 
 def _error_output(nb) -> str:

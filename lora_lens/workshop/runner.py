@@ -41,6 +41,7 @@ import multiprocessing.connection
 import os
 import resource
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -48,7 +49,8 @@ from typing import Any, Iterable, Mapping
 import nbformat
 
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
-from lora_lens.workshop import presets
+from lora_lens.workshop import presets, progress
+from lora_lens.workshop.execution import poll_shell_in_slices
 from lora_lens.workshop.series import (RESERVED, Notebook, declared_needs, declared_parameters, default_notebooks_dir,
                                        dependencies, discover, inputs_hash, plan, select)
 
@@ -128,6 +130,10 @@ def _execute(conn, nb: Notebook, executed: str, params: dict, env: dict, verbose
     this notebook alone; the kernel is a child of this process, reaped when papermill shuts it down.
     """
     os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    progress.instrument_papermill()
+    progress.filter_stderr()
+    poll_shell_in_slices()  # nbclient#312: an untimed wait can miss a widget cell's reply
     t0 = time.perf_counter()
     result: dict[str, Any] = {"status": "ok"}
     try:
@@ -329,6 +335,7 @@ def run_series(
         first_failure: NotebookFailed | None = None
         t_run = time.perf_counter()
         n_total, n_started = len(todo), 0
+        view = progress.View(run_dir)
         try:
             while pending or running:
                 while first_failure is None and len(running) < jobs:
@@ -344,7 +351,8 @@ def run_series(
                     executed = nb_dir / nb.path.name
                     env = {"LORA_LENS_RUN_ID": run_dir.name, "LORA_LENS_RUN_DIR": str(run_dir),
                            "LORA_LENS_NOTEBOOK": nb.stem, "LORA_LENS_PARAMS": json.dumps(params),
-                           "LORA_LENS_LEDGER": ledger, "MPLBACKEND": INLINE_BACKEND, **threads}
+                           "LORA_LENS_LEDGER": ledger, "MPLBACKEND": INLINE_BACKEND, **threads,
+                           **progress.env_for(run_dir, nb.stem)}
                     recv, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_execute, args=(send, nb, str(executed), params, env, verbose),
                                        name=f"lora-lens-{nb.stem}", daemon=False)
@@ -354,11 +362,15 @@ def run_series(
                     entries[nb.stem].update(status="running", started=_now())
                     _write_json(run_dir / "run.json", record)
                     n_started += 1
+                    view.clear()
                     print(f"[{n_started}/{n_total}] {nb.stem} ...", flush=True)
                 if not running:
                     break  # a failure stopped new starts (or nothing is startable)
                 waitables = [r[1] for r in running.values()] + [r[0].sentinel for r in running.values()]
-                multiprocessing.connection.wait(waitables)
+                if not multiprocessing.connection.wait(waitables, timeout=progress.TICK):
+                    view.tick(running)
+                    continue
+                view.clear()
                 for stem, (proc, recv, nb, executed) in list(running.items()):
                     if recv.poll():
                         try:
@@ -386,7 +398,8 @@ def run_series(
                         if first_failure is None:
                             first_failure = NotebookFailed(entry["error"], stem, executed)
                     _write_json(run_dir / "run.json", record)
-        except BaseException:
+        except BaseException as exc:
+            view.clear()
             for stem, (proc, _recv, _nb, _executed) in running.items():
                 proc.terminate()
                 proc.join(10)
@@ -396,6 +409,8 @@ def run_series(
                            seconds=round(time.perf_counter() - t_run, 3))
             _write_json(run_dir / "run.json", record)
             _report(run_dir)
+            if isinstance(exc, KeyboardInterrupt):
+                print(progress.resume_hint(run_dir), flush=True)
             raise
         complete = all(e["status"] == "ok" for e in entries.values())
         record.update(status="failed" if first_failure else "ok" if complete else "incomplete", finished=_now())

@@ -177,3 +177,209 @@ def ablation_slider(peft_model, tokenizer, components, attribution: pd.DataFrame
     box.refresh = refresh
     refresh()
     return box
+
+
+# ------------------------------------------------------------------ one widget per analysis notebook 02, 04, 05, 06
+def _show_in(out: w.Output, *items) -> None:
+    """Replace ``out``'s content with ``items`` (figures are closed after display)."""
+    import matplotlib.pyplot as plt
+
+    out.clear_output(wait=True)
+    with out:
+        for item in items:
+            display(item)
+            if isinstance(item, plt.Figure):
+                plt.close(item)
+
+
+def module_view(summ: pd.DataFrame, dirs: pd.DataFrame, module: str, top: int = 8) -> dict:
+    """The pure callback behind :func:`module_explorer`: one module's spectrum and its directions read as words.
+
+    Args:
+        summ: :func:`lora_lens.lens.delta.summary` of the adapter.
+        dirs: :func:`lora_lens.lens.delta.directions_table` of the same adapter.
+        module: A module name of ``summ``.
+        top: Tokens shown per direction and sign.
+
+    Returns:
+        ``{"module", "singular_values", "effective_rank", "stable_rank", "energy_share", "words"}``; ``words`` is a
+        DataFrame (direction, sign, tokens), empty for a module whose directions were not read (a read-side one).
+    """
+    row = summ.set_index("module").loc[module]
+    d = dirs[(dirs["module"] == module) & (dirs["rank"] < top)]
+    words = (d.groupby(["direction", "sign"])["token"].agg(lambda t: " ".join(map(str, t))).rename("tokens")
+             .reset_index() if not d.empty else pd.DataFrame(columns=["direction", "sign", "tokens"]))
+    return {"module": module, "singular_values": list(row["singular_values"]),
+            "effective_rank": float(row["effective_rank"]), "stable_rank": float(row["stable_rank"]),
+            "energy_share": float(row["energy_share"]), "words": words}
+
+
+def module_figure(view: dict, ax=None):
+    """Bar chart of a :func:`module_view`'s singular values; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 2.6), constrained_layout=True)
+    s = view["singular_values"]
+    ax.bar(range(1, len(s) + 1), s, color="#4c72b0")
+    ax.set(xlabel="i", ylabel="σᵢ(ΔW)", title=f"{view['module'].removeprefix('model.')}: effective rank "
+           f"{view['effective_rank']:.2f}, {view['energy_share']:.1%} of the energy")
+    return fig
+
+
+def module_explorer(summ: pd.DataFrame, dirs: pd.DataFrame, top: int = 8) -> w.VBox:
+    """Pick a module (largest updates first): see its spectrum and its directions read as words.
+
+    Returns:
+        A ``VBox``; ``.state`` is the :func:`module_view` on display.
+    """
+    modules = list(summ.sort_values("energy", ascending=False)["module"])
+    pick = w.Dropdown(options=[(m.removeprefix("model."), m) for m in modules], description="module",
+                      layout=w.Layout(width="60%"))
+    out = w.Output()
+    box = w.VBox([pick, out])
+    box.state = {}
+
+    def refresh(_=None):
+        box.state = module_view(summ, dirs, pick.value, top)
+        words = box.state["words"] if not box.state["words"].empty else "(no directions read for this module)"
+        _show_in(out, module_figure(box.state), words)
+
+    pick.observe(refresh, names="value")
+    box.refresh = refresh
+    refresh()
+    return box
+
+
+REPLAY_METRICS = ["transfer_rate", "paraphrase_transfer", "specificity_drop", "perplexity_ratio"]
+
+
+def replay_view(sweep: pd.DataFrame, replay: float) -> dict:
+    """The pure callback behind :func:`replay_slider`: transfer and forgetting at one replay ratio of the sweep.
+
+    Args:
+        sweep: One row per replay ratio (``replay`` plus :data:`REPLAY_METRICS` columns), as notebook 04 builds it.
+        replay: A value of ``sweep["replay"]``.
+    """
+    row = sweep.set_index("replay").loc[replay]
+    return {"replay": float(replay), **{k: float(row[k]) for k in REPLAY_METRICS if k in row}}
+
+
+def replay_figure(sweep: pd.DataFrame, replay: float, ax=None):
+    """The sweep's transfer rate and specificity drop against replay, with ``replay`` marked; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3), constrained_layout=True)
+    s = sweep.sort_values("replay")
+    ax.plot(s["replay"], s["transfer_rate"], "o-", label="transfer rate")
+    ax.plot(s["replay"], s["specificity_drop"], "s--", label="specificity drop (forgetting)")
+    ax.axvline(replay, color="grey", lw=1)
+    ax.set(xlabel="replay ratio", ylabel="", title=f"replay {replay:g}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def replay_slider(sweep: pd.DataFrame) -> w.VBox:
+    """Slide over the replay ratios of the sweep: transfer and forgetting at each (no training: the sweep's runs).
+
+    Returns:
+        A ``VBox``; ``.state`` is the :func:`replay_view` on display.
+    """
+    values = sorted(float(x) for x in sweep["replay"])
+    slider = w.SelectionSlider(options=values, value=values[0], description="replay")
+    out = w.Output()
+    box = w.VBox([slider, out])
+    box.state = {}
+
+    def refresh(_=None):
+        box.state = replay_view(sweep, slider.value)
+        _show_in(out, replay_figure(sweep, slider.value), pd.Series(box.state).to_frame("value").round(3))
+
+    slider.observe(refresh, names="value")
+    box.refresh = refresh
+    refresh()
+    return box
+
+
+def round_view(loops: list, round_: int, examples: int = 5) -> dict:
+    """The pure callback behind :func:`round_slider`: every loop's state after round ``round_``.
+
+    Args:
+        loops: :func:`lora_lens.studies.curriculum.run_loop` results (e.g. the targeted loop and its baseline).
+        round_: Round number (a loop that stopped earlier shows its last round).
+        examples: Examples shown of the layer the first loop added in that round.
+
+    Returns:
+        ``{"round", "table" (one row per loop), "layer" ([(prompt, answer)] added by the first loop)}``.
+    """
+    rows = []
+    for loop in loops:
+        t = loop.table()
+        rows.append(t[t["round"] == min(round_, int(t["round"].max()))].iloc[0])
+    layers = loops[0].layers
+    layer = list(layers[round_])[:examples] if round_ < len(layers) else []
+    return {"round": round_, "table": pd.DataFrame(rows).reset_index(drop=True), "layer": layer}
+
+
+def round_slider(loops: list) -> w.VBox:
+    """Slide through the rounds of the loop: efficacy, tokens and what each round's new layer of data holds.
+
+    Returns:
+        A ``VBox``; ``.state`` is the :func:`round_view` on display.
+    """
+    last = max(int(loop.table()["round"].max()) for loop in loops)
+    slider = w.IntSlider(value=0, min=0, max=last, description="round")
+    out = w.Output()
+    box = w.VBox([slider, out])
+    box.state = {}
+
+    def refresh(_=None):
+        box.state = round_view(loops, slider.value)
+        layer = "\n".join(f"  {p} → {a}" for p, a in box.state["layer"]) or "  (no new layer)"
+        out.clear_output(wait=True)
+        with out:
+            display(box.state["table"].round(3))
+            print(f"layer {slider.value}, first examples:\n{layer}")
+
+    slider.observe(refresh, names="value")
+    box.refresh = refresh
+    refresh()
+    return box
+
+
+def pattern_view(table: pd.DataFrame, family: str = "all", pattern: str = "all") -> pd.DataFrame:
+    """The pure callback behind :func:`pattern_picker`: rows of a pattern table for a family and/or a pattern.
+
+    Args:
+        table: :func:`lora_lens.studies.compare.pattern_table` (``family`` ``"all"`` rows pool the families).
+        family: A family, or ``"all"`` for the pooled rows.
+        pattern: A pattern id, or ``"all"``.
+    """
+    t = table[table["family"] == family]
+    if pattern != "all":
+        t = t[t["pattern"] == pattern]
+    cols = [c for c in ["pattern", "family", "statistic", "ci_low", "ci_high", "verdict"] if c in t.columns]
+    return t[cols].reset_index(drop=True)
+
+
+def pattern_picker(table: pd.DataFrame) -> w.VBox:
+    """Pick a family (or the pooled ``all``) and a pattern: see its statistic, 95% interval and verdict.
+
+    Returns:
+        A ``VBox``; ``.state["table"]`` is the :func:`pattern_view` on display.
+    """
+    families = ["all"] + [f for f in dict.fromkeys(table["family"]) if f != "all"]
+    fam = w.Dropdown(options=families, description="family")
+    pat = w.Dropdown(options=["all"] + list(dict.fromkeys(table["pattern"])), description="pattern")
+    out = w.Output()
+    box = w.VBox([w.HBox([fam, pat]), out])
+    box.state = {}
+
+    def refresh(_=None):
+        box.state["table"] = pattern_view(table, fam.value, pat.value)
+        _show_in(out, box.state["table"].style.format(precision=3).hide(axis="index"))
+
+    for control in (fam, pat):
+        control.observe(refresh, names="value")
+    box.refresh = refresh
+    refresh()
+    return box

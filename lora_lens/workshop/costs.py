@@ -1,0 +1,93 @@
+"""What a notebook will cost on this machine: minutes, and which models come from the cache or are trained now.
+
+The reference is the README's Performance section: the workshop series took 10.6 min with ``--jobs 1`` (models
+cached, adapters trained) on a 2-core x86-64 CPU whose float32 matmul peak measured 79–119 GFLOP/s, and pretraining
+one ``small`` zoo family took 53–135 s. The split of the series time over the notebooks (:data:`REFERENCE_MINUTES`)
+is an estimate, not a measurement per notebook. :func:`cost_note` scales the reference by a 0.2-second matmul
+measurement of this machine against :data:`REFERENCE_GFLOPS`, and checks the model cache
+(:func:`lora_lens.lab.zoo.cache_dir`) for the bases the notebook loads.
+
+Example:
+    >>> from lora_lens.workshop.costs import cost_note
+    >>> print(cost_note("01", families=["llama"], size="small", n_entities=200, seed=0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+__all__ = ["PRETRAIN_SECONDS", "REFERENCE_GFLOPS", "REFERENCE_MINUTES", "cached_families", "cost_note",
+           "machine_gflops"]
+
+REFERENCE_GFLOPS = 100.0
+"""Matmul peak of the reference machine (fp32, 2048², the README's 79–119 GFLOP/s)."""
+REFERENCE_MINUTES = {"00": 0.5, "01": 2.0, "02": 1.0, "03": 2.5, "04": 1.5, "05": 1.5, "06": 1.3, "07": 0.3}
+"""Estimated minutes per notebook at the workshop preset with every base cached (sum: the measured 10.6 min)."""
+PRETRAIN_SECONDS = (53, 135)
+"""Measured range for pretraining one ``small`` family on the reference machine (README)."""
+
+
+def machine_gflops(seconds: float = 0.2) -> float:
+    """A quick float32 matmul throughput measurement of this machine (GFLOP/s)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def cached_families(families: list[str], size: str, n_entities: int, seed: int,
+                    cache: str | Path | None = None) -> dict[str, bool]:
+    """Whether a pretrained base of each family (this size and world) is in the model cache."""
+    from lora_lens.lab.world import make_world
+    from lora_lens.lab.zoo import cache_dir
+
+    fingerprint = make_world(n_entities=n_entities, seed=seed).fingerprint()
+    models = cache_dir(cache) / "models"
+    found = {}
+    for family in families:
+        found[family] = False
+        for manifest in models.glob(f"{family}-{size}-*/lora_lens.json"):
+            try:
+                if json.loads(manifest.read_text(encoding="utf-8"))["spec"]["world"] == fingerprint:
+                    found[family] = True
+                    break
+            except (OSError, ValueError, KeyError):
+                continue
+    return found
+
+
+def cost_note(prefix: str, families: list[str] | None = None, size: str = "small", n_entities: int = 200,
+              seed: int = 0, cache: str | Path | None = None) -> str:
+    """A few lines for a notebook's first cell: expected minutes here, and which bases are cached or trained now.
+
+    Args:
+        prefix: The notebook's two-digit prefix.
+        families: The zoo families it loads (none for the journal).
+        size, n_entities, seed: The notebook's parameters of the same names.
+        cache: Model cache (default ``$LORA_LENS_CACHE`` or the user cache dir).
+    """
+    speed = machine_gflops()
+    scale = REFERENCE_GFLOPS / max(speed, 1e-3)
+    minutes = REFERENCE_MINUTES.get(prefix, 1.0) * scale
+    lines = [f"This machine: {speed:.0f} GFLOP/s (reference {REFERENCE_GFLOPS:.0f}), so about "
+             f"{minutes:.1f} min for this notebook with its bases cached"
+             + ("" if size == "small" else f" (the reference is size 'small'; this is {size!r})") + "."]
+    if families:
+        cached = cached_families(list(families), size, n_entities, seed, cache)
+        have = [f for f, ok in cached.items() if ok]
+        missing = [f for f, ok in cached.items() if not ok]
+        if have:
+            lines.append(f"From the cache: {', '.join(have)} ({size}).")
+        if missing:
+            lo, hi = (x * scale / 60 for x in PRETRAIN_SECONDS)
+            lines.append(f"Pretrained now (not in the cache): {', '.join(missing)}, about {lo:.0f}–{hi:.0f} min "
+                         "each at size 'small'.")
+        lines.append("Adapters are trained now unless an identical one is in the adapter cache (then seconds).")
+    return "\n".join(lines)
