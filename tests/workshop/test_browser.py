@@ -243,7 +243,7 @@ def widget_output(driver, near_label: str) -> str:
       return out ? out.innerHTML : null;""", near_label)
 
 
-@pytest.mark.parametrize("prefix, label, index", [("01", "probe set", 2), ("03", "probe", 1)])
+@pytest.mark.parametrize("prefix, label, index", [("01", "probe set", 1), ("03", "probe", 1)])
 def test_notebook_widgets_respond_in_jupyterlab(lab, tmp_path, prefix, label, index):
     from selenium.webdriver.support.ui import WebDriverWait
 
