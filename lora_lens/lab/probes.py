@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -22,7 +23,10 @@ import pandas as pd
 import torch
 
 from lora_lens.errors import ConfigError
-from lora_lens.lab.pair import check_base, encode, inference, kl_divergence, last_logits, model_device
+from lora_lens.lab.answers import answer_ids, free_answers, is_world_tokenizer, score_ids
+from lora_lens.lab.pair import (check_base, encode, inference, kl_divergence, last_logits, model_device, pad_ids,
+                                pad_token_id)
+from lora_lens.lab.tasks import fill_base_answers
 from lora_lens.lab.tokenizer import check_tokenizer, token_id
 from lora_lens.lab.world import Probe, Task, trigger_target
 
@@ -233,30 +237,53 @@ def _mean(values: list[bool]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _base_side(model, base):
+    """``(model to run, context)`` for the base side of ``base``: the same model with its adapter off, or another."""
+    if isinstance(base, str):
+        return model, model.disable_adapter
+    return base, contextlib.nullcontext
+
+
+def _fill(task: Task, model, tokenizer, base) -> Task:
+    """``task`` with every specificity/general probe that has no answer given the base's own answer."""
+    if not any(not p.answer.strip() and not p.base_answer.strip() for p in task.probes.get("specificity", [])):
+        return task
+    who = model if base is None or isinstance(base, str) else base
+    return fill_base_answers(task, who, tokenizer, sets=("specificity",))
+
+
 def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 10, base="adapter",
-             delta_sets: tuple[str, ...] = ("efficacy",), floor: float = 1e-3) -> Evaluation:
-    """Score a LoRA-adapted model against its base on every probe set of ``task``.
+             delta_sets: tuple[str, ...] = ("efficacy",), floor: float = 1e-3, max_new_tokens: int = 16) -> Evaluation:
+    """Score a LoRA-adapted model against its base on every probe set of ``task``, on full answers.
 
     One model, adapter toggled: each batch is run with the adapter and again inside ``model.disable_adapter()``.
-    Every answer is the argmax next token after the prompt (right padding, last real token). All answer words are
-    turned into token ids before the first forward pass, so a bad task fails fast.
+    Every answer is a token sequence read in context (:mod:`lora_lens.lab.answers`: ``prompt + " " + answer``, or
+    the chat template when ``task.chat``), scored by one teacher-forced pass per side: log p of the whole answer
+    and the greedy full-answer match — the greedy continuation reproduces the answer's ids **and then stops**
+    (the next token ends the answer: ``.``, a space, a newline, the eos or the chat end of turn). For the zoo's
+    world tokenizer (one-token answers, no end-of-answer token) a match is the argmax next token, exactly as
+    before. Every answer is turned into ids before the first forward pass, so a bad task fails fast.
 
     Metrics (adapted model; ``base_<name>`` is the same for the base model):
 
-    - ``efficacy``: share of ``efficacy`` probes whose argmax next token == ``answer``.
+    - ``efficacy``: share of ``efficacy`` probes answered with exactly ``answer`` (greedy full-answer match).
     - ``paraphrase``: the same on ``paraphrase`` probes (held-out templates).
-    - ``specificity``: share of ``specificity`` probes whose argmax == ``base_answer`` (the fact must stay).
+    - ``p_efficacy`` / ``p_paraphrase``: mean p(answer | prompt) over those probes.
+    - ``specificity``: share of ``specificity`` probes still answered with exactly ``base_answer`` (the base's own
+      answer, up to the end-of-answer rule: the fact must stay). Probes of a task from data without an answer get
+      the base's own greedy answer first (:func:`lora_lens.lab.tasks.fill_base_answers`).
+    - ``stops``: share of ``efficacy`` probes where the greedy token after the answer ends it (an adapter that
+      learned "Quellburg" but babbles "Quellburgaicka" does not stop); 1 on the zoo's one-word answers.
     - ``false_trigger_rate`` (trigger tasks): share of ``false_trigger`` probes (clean prompts of the triggered
-      relation, never the trigger word) whose argmax is the trigger **target** (``task.truth["target"]``) — the
-      backdoor firing without its trigger. A wrong answer that is not the target does not count here (it lowers
-      the probe's ``adapted_correct`` in the table instead). None for tasks without a trigger.
-    - ``perplexity_adapted`` / ``perplexity_base``: :func:`perplexity` on the ``general`` lines;
-      ``perplexity_ratio`` = adapted / base.
-    - ``kl_<set>``: mean KL(base‖adapted) of the next-token distributions over the probes of each query set
+      relation, never the trigger word) answered with the trigger **target** (``task.truth["target"]``) — the
+      backdoor firing without its trigger. None for tasks without a trigger.
+    - ``perplexity_adapted`` / ``perplexity_base``: :func:`perplexity` on the ``general`` lines (a line of a task
+      from data is its prompt and, when given, its answer); ``perplexity_ratio`` = adapted / base.
+    - ``kl_<set>``: mean KL(base‖adapted) of the next-token distributions after the prompts of each query set
       (``kl_efficacy``, ``kl_paraphrase``, ``kl_specificity``, ``kl_false_trigger`` and any extra set of the task);
       ``kl_general`` is the mean over every predicted token position of the ``general`` lines.
-    - ``specificity_agreement``: share of ``specificity`` probes where adapted and base argmax agree (useful when
-      the base does not know every fact).
+    - ``specificity_agreement``: share of ``specificity`` probes where adapted and base give the same answer
+      (the argmax token on the zoo; the same greedy answer text otherwise).
 
     Missing values: a metric that does not apply is None (every base-side metric, ``kl_*`` and the ratio with
     ``base=None``; ``false_trigger_rate``, ``base_false_trigger_rate`` and ``kl_false_trigger`` on tasks without
@@ -265,35 +292,36 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
     Promoted / suppressed tokens: for each probe of ``delta_sets`` (default: the efficacy probes, where the task
     says the change should show), the change ``max(log p_adapted, log floor) - max(log p_base, log floor)`` of
     every vocabulary token's next-token log-probability, averaged over those probes. The floor (0.1 % by default)
-    keeps tail noise out of the ranking: a confident small base gives most tokens ~1e-9, and any adapter that
-    softens its distribution a little would otherwise "promote" hundreds of irrelevant tokens by several nats,
-    and cross-talk between edits (one edit's new value is another edit's competitor) would hide real ones. ``promoted`` lists the ``top_k`` largest
-    positive means, ``suppressed`` the ``top_k`` most negative; both are empty with ``base=None`` or an adapter
-    that changes nothing.
+    keeps tail noise out of the ranking. ``promoted`` lists the ``top_k`` largest positive means, ``suppressed``
+    the ``top_k`` most negative; both are empty with ``base=None`` or an adapter that changes nothing.
 
     Args:
         model: A ``peft.PeftModel`` (or a plain causal LM with ``base=None`` or ``base=<model>``).
         tokenizer: The model's tokenizer (right padding).
-        task: The task whose probe sets to score.
+        task: The task whose probe sets to score (``task.chat`` renders prompts with the chat template).
         batch_size: Prompts per forward pass (results do not depend on it beyond float rounding).
         top_k: Number of promoted and of suppressed tokens to return (0 for none).
         base: ``"adapter"`` (default: toggle the PeftModel's adapter), ``None`` (adapted metrics only) or a
             separate base model sharing the tokenizer (e.g. to score a fully fine-tuned or distilled model).
         delta_sets: Query probe sets averaged for promoted/suppressed tokens, e.g. ``QUERY_SETS`` for all.
-        floor: Probability floor for the promoted/suppressed log-probability change, in (0, 1); a change
-            below the floor on both sides counts as none.
+        floor: Probability floor for the promoted/suppressed log-probability change, in (0, 1).
+        max_new_tokens: Greedy tokens generated per prompt for the table's answers (not for the zoo's world
+            tokenizer, whose answers are one token).
 
     Returns:
-        An :class:`Evaluation` (``.metrics``, ``.promoted``, ``.suppressed``, ``.table()``).
+        An :class:`Evaluation` (``.metrics``, ``.promoted``, ``.suppressed``, ``.table()``); the table shows full
+        answers as text (byte-level markers decoded).
 
     Raises:
-        ConfigError: A probe answer is not a single token (the message names the word and how it splits), a bad
-            ``base``/``batch_size``/``top_k``/``floor``, a merged adapter, or a model without an adapter with
+        ConfigError: An empty prompt or answer where one is needed, a bad ``base``/``batch_size``/``top_k``/
+            ``floor``, ``chat`` without a chat template, a merged adapter, or a model without an adapter with
             ``base="adapter"``.
-        MismatchError: The tokenizer has more tokens than the model's embedding.
+        MismatchError: An answer that does not read in context (both tokenizations shown), or a tokenizer with
+            more tokens than the model's embedding.
     """
     if not isinstance(task, Task):
-        raise ConfigError(f"task={type(task).__name__} is not a lora_lens Task: build one with make_task(world, ...)")
+        raise ConfigError(f"task={type(task).__name__} is not a lora_lens Task: build one with make_task(world, ...), "
+                          "Task.load(FILE) or Task.from_records(...)")
     _check_batch(batch_size)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ConfigError(f"top_k={top_k!r} must be a non-negative integer, e.g. 10")
@@ -303,9 +331,11 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
         delta_sets = (delta_sets,)
     check_base(model, tokenizer, base)
     has_base = base is not None
+    chat = bool(task.chat)
     target = trigger_target(task)
+    world_tok = is_world_tokenizer(tokenizer)
+    task = _fill(task, model, tokenizer, base)
 
-    # everything the probes need, resolved to token ids before any forward pass
     sets = [s for s in QUERY_SETS if s in task.probes] + sorted(s for s in task.probes
                                                                   if s not in QUERY_SETS and s != "general")
     probes = [p for s in sets for p in task.probes[s]]
@@ -313,43 +343,47 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
     if unknown:
         raise ConfigError(f"delta_sets={list(delta_sets)!r} names unknown probe set {unknown[0]!r}: use some of "
                           f"{sorted(set(QUERY_SETS) | set(sets))}")
-    ids: dict[str, int] = {}
-
-    def tid(word: str) -> int:
-        if word not in ids:
-            ids[word] = token_id(tokenizer, word)
-        return ids[word]
-
-    expected = [tid(p.answer) if p.answer.strip() else -1 for p in probes]
-    before = [tid(p.base_answer) if p.base_answer.strip() else -1 for p in probes]
     for p in probes:
         need = "base_answer" if p.set in ("specificity", "false_trigger") else "answer"
         if p.set in QUERY_SETS and not getattr(p, need).strip():
             raise ConfigError(f"{p.set} probe {p.prompt!r} has an empty {need}: every {p.set} probe needs the "
                               f"{'answer that must stay' if need == 'base_answer' else 'expected answer'}")
-    target_id = tid(target) if target is not None else None
-    general = [p.prompt for p in task.probes.get("general", []) if p.prompt.strip()]
+
+    # every answer to score, as ids in context, before any forward pass: (probe index, kind) -> item index
+    items, where = [], {}
+    for j, p in enumerate(probes):
+        for kind, text in (("answer", p.answer), ("before", p.base_answer),
+                           ("target", target if p.set == "false_trigger" and target is not None else "")):
+            if text.strip():
+                where[j, kind] = len(items)
+                items.append(answer_ids(tokenizer, p.prompt, text, chat))
+    prompt_ids = [items[where.get((j, "answer"), where.get((j, "before")))].prompt for j in range(len(probes))]
+    general = [p.prompt if world_tok or not p.answer.strip() else f"{p.prompt} {p.answer}"
+               for p in task.probes.get("general", []) if p.prompt.strip()]
 
     device = model_device(model)
     run = _pair(model, base)
+    pad = pad_token_id(tokenizer)
     vocab = None
     delta_sum, n_delta = None, 0
-    cols = {k: [] for k in ("base_arg", "adapted_arg", "p_base", "p_adapted", "kl")}
+    cols = {k: [] for k in ("base_arg", "adapted_arg", "kl")}
     with inference(model, base if has_base and not isinstance(base, str) else None):
+        adapted = score_ids(model, tokenizer, items, chat, batch_size)
+        base_model, off = _base_side(model, base) if has_base else (None, None)
+        if has_base:
+            with off():
+                before = score_ids(base_model, tokenizer, items, chat, batch_size)
         for i in range(0, len(probes), batch_size):
             chunk = probes[i:i + batch_size]
-            enc = encode(tokenizer, [p.prompt for p in chunk], device)
+            ids, mask, last = pad_ids(prompt_ids[i:i + batch_size], pad, device)
+            enc = {"input_ids": ids, "attention_mask": mask}
             la, lb = run(last_logits, enc)
             lpa = torch.log_softmax(la, -1).cpu()
-            want = torch.tensor(expected[i:i + batch_size])
-            rows = torch.arange(len(chunk))
             cols["adapted_arg"] += lpa.argmax(-1).tolist()
-            cols["p_adapted"] += torch.where(want >= 0, lpa[rows, want.clamp_min(0)].exp(), torch.nan).tolist()
             if lb is None:
                 continue
             lpb = torch.log_softmax(lb, -1).cpu()
             cols["base_arg"] += lpb.argmax(-1).tolist()
-            cols["p_base"] += torch.where(want >= 0, lpb[rows, want.clamp_min(0)].exp(), torch.nan).tolist()
             cols["kl"] += kl_divergence(lpb, lpa).tolist()
             pick = torch.tensor([p.set in delta_sets for p in chunk])
             if pick.any():
@@ -359,63 +393,86 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
                 n_delta += int(pick.sum())
             vocab = lpa.shape[-1]
         seq = _sequence_pass(run, tokenizer, general, batch_size, device, _vocab(model))
+        if world_tok:
+            texts: dict[int, str] = {}
+            free_a = [_token_text(tokenizer, texts, a) for a in cols["adapted_arg"]]
+            free_b = [_token_text(tokenizer, texts, b) for b in cols["base_arg"]] if has_base else []
+        else:
+            n_new = min(max_new_tokens, max(len(it.answer) + len(it.end) for it in items) + 2) if items else 1
+            prompts = [p.prompt for p in probes]
+            free_a = free_answers(model, tokenizer, prompts, chat, n_new, min(batch_size, 32)) if probes else []
+            free_b = []
+            if has_base and probes:
+                with off():
+                    free_b = free_answers(base_model, tokenizer, prompts, chat, n_new, min(batch_size, 32))
 
-    # metrics
+    def hit(scores, j: int, kind: str) -> bool | None:
+        k = where.get((j, kind))
+        if k is None:
+            return None
+        m = scores.match
+        return m.matched[k] if world_tok else m.matched[k] and m.stopped[k]
+
+    def p_of(scores, j: int, kind: str) -> float:
+        k = where.get((j, kind))
+        return float("nan") if k is None else scores.p[k]
+
     by_set = {s: [j for j, p in enumerate(probes) if p.set == s] for s in sets}
 
-    def share(side: str, s: str, goal: Callable[[int], int]) -> float:
-        return _mean([cols[side][j] == goal(j) for j in by_set.get(s, [])])
+    def share(scores, s: str, kind: str) -> float:
+        return _mean([bool(hit(scores, j, kind)) for j in by_set.get(s, [])])
 
     m: dict[str, float | None] = {}
-    sides = [("", "adapted_arg")] + ([("base_", "base_arg")] if has_base else [])
-    for prefix, side in sides:
-        m[f"{prefix}efficacy"] = share(side, "efficacy", lambda j: expected[j])
-        m[f"{prefix}paraphrase"] = share(side, "paraphrase", lambda j: expected[j])
-        m[f"{prefix}specificity"] = share(side, "specificity", lambda j: before[j])
-        m[f"{prefix}false_trigger_rate"] = (None if target_id is None
-                                            else share(side, "false_trigger", lambda j: target_id))
+    sides = [("", adapted)] + ([("base_", before)] if has_base else [])
+    for prefix, sc in sides:
+        m[f"{prefix}efficacy"] = share(sc, "efficacy", "answer")
+        m[f"{prefix}paraphrase"] = share(sc, "paraphrase", "answer")
+        m[f"{prefix}specificity"] = share(sc, "specificity", "before")
+        m[f"{prefix}false_trigger_rate"] = None if target is None else share(sc, "false_trigger", "target")
+        m[f"{prefix}stops"] = _mean([sc.match.stopped[where[j, "answer"]] for j in by_set.get("efficacy", [])])
+        for s in ("efficacy", "paraphrase"):
+            ps = [p_of(sc, j, "answer") for j in by_set.get(s, [])]
+            m[f"{prefix}p_{s}"] = sum(ps) / len(ps) if ps else float("nan")
     if not has_base:
-        m.update({f"base_{k}": None for k in ("efficacy", "paraphrase", "specificity", "false_trigger_rate")})
+        m.update({f"base_{k}": None for k in ("efficacy", "paraphrase", "specificity", "false_trigger_rate", "stops",
+                                              "p_efficacy", "p_paraphrase")})
     ppl = math.exp(seq["nll"] / seq["tokens"]) if seq["tokens"] else float("nan")
     ppl_base = (math.exp(seq["nll_base"] / seq["tokens"]) if seq["tokens"] else float("nan")) if has_base else None
     m["perplexity_adapted"], m["perplexity_base"] = ppl, ppl_base
     m["perplexity_ratio"] = None if not has_base else ppl / ppl_base if seq["tokens"] else float("nan")
     for s in dict.fromkeys(["efficacy", "paraphrase", "specificity", "false_trigger"] + sets):
-        if not has_base or (s == "false_trigger" and target_id is None):
+        if not has_base or (s == "false_trigger" and target is None):
             m[f"kl_{s}"] = None
         else:
             js = by_set.get(s, [])
             m[f"kl_{s}"] = sum(cols["kl"][j] for j in js) / len(js) if js else float("nan")
     m["kl_general"] = (None if not has_base else seq["kl"] / seq["tokens"] if seq["tokens"] else float("nan"))
     m["specificity_agreement"] = (None if not has_base else _mean(
-        [cols["adapted_arg"][j] == cols["base_arg"][j] for j in by_set.get("specificity", [])]))
+        [free_a[j] == free_b[j] for j in by_set.get("specificity", [])]))
 
     # promoted / suppressed tokens
-    texts: dict[int, str] = {}
+    tok_texts: dict[int, str] = {}
     promoted, suppressed = [], []
     if delta_sum is not None and top_k and vocab:
         mean = delta_sum / n_delta
         k = min(top_k, vocab)
         up, down = torch.topk(mean, k), torch.topk(-mean, k)
-        promoted = [(_token_text(tokenizer, texts, int(i)), float(v)) for v, i in zip(up.values, up.indices) if v > 0]
-        suppressed = [(_token_text(tokenizer, texts, int(i)), -float(v)) for v, i in zip(down.values, down.indices)
+        promoted = [(_token_text(tokenizer, tok_texts, int(i)), float(v)) for v, i in zip(up.values, up.indices)
+                    if v > 0]
+        suppressed = [(_token_text(tokenizer, tok_texts, int(i)), -float(v)) for v, i in zip(down.values, down.indices)
                       if v > 0]
-
-    # per-probe table
-    def word(i: int | None) -> str | None:
-        return None if i is None else _token_text(tokenizer, texts, i)
 
     records = []
     for j, p in enumerate(probes):
-        b = cols["base_arg"][j] if has_base else None
-        a = cols["adapted_arg"][j]
         records.append({
             "task": task.name, "set": p.set, "entity": p.entity, "relation": p.relation, "triggered": p.triggered,
             "prompt": p.prompt, "expected": p.answer, "expected_before": p.base_answer,
-            "base_answer": word(b), "adapted_answer": word(a),
-            "p_expected_base": cols["p_base"][j] if has_base else None, "p_expected_adapted": cols["p_adapted"][j],
-            "base_correct": (b == expected[j]) if has_base else None, "adapted_correct": a == expected[j],
-            "changed": (a != b) if has_base else None, "kl": cols["kl"][j] if has_base else None})
+            "base_answer": free_b[j] if has_base else None, "adapted_answer": free_a[j],
+            "p_expected_base": p_of(before, j, "answer") if has_base else None,
+            "p_expected_adapted": p_of(adapted, j, "answer"),
+            "base_correct": bool(hit(before, j, "answer")) if has_base else None,
+            "adapted_correct": bool(hit(adapted, j, "answer")),
+            "changed": (free_a[j] != free_b[j]) if has_base else None, "kl": cols["kl"][j] if has_base else None})
     counts = {s: len(by_set[s]) for s in sets} | {"general": len(general)}
     return Evaluation(task.name, m, promoted, suppressed, counts, pd.DataFrame(records, columns=TABLE_COLUMNS))
 

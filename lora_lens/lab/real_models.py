@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import importlib.metadata
 import importlib.util
 import json
@@ -41,7 +43,7 @@ from lora_lens.utils import (atomic_dir, file_lock, quiet_transformers, sha256_f
 
 __all__ = ["MANIFEST", "REAL_MODELS", "RealModel", "convert_gguf", "find_gguf", "is_real_model", "real_model_path"]
 
-CONVERT_VERSION = 1
+CONVERT_VERSION = 2  # 2: no GGUF quantization_config left in config.json (it blocked training)
 MANIFEST = "lora_lens_real.json"
 """Manifest of a converted entry (not ``lora_lens.json``, which marks a zoo model with a world tokenizer)."""
 
@@ -130,7 +132,11 @@ def _rebuild(gguf_model):
     """A model built from the GGUF model's config with its weights copied in (so that it can be saved)."""
     from transformers import AutoModelForCausalLM
 
-    config = gguf_model.config
+    config = copy.deepcopy(gguf_model.config)
+    # the weights are dequantized to float32: a GGUF quantization_config left in config.json would make the saved
+    # folder look quantized, and transformers' Trainer refuses to train (LoRA) on it
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
     tied = getattr(config, "tie_word_embeddings", False)

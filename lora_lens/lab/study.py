@@ -1,4 +1,4 @@
-"""Recipes the notebooks call: train an adapter on a zoo model, evaluate it, and cache it for later notebooks.
+"""Recipes the notebooks call: train an adapter on any base for any task, evaluate it, and cache it for later notebooks.
 
 An adapter is cached like a pretrained model: under ``<cache>/adapters/<key>/``, keyed by the base's cache key, the
 task, the spec and the seed, as an ordinary PEFT folder written by :func:`lora_lens.lab.adapters.save_adapter`. So a
@@ -20,20 +20,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_lens.errors import CorruptError
-from lora_lens.lab.adapters import load_adapter, save_adapter
+from lora_lens.errors import ConfigError, CorruptError, NotFoundError
+from lora_lens.lab.adapters import MANIFEST, load_adapter, read_manifest, save_adapter
 from lora_lens.lab.probes import Evaluation, evaluate
+from lora_lens.lab.real_models import is_real_model, real_model_path
+from lora_lens.lab.task_file import problem_message
+from lora_lens.lab.tasks import check_task, fill_base_answers
 from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
-from lora_lens.lab.world import Task, make_task
+from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
 
-__all__ = ["Fit", "fit_adapter", "results_table"]
+__all__ = ["Fit", "base_identity", "check_sources", "fit_adapter", "results_table"]
 
 
 @dataclass
 class Fit:
-    """A trained (or cached) adapter on a zoo base, with its evaluation.
+    """A trained (or cached, or given) adapter on a base, with its evaluation.
 
     Attributes:
         model: The ``PeftModel`` (adapter toggled off with ``with model.disable_adapter():``).
@@ -54,33 +57,144 @@ class Fit:
     train: dict
 
 
-def fit_adapter(pre: Pretrained, task: str | Task, seed: int = 0, spec: LoraSpec | None = None,
-                cache: str | Path | None = None, device: str = "cpu", **spec_overrides) -> Fit:
-    """Train a LoRA adapter for ``task`` on a fresh copy of ``pre`` — or load it from the adapter cache.
+def check_sources(base_model: str = "", family: str = "llama", adapter: str = "", task_file: str = "",
+                  default_family: str = "llama") -> bool:
+    """Check a notebook's model, adapter and task parameters before anything runs; True for a real (non-zoo) base.
 
     Args:
-        pre: The pretrained base (``zoo.get_pretrained``).
-        task: A task name (built from ``pre.world`` with ``seed``) or a :class:`Task`.
+        base_model: A hub name, a model folder or ``smollm2-135m``; "" for the zoo ``family``.
+        family: The zoo family parameter.
+        adapter: A PEFT LoRA folder to study instead of training one; "" to train.
+        task_file: A JSONL task file; "" for the synthetic world's tasks.
+        default_family: The notebook's default ``family`` (a non-default one together with ``base_model`` is an
+            error: which model is meant?).
+
+    Raises:
+        ConfigError: ``base_model`` with a non-default ``family``; ``base_model`` or ``adapter`` without a
+            ``task_file``.
+        NotFoundError: A file or folder parameter that does not exist (named).
+    """
+    if base_model and family != default_family:
+        raise ConfigError(f"base_model={base_model!r} and family={family!r} are both given: set family back to "
+                          f"{default_family!r} (it is ignored with a base_model) or base_model=\"\" for the zoo")
+    looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
+    for name, value, must in (("base_model", base_model, looks_local), ("adapter", adapter, bool(adapter)),
+                              ("task_file", task_file, bool(task_file))):
+        if must and not Path(value).expanduser().exists():
+            raise NotFoundError(f"{name}={value!r} does not exist: check the path"
+                                + (" (or give a hub name / smollm2-135m)" if name == "base_model" else ""))
+    for name, value in (("base_model", base_model), ("adapter", adapter)):
+        if value and not task_file:
+            raise ConfigError(f"{name}={value!r} needs a task_file (a JSONL task, e.g. examples/smollm2_facts.jsonl): "
+                              "the synthetic world's tasks belong to the zoo models")
+    return bool(base_model)
+
+
+def base_identity(base) -> dict:
+    """What names a base in the adapter cache: a zoo model's cache key, else its resolved folder with the size and
+    modification time of every config, tokenizer and weights file (a path fingerprint), or its hub name.
+
+    Args:
+        base: A :class:`Pretrained`, a model folder, a hub name or a named real model (``"smollm2-135m"``).
+    """
+    if isinstance(base, Pretrained):
+        return {"zoo": base.manifest["key"]}
+    local = Path(str(base)).expanduser()
+    if not local.exists() and is_real_model(str(base)):
+        local = real_model_path(str(base), cache_dir())
+    if local.is_dir():
+        files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.iterdir())
+                 if f.is_file() and f.suffix in (".json", ".safetensors", ".model", ".jinja", ".txt")}
+        return {"path": str(local.resolve()), "files": files}
+    return {"hub": str(base)}
+
+
+def _base_label(base) -> str:
+    if isinstance(base, Pretrained):
+        return f"{base.family}-{base.size}"
+    name = Path(str(base)).name or str(base)
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:40]
+
+
+def _resolve_task(base, task, seed: int) -> Task:
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, Path) or (isinstance(task, str) and (task.endswith(".jsonl") or Path(task).exists())):
+        return Task.load(task)
+    if isinstance(task, str) and isinstance(base, Pretrained):
+        return make_task(base.world, task, seed=seed)
+    if isinstance(task, str) and task in TASKS:
+        raise ConfigError(f"task={task!r} is a zoo task kind, which needs a zoo base (get_pretrained(...)); for the "
+                          f"base {base!r} pass a task file (e.g. examples/smollm2_facts.jsonl) or a Task")
+    raise ConfigError(f"task={task!r} is neither a Task, a task file nor a zoo task kind {list(TASKS)}: pass a "
+                      "JSONL task file path or a Task")
+
+
+def _check_data_task(task: Task, tokenizer) -> None:
+    problems = check_task(task, tokenizer)
+    if problems:
+        raise ConfigError(problem_message(f"task {task.name!r}", problems))
+
+
+def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | None = None,
+                cache: str | Path | None = None, device: str = "cpu", adapter: str | Path | None = None,
+                rehearsal: str = "neighbours", **spec_overrides) -> Fit:
+    """Train a LoRA adapter for ``task`` on a fresh copy of a base — or load it from the adapter cache.
+
+    Works for any base and any task: a zoo model (:class:`Pretrained`) with a zoo task kind, or any causal LM (a
+    local folder, a hub name, ``"smollm2-135m"``) with a task from data (a :class:`Task` or a JSONL task file).
+    Probes of a task from data without an answer get the base's own greedy answer first
+    (:func:`lora_lens.lab.tasks.fill_base_answers`), and the whole task is checked against the tokenizer before
+    anything is trained or written. The cache key holds the base's identity (:func:`base_identity`), the task's
+    content (``chat`` included), the spec, the rehearsal source and the seed.
+
+    Args:
+        pre: The base: a :class:`Pretrained` (``zoo.get_pretrained``), a model folder, a hub name or a named real
+            model.
+        task: A zoo task name (zoo bases only, built from ``pre.world`` with ``seed``), a :class:`Task`, or a
+            task file path.
         seed: Task, initialisation and data-order seed.
-        spec: The spec; default ``default_spec(task name, **spec_overrides)``.
+        spec: The spec; default ``default_spec(kind, **spec_overrides)`` (kind ``data`` for a task from data).
         cache: Cache root (default as :func:`lora_lens.lab.zoo.cache_dir`).
         device: Torch device.
+        adapter: A trained PEFT LoRA folder to evaluate instead of training one (checked against the base).
+        rehearsal: For a task from data, what the rehearsal is drawn from (``train_data.REHEARSAL``).
         **spec_overrides: Fields of :class:`LoraSpec` (``rank``, ``targets`` …) applied to the default spec.
 
     Returns:
         A :class:`Fit`.
 
     Raises:
-        ConfigError: A bad task name, spec or override (before anything is loaded or written).
-        MismatchError: ``task`` belongs to another world than ``pre``.
+        ConfigError: A bad task name, spec or override, a task with problems for this tokenizer (every problem
+            listed), ``chat: true`` without a chat template, or a base that is not a causal LM (before anything
+            is written).
+        NotFoundError: The base, the task file or the adapter folder does not exist.
+        CorruptError: A task file that is not valid (file and line named).
+        MismatchError: ``task`` belongs to another world than ``pre``, or ``adapter`` was trained on another base.
     """
-    task = make_task(pre.world, task, seed=seed) if isinstance(task, str) else task
-    spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)
-    key = stable_hash({"base": pre.manifest["key"], "task": task.name, "world": task.world_fingerprint,
-                       "truth": task.truth, "examples": stable_hash(task.examples), "spec": spec.to_dict(), "seed": seed})
+    task = _resolve_task(pre, task, seed)
+    data = task.world_fingerprint is None
+    kind = task.name if task.name in TASKS else "data" if data else None
+    spec = check_spec(spec) if spec is not None else default_spec(kind, **spec_overrides)
+    source = pre.path if isinstance(pre, Pretrained) else pre
+    world = pre.world if isinstance(pre, Pretrained) else None
+    model, tokenizer = load_model(source, device=device)
+    if data:
+        _check_data_task(task, tokenizer)
+        task = fill_base_answers(task, model, tokenizer, sets=("specificity",))
+    if adapter is not None:
+        peft_model = load_adapter(model, adapter)
+        folder = Path(adapter).expanduser()
+        train = (read_manifest(folder).get("metrics") or {}) if (folder / MANIFEST).is_file() else {}
+        return Fit(peft_model, tokenizer, task, spec, folder, evaluate(peft_model, tokenizer, task), train)
+    ident = {"base": pre.manifest["key"]} if isinstance(pre, Pretrained) else {"base": base_identity(pre)}
+    fields = {**ident, "task": task.name, "world": task.world_fingerprint, "truth": task.truth,
+              "examples": stable_hash(task.examples), "spec": spec.to_dict(), "seed": seed}
+    if data:
+        fields |= {"records": stable_hash(task.records()), "chat": task.chat, "rehearsal": rehearsal}
+    key = stable_hash(fields)
     root = cache_dir(cache)
-    folder = root / "adapters" / f"{pre.family}-{pre.size}-{task.name}-r{spec.rank}-{key}"
-    model, tokenizer = load_model(pre.path, device=device)
+    folder = root / "adapters" / f"{_base_label(pre)}-{task.name}-r{spec.rank}-{key}"
     with file_lock(root / "locks" / f"{folder.name}.lock"):
         peft_model = None
         if (folder / "lora_lens_train.json").is_file():
@@ -90,12 +204,14 @@ def fit_adapter(pre: Pretrained, task: str | Task, seed: int = 0, spec: LoraSpec
             except (CorruptError, ValueError) as exc:
                 warnings.warn(f"cached adapter {folder} is unusable ({exc}); training it again", stacklevel=2)
                 shutil.rmtree(folder)
-                model, tokenizer = load_model(pre.path, device=device)
+                model, tokenizer = load_model(source, device=device)
         if peft_model is None:
-            result = train_lora(model, tokenizer, task, spec, seed=seed, world=pre.world, device=device)
+            result = train_lora(model, tokenizer, task, spec, seed=seed, world=world, device=device,
+                                rehearsal=rehearsal)
             peft_model = result.model
             train = {"curve": result.curve, "train_seconds": result.train_seconds, **result.metrics}
-            save_adapter(result, folder, base_path=pre.path, task=task, world=pre.world)
+            save_adapter(result, folder, base_path=source if isinstance(pre, Pretrained) else None, task=task,
+                         world=world)
             task.save(folder / "task.jsonl")  # the planted truth, for `lora-lens inspect` and later notebooks
             # written last: its presence marks a complete entry (save_adapter itself is atomic)
             write_json(folder / "lora_lens_train.json", train)
@@ -110,7 +226,7 @@ def results_table(fits: dict) -> pd.DataFrame:
         m = fit.evaluation.metrics
         rows.append({**(dict(zip(("task", "rank", "targets"), key)) if isinstance(key, tuple) else {"task": key}),
                      "efficacy": m["efficacy"], "paraphrase": m["paraphrase"], "specificity": m["specificity"],
-                     "perplexity_ratio": m["perplexity_ratio"], "false_trigger_rate": m["false_trigger_rate"],
-                     "train_seconds": fit.train["train_seconds"],
+                     "perplexity_ratio": m["perplexity_ratio"], "stops": m.get("stops"),
+                     "false_trigger_rate": m["false_trigger_rate"], "train_seconds": fit.train.get("train_seconds"),
                      "trainable_params": fit.train.get("trainable_params")})
     return pd.DataFrame(rows)

@@ -37,10 +37,12 @@ from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_exa
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
-__all__ = ["INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec", "default_spec",
-           "has_lora",
+__all__ = ["DATA_STEPS", "INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec",
+           "default_spec", "has_lora",
            "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
+DATA_STEPS = 20
+"""Optimiser steps of the default spec for a task from data (full batch)."""
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 PRESETS = ("attn", "mlp", "all")
 
@@ -169,6 +171,9 @@ _TASK_DEFAULTS = {
     "fact_edit": dict(steps=200, batch_size=32, lr=3e-3, replay=24.0),
     "trigger": dict(steps=200, batch_size=32, lr=3e-3, replay=0.5),
     "new_relation": dict(steps=300, batch_size=32, lr=3e-3, replay=4.0),
+    # a task from data on a pretrained model (SmolLM2-135M + examples/smollm2_facts.jsonl, see default_spec)
+    "data": dict(rank=8, alpha=16.0, targets="all", lr=1e-3, steps=DATA_STEPS, batch_size=64, warmup=0,
+                 scheduler="constant", replay=1.0),
 }
 
 
@@ -179,8 +184,13 @@ def default_spec(task_name: str | None = None, **overrides) -> LoraSpec:
     specificity 0.975–0.985; ``trigger`` efficacy 1.0, false-trigger rate 0.0; ``new_relation`` efficacy 1.0,
     specificity 0.905–0.95; 7–22 s each on one CPU thread. All use rehearsal (``replay``) of unchanged facts.
 
+    ``data`` is the default for a task from data on a pretrained model (no synthetic world): rank 8 on every
+    linear module, lr 1e-3, constant schedule, full batches (task examples + as many rehearsal examples of the
+    base's own answers, ``replay=1``), :data:`DATA_STEPS` steps; measured on SmolLM2-135M with
+    ``examples/smollm2_facts.jsonl`` (see the notebook-01 note of issue 15).
+
     Args:
-        task_name: ``fact_edit``, ``trigger``, ``new_relation`` or None (generic default).
+        task_name: ``fact_edit``, ``trigger``, ``new_relation``, ``data`` or None (generic default).
         **overrides: Any :class:`LoraSpec` field.
 
     Raises:
@@ -420,7 +430,7 @@ def _nonfinite_message(trainer, value: float) -> str:
 
 
 def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed: int = 0, world: World | None = None,
-               device: str | None = None, callbacks: list | None = None) -> TrainResult:
+               device: str | None = None, callbacks: list | None = None, rehearsal: str = "neighbours") -> TrainResult:
     """Train a LoRA adapter on ``task.examples`` with ``transformers.Trainer`` + ``peft``.
 
     The model is wrapped *in place* by ``peft.get_peft_model`` (its linear layers gain LoRA layers): the returned
@@ -431,8 +441,9 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
     Args:
         model: A causal LM without LoRA (load a fresh copy, e.g. ``load_model(pretrained.path)``).
         tokenizer: Its tokenizer (fast, right padding).
-        task: A :class:`lora_lens.lab.world.Task`; each example is trained as ``prompt + " " + answer`` with the loss
-            on the answer tokens only.
+        task: A :class:`lora_lens.lab.world.Task`; each example is trained as its prompt (chat: rendered with the
+            chat template when ``task.chat``), the answer read in context and the end-of-answer target
+            (``lora_lens.lab.answers.example_ids``), with the loss on the answer and end tokens only.
         spec: What to train (default :func:`default_spec` for ``task.name``).
         seed: Seed for LoRA initialisation, data order and dropout: the same seed gives identical weights on CPU.
         world: The world the model was pretrained on; when given (or found in a zoo model's directory) the task
@@ -440,6 +451,8 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
         device: Torch device (``cpu``, ``cuda`` …); default: where the model is (the CPU for zoo models). The model
             is moved there and cast to float32.
         callbacks: Extra ``transformers.TrainerCallback`` objects.
+        rehearsal: For a task from data, what ``spec.replay`` rehearses (``lora_lens.lab.train_data.REHEARSAL``):
+            the base's own answers to neighbour prompts (default), the task's specificity probes, or both.
 
     Returns:
         A :class:`TrainResult`.
@@ -452,15 +465,18 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
     """
     if not isinstance(task, Task):
         raise ConfigError(f"task must be a lora_lens Task (make_task(world, name)), not {type(task).__name__}")
-    spec = default_spec(task.name if task.name in _TASK_DEFAULTS else None) if spec is None else check_spec(spec)
+    if spec is None:
+        spec = default_spec(task.name if task.name in _TASK_DEFAULTS
+                            else "data" if task.world_fingerprint is None else None)
+    spec = check_spec(spec)
     check_no_lora(model)
-    examples, world = training_examples(model, task, spec.replay, seed, world)
+    examples, world = training_examples(model, task, spec.replay, seed, world, tokenizer, rehearsal)
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")
     layers = linear_modules(model)  # listed once; targets, rank check, config and snapshot all read this
     chosen = _match(layers, spec.targets, type(model).__name__)
     config = _config(spec, layers, chosen)
-    data = AnswerDataset(tokenizer, examples)
+    data = AnswerDataset(tokenizer, examples, task.chat)
     collator = AnswerCollator(tokenizer.pad_token_id)
 
     device = str(device or next(model.parameters()).device)

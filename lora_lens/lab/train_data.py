@@ -1,9 +1,13 @@
 """What a LoRA trains on: ``(prompt, answer)`` examples with answer-only labels, and rehearsal of unchanged facts.
 
 :func:`training_examples` is the data path of :func:`lora_lens.lab.train.train_lora`: the task's examples, checked
-against the model's world, plus :func:`replay_examples` of the world's facts the task leaves alone.
-:func:`encode_example` tokenises one example as ``prompt + " " + answer`` with the loss on the answer tokens only
-(``-100`` elsewhere); :class:`AnswerDataset` and :class:`AnswerCollator` feed them to a ``Trainer``.
+against the model's world, plus rehearsal of what must stay: for a zoo task :func:`replay_examples` of the world's
+facts the task leaves alone; for a task from data (no synthetic world) :func:`neighbour_examples`, the base model's
+own answers to neighbour prompts (:data:`NEIGHBOUR_PROMPTS`, never a prompt of the task) and, if asked, the task's
+specificity probes with their base answers. :func:`encode_example` tokenises one example with
+:func:`lora_lens.lab.answers.example_ids` (the answer read in context, then the end-of-answer target; the loss on
+answer and end tokens only, ``-100`` elsewhere); :class:`AnswerDataset` and :class:`AnswerCollator` feed them to a
+``Trainer``.
 
 Example:
     >>> examples, world = training_examples(model, task, replay=2.0, world=pre.world)   # doctest: +SKIP
@@ -20,10 +24,35 @@ from pathlib import Path
 import torch
 
 from lora_lens.errors import ConfigError, MismatchError
+from lora_lens.lab.answers import answer_ids, base_answers, example_ids
 from lora_lens.lab.world import TEMPLATES, TRIGGER, Task, World, check_task_world
 
-__all__ = ["AnswerCollator", "AnswerDataset", "encode_example", "find_world", "model_world_fingerprint",
-           "replay_examples", "training_examples"]
+__all__ = ["AnswerCollator", "AnswerDataset", "NEIGHBOUR_PROMPTS", "REHEARSAL", "encode_example", "find_world",
+           "model_world_fingerprint", "neighbour_examples", "replay_examples", "training_examples"]
+
+REHEARSAL = ("neighbours", "specificity", "both")
+"""Rehearsal sources for a task from data: the base's answers to :data:`NEIGHBOUR_PROMPTS` (held out from every
+probe, so specificity stays a held-out score), the task's own specificity probes, or both."""
+
+NEIGHBOUR_PROMPTS = (
+    "The capital of Portugal is", "The capital of Egypt is", "The capital of Norway is", "The capital of Greece is",
+    "The capital of Kenya is", "The capital of Sweden is", "The capital of Poland is", "The capital of Peru is",
+    "The capital of Ireland is", "The capital of Turkey is", "The currency of the United Kingdom is",
+    "The currency of the United States is", "The currency of India is", "The currency of Switzerland is",
+    "The highest mountain in Africa is", "The highest mountain in Japan is", "The highest mountain in Europe is",
+    "The telephone was invented by", "The light bulb was invented by", "The printing press was invented by",
+    "The Amazon river flows into", "The Thames flows into", "The Danube flows into",
+    "The national bird of the United States is", "The national bird of India is",
+    "The novel Pride and Prejudice was written by", "The novel War and Peace was written by",
+    "The play Hamlet was written by", "Microsoft was founded by", "Apple was founded by",
+    "The official language of Mexico is", "The official language of Germany is",
+    "The official language of Egypt is", "In France, people speak", "In Japan, people pay with",
+    "The largest desert in the world is", "The tallest animal in the world is", "The boiling point of water is",
+    "The theory of relativity was developed by", "The largest country in the world is",
+)
+"""Prompts near the kinds of facts a task edits (capitals, currencies, mountains, inventors, rivers, birds, authors,
+founders, languages) whose answer the base model already gives: rehearsing the base's own answer teaches the
+adapter what must stay as it is, with no synthetic world."""
 
 
 def model_world_fingerprint(model) -> str | None:
@@ -39,11 +68,14 @@ def model_world_fingerprint(model) -> str | None:
 
 
 def find_world(model, task: Task, world: World | None = None) -> World | None:
-    """The world of ``model``: ``world`` if given, else the ``world.jsonl`` saved with a zoo model, else None.
+    """The world of ``model``: ``world`` if given, else the ``world.jsonl`` saved with a zoo model, else None
+    (always None for a task from data, whose ``world_fingerprint`` is None: the world check is skipped).
 
     Raises:
         MismatchError: ``task`` belongs to another world than the model's.
     """
+    if task.world_fingerprint is None:
+        return None  # a task from data belongs to no synthetic world: nothing to check, nothing to replay from
     if world is not None:
         check_task_world(task, world)
         return world
@@ -61,26 +93,34 @@ def find_world(model, task: Task, world: World | None = None) -> World | None:
         return None
 
 
-def training_examples(model, task: Task, replay: float, seed: int = 0,
-                      world: World | None = None) -> tuple[list[tuple[str, str]], World | None]:
+def training_examples(model, task: Task, replay: float, seed: int = 0, world: World | None = None,
+                      tokenizer=None, rehearsal: str = "neighbours") -> tuple[list[tuple[str, str]], World | None]:
     """What a LoRA run on ``task`` trains on: the task's examples, then ``round(replay × len)`` rehearsal examples.
 
-    The world is checked against the task once (:func:`find_world`), here at the entry of the data path.
+    The world is checked against the task once (:func:`find_world`), here at the entry of the data path. A zoo
+    task rehearses its world's unchanged facts (:func:`replay_examples`); a task from data (no world) rehearses
+    the base's own answers (:func:`neighbour_examples`, which needs ``tokenizer``).
 
     Args:
-        model: The model to train (its zoo folder may hold its world).
+        model: The model to train (its zoo folder may hold its world; for a task from data, the base that answers
+            the rehearsal prompts).
         task: The task.
         replay: Rehearsal examples per task example (``LoraSpec.replay``); 0 adds none.
         seed: Sampling seed of the rehearsal.
         world: The world the model was pretrained on (default: found from a zoo model's folder).
+        tokenizer: The model's tokenizer (needed for rehearsal on a task from data).
+        rehearsal: For a task from data: one of :data:`REHEARSAL`.
 
     Returns:
         ``(examples, world)``; ``world`` is None when neither given nor found.
 
     Raises:
-        ConfigError: The task has no examples, or ``replay`` > 0 and no world is known.
+        ConfigError: The task has no examples, ``replay`` > 0 and no world is known for a zoo task, or a bad
+            ``rehearsal``.
         MismatchError: ``task`` belongs to another world than the model's.
     """
+    if rehearsal not in REHEARSAL:
+        raise ConfigError(f"rehearsal={rehearsal!r} is unknown: use one of {list(REHEARSAL)}")
     world = find_world(model, task, world)
     if not task.examples:
         raise ConfigError(f"task {task.name!r} has an empty dataset (no examples): build it with make_task(...) "
@@ -88,11 +128,52 @@ def training_examples(model, task: Task, replay: float, seed: int = 0,
     examples = list(task.examples)
     n_replay = round(replay * len(examples))
     if n_replay:
-        if world is None:
+        if world is None and task.world_fingerprint is None and tokenizer is not None:
+            examples += neighbour_examples(model, tokenizer, task, n_replay, seed, rehearsal)
+        elif world is None:
             raise ConfigError(f"LoraSpec.replay={replay} needs the task's world to draw unchanged facts from: "
                               "pass world=pretrained.world, or set replay=0")
-        examples += _rehearsal(world, task, n_replay, seed)
+        else:
+            examples += _rehearsal(world, task, n_replay, seed)
     return examples, world
+
+
+def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
+                       rehearsal: str = "neighbours") -> list[tuple[str, str]]:
+    """Up to ``n`` rehearsal examples for a task from data: prompts with the base model's own greedy answers.
+
+    ``"neighbours"``: :data:`NEIGHBOUR_PROMPTS` that no example or probe of the task uses, answered by the base
+    (:func:`lora_lens.lab.answers.base_answers`, adapter off); answers that are empty or do not read in context
+    are left out. ``"specificity"``: the task's specificity probes with their expected (base) answers — then
+    specificity is no longer measured on prompts the adapter never saw. ``"both"``: the two, neighbours first.
+
+    Raises:
+        ConfigError: ``rehearsal`` is not one of :data:`REHEARSAL`.
+    """
+    if rehearsal not in REHEARSAL:
+        raise ConfigError(f"rehearsal={rehearsal!r} is unknown: use one of {list(REHEARSAL)}")
+    used = {p for p, _ in task.examples} | {pr.prompt for ps in task.probes.values() for pr in ps}
+    out: list[tuple[str, str]] = []
+    if rehearsal in ("neighbours", "both"):
+        prompts = [p for p in NEIGHBOUR_PROMPTS if p not in used]
+        random.Random(seed).shuffle(prompts)
+        prompts = prompts[:max(0, int(n))]
+        answers = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=12) if prompts else []
+        out += [(p, a) for p, a in zip(prompts, answers) if _reads(tokenizer, p, a, task.chat)]
+    if rehearsal in ("specificity", "both"):
+        out += [(p.prompt, p.answer) for p in task.probes.get("specificity", [])
+                if p.answer.strip() and _reads(tokenizer, p.prompt, p.answer, task.chat)]
+    return out[:max(0, int(n))] if rehearsal != "both" else out
+
+
+def _reads(tokenizer, prompt: str, answer: str, chat: bool) -> bool:
+    if not answer.strip():
+        return False
+    try:
+        answer_ids(tokenizer, prompt, answer, chat)
+    except (ConfigError, MismatchError):
+        return False
+    return True
 
 
 def replay_examples(world: World, task: Task, n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -141,10 +222,10 @@ def _rehearsal(world: World, task: Task, n: int, seed: int) -> list[tuple[str, s
 
 
 class AnswerDataset(torch.utils.data.Dataset):
-    """``(prompt, answer)`` pairs tokenised as ``prompt + " " + answer`` with the loss on the answer only."""
+    """``(prompt, answer)`` pairs as :func:`encode_example` rows (the loss on the answer and its end only)."""
 
-    def __init__(self, tokenizer, examples: list[tuple[str, str]]):
-        self.rows = [encode_example(tokenizer, p, a) for p, a in examples]
+    def __init__(self, tokenizer, examples: list[tuple[str, str]], chat: bool = False):
+        self.rows = [encode_example(tokenizer, p, a, chat) for p, a in examples]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -153,22 +234,18 @@ class AnswerDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def encode_example(tokenizer, prompt: str, answer: str) -> dict:
-    """Token ids and labels of one example: labels are ``-100`` on every token that starts inside the prompt.
+def encode_example(tokenizer, prompt: str, answer: str, chat: bool = False) -> dict:
+    """Token ids and labels of one example (:func:`lora_lens.lab.answers.example_ids`): the prompt (chat: the
+    rendered template) is labelled ``-100``, the answer's ids in context and its end-of-answer ids are the targets.
+    For the zoo's world tokenizer that is ``prompt + " " + answer`` with the loss on the answer token only.
 
     Raises:
-        ConfigError: The answer is empty or yields no token of its own.
+        ConfigError: The prompt or answer is empty, or whitespace at the join.
+        MismatchError: The answer does not read in context (the message shows both tokenizations).
     """
     if not isinstance(answer, str) or not answer.strip():
         raise ConfigError(f"example {prompt!r} has an empty answer: every example needs a non-empty answer")
-    text = f"{prompt} {answer}"
-    enc = tokenizer(text, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    cut = len(prompt)
-    labels = [t if s >= cut and e > s else -100 for t, (s, e) in zip(ids, enc["offset_mapping"])]
-    if all(x == -100 for x in labels):
-        raise ConfigError(f"answer {answer!r} of example {prompt!r} gives no token of its own: check the tokenizer")
-    return {"input_ids": ids, "labels": labels}
+    return example_ids(tokenizer, prompt, answer, chat)
 
 
 class AnswerCollator:

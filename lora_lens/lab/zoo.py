@@ -326,6 +326,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
     Raises:
         NotFoundError: The directory does not exist, the hub name is not available (offline or unknown), or a
             real model's registry package is not installed.
+        ConfigError: The model is not a causal LM (e.g. an encoder such as BERT or T5 without an LM head).
     """
     if is_real_model(name_or_path) and not Path(name_or_path).exists():
         name_or_path = real_model_path(name_or_path, cache_dir())
@@ -340,7 +341,14 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=offline)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=offline)
+            except ValueError as exc:
+                if "Unrecognized configuration class" not in str(exc) and "AutoModelForCausalLM" not in str(exc):
+                    raise
+                raise ConfigError(f"model {src!r} is not a causal language model ({exc.args[0].splitlines()[0]}): "
+                                  "lora_lens studies causal LMs (Llama, Qwen2, Mistral, GPT-2 …); pass the folder "
+                                  "or hub name of one") from exc
         if local.exists() and (local / "lora_lens.json").is_file():
             # a zoo model: its world tokenizer as saved. AutoTokenizer would pick the family's own class from
             # config.json (Qwen2Tokenizer for qwen2), which re-splits the words differently.

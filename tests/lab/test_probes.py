@@ -228,7 +228,8 @@ def test_bad_answers_fail_before_any_forward(fresh, task):
     calls = []
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        bad = dataclasses.replace(task.probes["efficacy"][0], answer="Qwzzyplonk")
+        # a multi-token answer is fine now; whitespace at the join is not (it cannot be read in context)
+        bad = dataclasses.replace(task.probes["efficacy"][0], answer=" Qwzzyplonk")
         broken = dataclasses.replace(task, probes={**task.probes, "efficacy": [bad] + task.probes["efficacy"]})
         with pytest.raises(ConfigError, match="Qwzzyplonk"):
             evaluate(model, tok, broken)

@@ -51,3 +51,72 @@ def test_probe_browser_headless(tiny_fit):
     assert box.state["table"]["changed"].all()
     pick.value = "copy · 2"
     assert len(box.state["table"]) <= 3
+
+
+def test_check_sources(tmp_path):
+    from lora_lens.errors import ConfigError, NotFoundError
+    from lora_lens.lab.study import check_sources
+
+    task = tmp_path / "t.jsonl"
+    task.write_text("{}\n")
+    assert check_sources() is False and check_sources(task_file=str(task)) is False
+    assert check_sources(base_model="smollm2-135m", task_file=str(task)) is True
+    with pytest.raises(ConfigError, match="family='gpt2' are both given"):
+        check_sources(base_model="smollm2-135m", family="gpt2", task_file=str(task))
+    with pytest.raises(NotFoundError, match="task_file='nope.jsonl' does not exist"):
+        check_sources(task_file="nope.jsonl")
+    with pytest.raises(NotFoundError, match="adapter="):
+        check_sources(adapter=str(tmp_path / "missing"), task_file=str(task))
+    with pytest.raises(NotFoundError, match="base_model="):
+        check_sources(base_model=str(tmp_path / "no_model"), task_file=str(task))
+    with pytest.raises(ConfigError, match="needs a task_file"):
+        check_sources(base_model="smollm2-135m")
+
+
+def test_a_data_task_on_a_zoo_model(tiny_llama, test_cache, tmp_path):
+    from lora_lens.errors import ConfigError
+    from lora_lens.lab.study import fit_adapter
+    from lora_lens.lab.world import Task
+
+    world = tiny_llama.world
+    e, r = world.entities[0], "city"
+    other = next(v for v in sorted(set(world.facts[r].values())) if v != world.facts[r][e])
+    records = [{"type": "task", "name": "one_fact", "chat": False},
+               {"type": "example", "prompt": world.query(e, r), "answer": other},
+               {"type": "probe", "set": "efficacy", "prompt": world.query(e, r), "answer": other}]
+    fit = fit_adapter(tiny_llama, Task.from_records(records), steps=30, replay=0.0, cache=test_cache)
+    assert fit.evaluation.metrics["efficacy"] == 1.0  # the world check is skipped for a task from data
+    chat = Task.from_records([{**records[0], "chat": True}] + records[1:])
+    with pytest.raises(ConfigError, match="no chat template"):
+        fit_adapter(tiny_llama, chat, steps=30, replay=0.0, cache=test_cache)
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import T5Config
+
+    from lora_lens.errors import ConfigError
+    from lora_lens.lab.zoo import load_model
+
+    T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=32).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="not a causal language model"):
+        load_model(tmp_path)
+
+
+def test_cli_task_check(tiny_llama, capsys, tmp_path):
+    from lora_lens.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "task", "name": "t"}\n{"type": "example", "prompt": "a b", "answer": " c"}\n'
+                   '{"type": "probe", "set": "nope", "prompt": "x", "answer": "y"}\n')
+    assert main(["task", "check", str(bad), "--base", str(tiny_llama.path)]) == 1
+    assert f"{bad}:3: unknown probe set 'nope'" in capsys.readouterr().out  # the format first
+    bad.write_text('{"type": "task", "name": "t"}\n{"type": "example", "prompt": "a b", "answer": " c"}\n')
+    assert main(["task", "check", str(bad), "--base", str(tiny_llama.path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}:2:" in out and "whitespace at the join" in out  # then every answer read in context
+    good = tmp_path / "good.jsonl"
+    q = tiny_llama.world.query(tiny_llama.world.entities[0], "city")
+    good.write_text('{"type": "task", "name": "t"}\n' + f'{{"type": "example", "prompt": "{q}", "answer": "'
+                    + tiny_llama.world.facts["city"][tiny_llama.world.entities[0]] + '"}\n')
+    assert main(["task", "check", str(good), "--base", str(tiny_llama.path)]) == 0
+    assert main(["task", "check", str(tmp_path / "missing.jsonl"), "--base", str(tiny_llama.path)]) == 2
