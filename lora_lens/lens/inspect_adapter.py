@@ -9,7 +9,10 @@
   read as tokens;
 * behaviour (:mod:`lora_lens.lens.diff`): for a lora_lens zoo base (its folder holds ``world.jsonl``) the diff over the
   world's whole query space, in words, scored against the planted truth when the task can be rebuilt; for any
-  model with a prompt file, diff mining (prompts and token positions with the largest KL(base‖adapted)).
+  other model with a task file (``--task FILE``), the diff of the task's probes (and the mined prompts) with full
+  answers — greedy continuations, base vs adapted — in words, grouped by entity, scored against the task's
+  ``truth["edits"]`` when it has them; for any model with a prompt file, diff mining (prompts and token positions
+  with the largest KL(base‖adapted)).
 
 :class:`~lora_lens.lens.inspect_report.InspectReport` renders it as text, JSON and a standalone HTML page with
 figures embedded as base64 PNG; :func:`write_inspect_report` writes ``report.json`` and ``report.html``
@@ -33,6 +36,7 @@ import pandas as pd
 
 from lora_lens.errors import ConfigError, LoraLensError, MismatchError, NotFoundError
 from lora_lens.lab.adapters import WEIGHTS, load_adapter, read_config, read_manifest
+from lora_lens.lab.tasks import check_task, fill_base_answers
 from lora_lens.lab.world import Task, World, check_task_world, make_task
 from lora_lens.lab.zoo import load_model
 from lora_lens.lens import delta
@@ -76,6 +80,20 @@ def _zoo_world(base: str, notes: list[str]):
     except LoraLensError as exc:
         notes.append(f"the base folder has a world.jsonl that cannot be read ({exc}); no world diff")
         return None
+
+
+def _zoo_base(base: str) -> bool:
+    return (Path(base).expanduser() / "world.jsonl").is_file()
+
+
+def _load_data_task(task) -> Task:
+    """A task from data for a base that is not a zoo model: a :class:`Task` or a task file."""
+    if isinstance(task, Task):
+        return task
+    path = Path(task).expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"task file {path} does not exist: pass a JSONL task file (see lora_lens.lab.task_file)")
+    return Task.load(path)
 
 
 def _find_task(adapter_dir: Path, manifest: dict | None, world, task, notes: list[str]):
@@ -189,7 +207,17 @@ def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, pro
     base_name = _resolve_base(folder, config, base)
     notes: list[str] = []
 
+    task_data = None
+    if task is not None and not _zoo_base(base_name):
+        task_data = _load_data_task(task)     # checked before the model is loaded
+
     model, tokenizer = load_model(base_name, device=device)
+    if task_data is not None:
+        problems = check_task(task_data, tokenizer)
+        if problems:
+            raise ConfigError(f"task {task_data.name!r} does not fit the base {base_name}'s tokenizer:\n  "
+                              + "\n  ".join(problems[:10]))
+        task_data = fill_base_answers(task_data, model, tokenizer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -230,12 +258,19 @@ def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, pro
         report.semantic = semantic_report(report.diff, world, task_obj, max_lines=3 * top)
         if task_obj is not None:
             report.score = score_against_truth(report.diff, task_obj)
-    elif task is not None:
-        notes.append(f"--task was given but the base {base_name} is not a lora_lens zoo model (no world.jsonl): "
-                     "not scored")
     if prompts is not None:
         report.mining = mine_prompts(pm, tokenizer, prompts, top=top, batch_size=min(batch_size, 16), top_k=top)
-    if world is None and prompts is None:
+    if world is None and task_data is not None:
+        # any model with a task from data: the task's probes (and the mined prompts) with full answers
+        mined = None if report.mining is None else list(dict.fromkeys(report.mining.positions["prompt"]))
+        report.diff = behaviour_diff(pm, tokenizer, task=task_data, prompts=mined or None, batch_size=batch_size)
+        report.semantic = semantic_report(report.diff, task=task_data, max_lines=3 * top)
+        report.task = {"name": task_data.name, "source": str(task) if not isinstance(task, Task) else "argument"}
+        if task_data.truth.get("edits"):
+            report.score = score_against_truth(report.diff, task_data)
+        else:
+            notes.append(f"task {task_data.name!r} has no truth (truth.edits): the diff is reported, not scored")
+    if world is None and prompts is None and task_data is None:
         notes.append("no behaviour probes: the base is not a lora_lens zoo model, so pass --prompts FILE (one prompt "
                      "per line) for diff mining")
     return report
