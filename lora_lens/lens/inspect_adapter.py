@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -45,8 +46,8 @@ from lora_lens.lens.diff import (behaviour_diff, detect_triggers, mine_prompts, 
 from lora_lens.lens.inspect_report import InspectReport
 from lora_lens.utils import write_json
 
-__all__ = ["CONFIG_KEYS", "REPORT_FILES", "check_out_dir", "default_out_dir", "inspect_adapter",
-           "write_inspect_report"]
+__all__ = ["CONFIG_KEYS", "REPORT_FILES", "OpenAdapter", "check_out_dir", "default_out_dir", "inspect_adapter",
+           "open_adapter", "write_inspect_report"]
 
 REPORT_FILES = ("report.json", "report.html")
 CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
@@ -133,6 +134,52 @@ def _find_task(adapter_dir: Path, manifest: dict | None, world, task, notes: lis
                  "rebuilt: the diff covers the world's whole query space, unscored. To score it, save the task next "
                  "to the adapter (task.save(ADAPTER_DIR/'task.jsonl')) or pass --task FILE")
     return None, {"name": name, "source": "manifest (not rebuilt)"}
+
+
+@dataclass
+class OpenAdapter:
+    """A PEFT adapter loaded on its base, with the task it is studied on (what a notebook needs of a fit).
+
+    Attributes:
+        model: The ``PeftModel`` (base obtained with ``with model.disable_adapter():``).
+        tokenizer: The base's tokenizer.
+        task: The task (its specificity / general probes without an answer expect the base's own answer).
+        adapter_dir: The adapter folder.
+        rank: The adapter's LoRA rank ``r``.
+    """
+
+    model: object
+    tokenizer: object
+    task: Task
+    adapter_dir: Path
+    rank: int
+
+
+def open_adapter(base_model: str | Path, adapter: str | Path, task_file: str | Path, device: str = "cpu") -> OpenAdapter:
+    """Load a PEFT LoRA ``adapter`` on ``base_model`` (hub name, local folder or ``"smollm2-135m"``) and the task
+    file it is studied on — every file checked before the model is loaded, the task against the tokenizer after.
+
+    Raises:
+        NotFoundError: No adapter folder / config / weights, or no task file.
+        ConfigError: A task that does not fit the tokenizer (every problem with its line).
+        MismatchError: The adapter was trained on another base.
+    """
+    folder = Path(adapter).expanduser()
+    config = read_config(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise NotFoundError(f"{folder} has no {WEIGHTS}: pass a PEFT adapter folder (peft_model.save_pretrained)")
+    task = _load_data_task(task_file)
+    model, tokenizer = load_model(base_model, device=device)
+    problems = check_task(task, tokenizer)
+    if problems:
+        raise ConfigError(f"task {task.name!r} does not fit the base {base_model}'s tokenizer:\n  "
+                          + "\n  ".join(problems[:10]))
+    try:
+        pm = load_adapter(model, folder)
+    except MismatchError as exc:
+        raise MismatchError(f"adapter {folder} does not fit the base {base_model}: {exc}") from exc
+    # the base answers with the adapter switched off (load_adapter wraps the base in place)
+    return OpenAdapter(pm.eval(), tokenizer, fill_base_answers(task, pm, tokenizer), folder, int(config.get("r", 0)))
 
 
 def check_out_dir(out: str | Path) -> Path:

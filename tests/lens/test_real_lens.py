@@ -58,15 +58,24 @@ def train_facts(model, tokenizer, task: Task, steps: int = 30, lr: float = 1e-3)
     return pm
 
 
+def facts_adapter(cache: Path) -> Path:
+    """The example task's adapter in this session's test cache, trained on first use (also used by
+    tests/workshop/test_real_lens_notebooks.py)."""
+    folder = Path(cache) / "test_adapters" / "smollm2_facts"
+    if not (folder / "adapter_model.safetensors").is_file():
+        torch.set_num_threads(2)
+        model, tok = load_model("smollm2-135m")
+        train_facts(model, tok, Task.load(TASK)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def facts(tmp_path_factory):
+def facts(test_cache):
+    from peft import PeftModel
     torch.set_num_threads(2)
+    folder = facts_adapter(test_cache)
     model, tok = load_model("smollm2-135m")
-    task = Task.load(TASK)
-    pm = train_facts(model, tok, task)
-    folder = tmp_path_factory.mktemp("smollm2_facts_adapter")
-    pm.save_pretrained(folder)
-    return pm, tok, task, folder
+    return PeftModel.from_pretrained(model, str(folder)).eval(), tok, Task.load(TASK), folder
 
 
 def test_multi_token_target_is_the_whole_answer_and_matches_captum(facts):
