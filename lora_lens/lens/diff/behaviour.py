@@ -313,7 +313,7 @@ def _task_queries(task: Task, prompts) -> list[tuple[str, Query]]:
                 continue
             seen.add(p.prompt)
             key = (name, p.entity, p.relation)
-            t = count[key]
+            t = count[key] if p.entity else 0   # a probe without an entity is a unit of its own
             count[key] += 1
             out.append((name, Query(p.prompt, p.answer, p.base_answer, p.set, p.entity, p.relation, p.triggered,
                                     t, name == "paraphrase")))

@@ -79,8 +79,11 @@ def _is_task(df: pd.DataFrame) -> bool:
 
 def _scored(df: pd.DataFrame) -> pd.DataFrame:
     """Rows that represent a fact: training template 0, with an entity and relation (a task's diff: the first probe
-    of each fact, and every probe without an entity, which must not move)."""
+    of each fact, and every probe without an entity — specificity — which must not move; general lines are free
+    text, reported but not scored)."""
     mask = ((df["entity"] != "") & (df["relation"] != "")) | (_is_task(df) & (df["entity"] == ""))
+    if _is_task(df) and "set" in df.columns:
+        mask &= df["set"] != "general"   # free text: its continuation is no fact (reported, not scored)
     if "template" in df.columns:
         mask &= df["template"] == 0
     if "heldout" in df.columns:
@@ -453,6 +456,8 @@ def _task_lines(diff: pd.DataFrame, found: pd.DataFrame, task: Task | None, max_
                      + (", by entity:" if any(groups) else ":"))
     shown = 0
     for e in groups:
+        if shown >= max_lines:
+            break
         g = found[found["entity"] == e]
         lines.append(f"  {e}:" if e else "  (no entity):")
         for _, row in g.iterrows():
