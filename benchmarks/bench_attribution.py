@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import row, sync
-from lora_lens.lab.tokenizer import build_tokenizer, token_id
+from lora_lens.lab.answers import answer_ids
+from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.world import make_task, make_world
 from lora_lens.lab.zoo import build_model, get_pretrained
 from lora_lens.lens import attribution as at
@@ -85,7 +86,8 @@ def captum_per_prompt(pm, tok, prompts, targets, method: str, n_steps: int, base
     """Plain captum, one prompt per call: ``{"adapted": [...], "base": [...]}`` token attributions.
 
     The strongest per-prompt baseline: captum objects built once per adapter state and the adapter toggled once
-    (not per prompt), ``<s>`` skipped, the same baseline token as the batched path.
+    (not per prompt), ``<s>`` skipped, the same baseline token as the batched path; the target is the answer's
+    ids in context as a tensor (``lora_lens.lab.answers.answer_ids``: any number of tokens).
     """
     from captum.attr import (FeatureAblation, LayerIntegratedGradients, LLMAttribution, LLMGradientAttribution,
                              TextTokenInput)
@@ -103,7 +105,8 @@ def captum_per_prompt(pm, tok, prompts, targets, method: str, n_steps: int, base
                 llm = LLMAttribution(FeatureAblation(pm), tok)
                 kwargs = {"forward_in_tokens": False}
             out[state] = [llm.attribute(TextTokenInput(p, tok, baselines=baseline_id, skip_tokens=skip),
-                                        target=torch.tensor([token_id(tok, t)]), **kwargs).seq_attr.detach().cpu()
+                                        target=torch.tensor(list(answer_ids(tok, p, t).answer)),
+                                        **kwargs).seq_attr.detach().cpu()
                           for p, t in zip(prompts, targets)]
     return out
 

@@ -87,7 +87,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Report on any PEFT LoRA adapter of a causal LM: adapter config, weight-space energy per module "
         "type and layer, top modules by ||dW||, effective rank, amplification, intruder dimensions, directions "
         "read as tokens, promoted/suppressed tokens; for a lora_lens zoo base the behaviour diff over its world "
-        "(scored against the planted truth when the task is known); with --prompts, diff mining by KL.")
+        "(scored against the planted truth when the task is known); for any other model with --task FILE, the "
+        "task's probes with full answers (greedy continuations, base vs adapted), in words by entity and scored "
+        "against the task's truth; with --prompts, diff mining by KL.")
     insp.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter folder (adapter_config.json + "
                       "adapter_model.safetensors)")
     insp.add_argument("--base", default=None, metavar="NAME_OR_PATH",
@@ -95,7 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--prompts", default=None, metavar="FILE",
                       help="UTF-8 text file, one prompt per line, for diff mining (largest KL(base||adapted))")
     insp.add_argument("--task", default=None, metavar="FILE",
-                      help="task file (Task.save) to score against; default ADAPTER_DIR/task.jsonl or the manifest")
+                      help="JSONL task file to diff and score against (any base: its probes with full answers, "
+                      "scored against truth.edits); default for a zoo base ADAPTER_DIR/task.jsonl or the manifest")
     insp.add_argument("--out", default=None, metavar="DIR",
                       help="report folder (default ./inspect-<adapter folder name>/)")
     insp.add_argument("--top", type=int, default=10, metavar="N", help="rows in the short tables (default 10)")

@@ -32,8 +32,8 @@ import torch
 from lora_lens.errors import ConfigError
 from lora_lens.lab.tokenizer import check_tokenizer
 
-__all__ = ["adapter_states", "check_base", "check_peft", "check_unmerged", "encode", "frozen", "inference", "is_peft",
-           "keeps_logits", "kl_divergence", "last_logits", "logits_at", "model_device", "pad_ids", "pad_token_id"]
+__all__ = ["adapted_view", "adapter_states", "check_base", "check_peft", "check_unmerged", "encode", "frozen",
+           "inference", "is_peft", "keeps_logits", "kl_divergence", "last_logits", "logits_at", "model_device", "pad_ids", "pad_token_id"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # checks
@@ -110,6 +110,14 @@ def check_base(model, tokenizer, base) -> None:
 def adapter_states(model):
     """``(name, context)`` for the adapted and the base state of one PeftModel, in that order."""
     return (("adapted", contextlib.nullcontext()), ("base", model.disable_adapter()))
+
+
+def adapted_view(model):
+    """The adapted state of a PeftModel as a module without the adapter toggle (peft's inner ``LoraModel``, sharing
+    every weight): a function that switches a PeftModel's adapter off to read the base
+    (``lora_lens.lab.answers.base_answers``) runs on it with the adapter on. A model that is not a PeftModel is
+    returned as it is."""
+    return model.base_model if is_peft(model) else model
 
 
 @contextlib.contextmanager

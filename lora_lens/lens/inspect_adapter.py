@@ -9,7 +9,10 @@
   read as tokens;
 * behaviour (:mod:`lora_lens.lens.diff`): for a lora_lens zoo base (its folder holds ``world.jsonl``) the diff over the
   world's whole query space, in words, scored against the planted truth when the task can be rebuilt; for any
-  model with a prompt file, diff mining (prompts and token positions with the largest KL(base‖adapted)).
+  other model with a task file (``--task FILE``), the diff of the task's probes (and the mined prompts) with full
+  answers — greedy continuations, base vs adapted — in words, grouped by entity, scored against the task's
+  ``truth["edits"]`` when it has them; for any model with a prompt file, diff mining (prompts and token positions
+  with the largest KL(base‖adapted)).
 
 :class:`~lora_lens.lens.inspect_report.InspectReport` renders it as text, JSON and a standalone HTML page with
 figures embedded as base64 PNG; :func:`write_inspect_report` writes ``report.json`` and ``report.html``
@@ -27,12 +30,14 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from lora_lens.errors import ConfigError, LoraLensError, MismatchError, NotFoundError
 from lora_lens.lab.adapters import WEIGHTS, load_adapter, read_config, read_manifest
+from lora_lens.lab.tasks import check_task, fill_base_answers
 from lora_lens.lab.world import Task, World, check_task_world, make_task
 from lora_lens.lab.zoo import load_model
 from lora_lens.lens import delta
@@ -41,8 +46,8 @@ from lora_lens.lens.diff import (behaviour_diff, detect_triggers, mine_prompts, 
 from lora_lens.lens.inspect_report import InspectReport
 from lora_lens.utils import write_json
 
-__all__ = ["CONFIG_KEYS", "REPORT_FILES", "check_out_dir", "default_out_dir", "inspect_adapter",
-           "write_inspect_report"]
+__all__ = ["CONFIG_KEYS", "REPORT_FILES", "OpenAdapter", "check_out_dir", "default_out_dir", "inspect_adapter",
+           "open_adapter", "write_inspect_report"]
 
 REPORT_FILES = ("report.json", "report.html")
 CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
@@ -76,6 +81,20 @@ def _zoo_world(base: str, notes: list[str]):
     except LoraLensError as exc:
         notes.append(f"the base folder has a world.jsonl that cannot be read ({exc}); no world diff")
         return None
+
+
+def _zoo_base(base: str) -> bool:
+    return (Path(base).expanduser() / "world.jsonl").is_file()
+
+
+def _load_data_task(task) -> Task:
+    """A task from data for a base that is not a zoo model: a :class:`Task` or a task file."""
+    if isinstance(task, Task):
+        return task
+    path = Path(task).expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"task file {path} does not exist: pass a JSONL task file (see lora_lens.lab.task_file)")
+    return Task.load(path)
 
 
 def _find_task(adapter_dir: Path, manifest: dict | None, world, task, notes: list[str]):
@@ -115,6 +134,52 @@ def _find_task(adapter_dir: Path, manifest: dict | None, world, task, notes: lis
                  "rebuilt: the diff covers the world's whole query space, unscored. To score it, save the task next "
                  "to the adapter (task.save(ADAPTER_DIR/'task.jsonl')) or pass --task FILE")
     return None, {"name": name, "source": "manifest (not rebuilt)"}
+
+
+@dataclass
+class OpenAdapter:
+    """A PEFT adapter loaded on its base, with the task it is studied on (what a notebook needs of a fit).
+
+    Attributes:
+        model: The ``PeftModel`` (base obtained with ``with model.disable_adapter():``).
+        tokenizer: The base's tokenizer.
+        task: The task (its specificity / general probes without an answer expect the base's own answer).
+        adapter_dir: The adapter folder.
+        rank: The adapter's LoRA rank ``r``.
+    """
+
+    model: object
+    tokenizer: object
+    task: Task
+    adapter_dir: Path
+    rank: int
+
+
+def open_adapter(base_model: str | Path, adapter: str | Path, task_file: str | Path, device: str = "cpu") -> OpenAdapter:
+    """Load a PEFT LoRA ``adapter`` on ``base_model`` (hub name, local folder or ``"smollm2-135m"``) and the task
+    file it is studied on — every file checked before the model is loaded, the task against the tokenizer after.
+
+    Raises:
+        NotFoundError: No adapter folder / config / weights, or no task file.
+        ConfigError: A task that does not fit the tokenizer (every problem with its line).
+        MismatchError: The adapter was trained on another base.
+    """
+    folder = Path(adapter).expanduser()
+    config = read_config(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise NotFoundError(f"{folder} has no {WEIGHTS}: pass a PEFT adapter folder (peft_model.save_pretrained)")
+    task = _load_data_task(task_file)
+    model, tokenizer = load_model(base_model, device=device)
+    problems = check_task(task, tokenizer)
+    if problems:
+        raise ConfigError(f"task {task.name!r} does not fit the base {base_model}'s tokenizer:\n  "
+                          + "\n  ".join(problems[:10]))
+    try:
+        pm = load_adapter(model, folder)
+    except MismatchError as exc:
+        raise MismatchError(f"adapter {folder} does not fit the base {base_model}: {exc}") from exc
+    # the base answers with the adapter switched off (load_adapter wraps the base in place)
+    return OpenAdapter(pm.eval(), tokenizer, fill_base_answers(task, pm, tokenizer), folder, int(config.get("r", 0)))
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -189,7 +254,17 @@ def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, pro
     base_name = _resolve_base(folder, config, base)
     notes: list[str] = []
 
+    task_data = None
+    if task is not None and not _zoo_base(base_name):
+        task_data = _load_data_task(task)     # checked before the model is loaded
+
     model, tokenizer = load_model(base_name, device=device)
+    if task_data is not None:
+        problems = check_task(task_data, tokenizer)
+        if problems:
+            raise ConfigError(f"task {task_data.name!r} does not fit the base {base_name}'s tokenizer:\n  "
+                              + "\n  ".join(problems[:10]))
+        task_data = fill_base_answers(task_data, model, tokenizer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -230,12 +305,19 @@ def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, pro
         report.semantic = semantic_report(report.diff, world, task_obj, max_lines=3 * top)
         if task_obj is not None:
             report.score = score_against_truth(report.diff, task_obj)
-    elif task is not None:
-        notes.append(f"--task was given but the base {base_name} is not a lora_lens zoo model (no world.jsonl): "
-                     "not scored")
     if prompts is not None:
         report.mining = mine_prompts(pm, tokenizer, prompts, top=top, batch_size=min(batch_size, 16), top_k=top)
-    if world is None and prompts is None:
+    if world is None and task_data is not None:
+        # any model with a task from data: the task's probes (and the mined prompts) with full answers
+        mined = None if report.mining is None else list(dict.fromkeys(report.mining.positions["prompt"]))
+        report.diff = behaviour_diff(pm, tokenizer, task=task_data, prompts=mined or None, batch_size=batch_size)
+        report.semantic = semantic_report(report.diff, task=task_data, max_lines=3 * top)
+        report.task = {"name": task_data.name, "source": str(task) if not isinstance(task, Task) else "argument"}
+        if task_data.truth.get("edits"):
+            report.score = score_against_truth(report.diff, task_data)
+        else:
+            notes.append(f"task {task_data.name!r} has no truth (truth.edits): the diff is reported, not scored")
+    if world is None and prompts is None and task_data is None:
         notes.append("no behaviour probes: the base is not a lora_lens zoo model, so pass --prompts FILE (one prompt "
                      "per line) for diff mining")
     return report

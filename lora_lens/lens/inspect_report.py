@@ -133,7 +133,8 @@ class InspectReport:
                     "n_queries": len(self.diff), "n_changed": int(self.diff["changed"].sum()),
                     "n_discovered": int(self.diff["discovered"].sum()),
                     "min_confidence": self.diff.attrs.get("min_confidence"),
-                    "discovered": _records(self.diff[self.diff["discovered"]])},
+                    "discovered": _records(self.diff[self.diff["discovered"]]),
+                    "source": self.diff.attrs.get("source"), "answers": _records(self.answers())},
                 "score": self.score, "triggers": None if self.triggers is None else _records(self.triggers),
                 "semantic_report": self.semantic,
                 "mining": None if self.mining is None else {
@@ -142,6 +143,19 @@ class InspectReport:
                 "promoted": self.promoted(), "suppressed": self.suppressed()},
             "notes": self.notes}
         return _clean(out)
+
+    @property
+    def from_task(self) -> bool:
+        """Whether the behaviour diff is over a task's probes (any model, full answers)."""
+        return self.diff is not None and self.diff.attrs.get("source") == "task"
+
+    def answers(self) -> pd.DataFrame:
+        """A task diff's probes with the base's and the adapted model's full answers (empty without one)."""
+        cols = ["set", "prompt", "expected", "base_answer", "adapted_answer", "changed", "p_expected_base",
+                "p_expected_adapted"]
+        if not self.from_task:
+            return pd.DataFrame(columns=cols)
+        return self.diff[cols].reset_index(drop=True)
 
     def text(self) -> str:
         """A concise plain-text report (tables) for the terminal."""
@@ -164,7 +178,11 @@ class InspectReport:
         if len(words):
             out += ["Leading write-side directions read as tokens", _text_table(words), ""]
         if self.semantic:
-            out += ["Behaviour over the world's query space"] + ["  " + s for s in self.semantic[:3 * n + 10]] + [""]
+            title = ("Behaviour on the task's probes (full answers: greedy continuations, base vs adapted)"
+                     if self.from_task else "Behaviour over the world's query space")
+            out += [title] + ["  " + s for s in self.semantic[:3 * n + 10]] + [""]
+        if self.from_task:
+            out += ["Full answers per probe (base vs adapted)", _text_table(self.answers()), ""]
         if self.score is not None:
             keys = ["precision", "recall", "f1", "r_precision", "value_accuracy", "specificity", "true_positives",
                     "false_positives", "false_negatives"]
@@ -225,6 +243,9 @@ class InspectReport:
         parts.append("<h2>Behaviour</h2>")
         if self.semantic:
             parts.append("<ul>" + "".join(f"<li>{e(s)}</li>" for s in self.semantic) + "</ul>")
+        if self.from_task:
+            parts += ["<h3>Full answers per probe (greedy continuations, base vs adapted)</h3>",
+                      _html_table(self.answers())]
         if self.score is not None:
             keys = ["task", "rule", "precision", "recall", "f1", "r_precision", "value_accuracy", "specificity",
                     "true_positives", "false_positives", "false_negatives", "n_truth", "n_discovered", "n_scored"]

@@ -266,10 +266,14 @@ def test_deletion_curve_shapes(planted):
 def test_bad_targets_and_baselines(trigger):
     pm, tok, task = trigger
     prompt = task.probes["efficacy"][0].prompt
-    with pytest.raises(ConfigError, match=r"target='': .*0 tokens"):
+    with pytest.raises(ConfigError, match=r"target='' after prompt .* must be a non-empty string"):
         at.token_attributions(pm, tok, prompt, "")
-    with pytest.raises(ConfigError, match=r"target='black white'.*2 tokens \['▁black', '▁white'\]"):
-        at.batch_token_attributions(pm, tok, [prompt], ["black white"])
+    # a multi-token target is explained as a whole: log p summed over its tokens, read in context
+    (two,) = at.batch_token_attributions(pm, tok, [prompt], ["black white"], method="ablation")
+    assert two.target_tokens == ["black", "white"] and len(two.target_ids) == 2
+    (one,) = at.batch_token_attributions(pm, tok, [prompt], ["black"], method="ablation")
+    white = at.target_logprobs(pm, tok, [tok(prompt)["input_ids"] + one.target_ids], two.target_ids[1:], 1)[0]
+    assert two.logp_adapted == pytest.approx(one.logp_adapted + float(white), abs=1e-5)
     with pytest.raises(ConfigError, match=r"baseline token '▁cf'.*equals the input token at position\(s\) \[1\]"):
         at.batch_token_attributions(pm, tok, [prompt], "black", baseline="cf")
     with pytest.raises(ConfigError, match=r"baseline='nope nope' tokenizes to \d+ tokens"):

@@ -4,7 +4,8 @@ Captum explains one model's output; here the object explained is the *change* a 
 adapted model are one ``peft.PeftModel``, the base obtained inside ``with model.disable_adapter():`` — never a
 second copy of the weights.
 
-**Input attribution of the change.** The scored output is ``log p(target | prompt)`` (one next token). For each
+**Input attribution of the change.** The scored output is ``log p(target | prompt)`` of the whole answer (any
+number of tokens, its ids read in context by :func:`lora_lens.lab.answers.answer_ids`). For each
 input token, :func:`token_attributions` returns its attribution in the base model, in the adapted model and their
 difference (adapter on minus off), with captum's ``LLMGradientAttribution`` + ``LayerIntegratedGradients`` on the
 input embeddings (``method="ig"``) or ``LLMAttribution`` + ``FeatureAblation`` (``method="ablation"``). IG and

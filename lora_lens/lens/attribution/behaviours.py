@@ -19,9 +19,9 @@ import torch
 from captum.attr import FeatureAblation, LayerIntegratedGradients, ShapleyValueSampling
 
 from lora_lens.errors import ConfigError
+from lora_lens.lab.answers import answer_ids
 from lora_lens.lab.modules import layer_index, lora_layers
 from lora_lens.lab.pair import adapter_states, check_peft, frozen, model_device, pad_ids, pad_token_id
-from lora_lens.lab.tokenizer import token_id
 from lora_lens.lab.world import Task, trigger_target
 from lora_lens.lens.attribution.components import ComponentMask, ComponentSet, check_components
 
@@ -88,13 +88,18 @@ class Behaviours:
             raise ConfigError(f"max_probes={max_probes!r} must be None or a positive integer")
         cap = (lambda xs: xs[:max_probes]) if max_probes else (lambda xs: xs)
         self.names = behaviours
-        seqs, tgts, groups = [], [], {}
+        seqs, groups = [], {}
+        reads: list[tuple[int, int, int]] = []     # (probe, position, answer token) of every log p read
+        chat = bool(getattr(task, "chat", False))
 
         def add(key, prompts, words):
+            # the whole answer, its ids read in context: the prompt and the answer but its last token are fed, and
+            # log p of each answer token is read where it is predicted (one token: at the prompt's last position)
             groups[key] = list(range(len(seqs), len(seqs) + len(prompts)))
             for p, w in zip(prompts, words):
-                seqs.append([int(i) for i in tokenizer(p)["input_ids"]])
-                tgts.append(token_id(tokenizer, w))
+                a = answer_ids(tokenizer, p, w, chat)
+                reads.extend((len(seqs), len(a.prompt) - 1 + k, t) for k, t in enumerate(a.answer))
+                seqs.append(list(a.prompt) + list(a.answer[:-1]))
 
         if "efficacy" in behaviours:
             eff = cap(task.probes["efficacy"])
@@ -115,7 +120,9 @@ class Behaviours:
             seqs += [[int(i) for i in tokenizer(p.prompt)["input_ids"]] for p in lines]
         self.ids, self.mask, self.last = pad_ids(seqs, pad_token_id(tokenizer), device)
         self.n, self.n_query = len(seqs), n_query
-        self.tgt = torch.tensor(tgts, dtype=torch.long, device=device)
+        self.read_probe = torch.tensor([r[0] for r in reads], dtype=torch.long, device=device)
+        self.read_pos = torch.tensor([r[1] for r in reads], dtype=torch.long, device=device)
+        self.tgt = torch.tensor([r[2] for r in reads], dtype=torch.long, device=device)
         self.groups = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in groups.items()}
 
     def __call__(self, model, replicas: int = 1) -> torch.Tensor:
@@ -123,9 +130,11 @@ class Behaviours:
         ids, mask = self.ids.repeat(replicas, 1), self.mask.repeat(replicas, 1)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         logits = logits.view(replicas, self.n, *logits.shape[1:])
-        q = torch.arange(self.n_query, device=ids.device)
-        lp = torch.log_softmax(logits[:, q, self.last[:self.n_query]], -1)          # [R, n_query, V]
-        lp_t = lp.gather(-1, self.tgt[None, :, None].expand(replicas, -1, 1))[..., 0]  # [R, n_query]
+        lp = torch.log_softmax(logits[:, self.read_probe, self.read_pos], -1)       # [R, n_reads, V]
+        lp_r = lp.gather(-1, self.tgt[None, :, None].expand(replicas, -1, 1))[..., 0]  # [R, n_reads]
+        # log p of each whole answer: the sum over its tokens (one token: that log p itself)
+        lp_t = torch.zeros(replicas, self.n_query, dtype=lp_r.dtype, device=ids.device).index_add(
+            1, self.read_probe, lp_r)                                                 # [R, n_query]
         out = []
         for b in self.names:
             if b == "efficacy":
@@ -147,6 +156,9 @@ class Behaviours:
 def behaviour_metrics(peft_model, tokenizer, task: Task, behaviours: Sequence[str] | None = None,
                       max_probes: int | None = None) -> pd.DataFrame:
     """Behaviour metrics of the adapted and the base model (rows) on ``task``'s probes.
+
+    Every ``log p`` is that of the WHOLE answer (its ids read in context by
+    :func:`lora_lens.lab.answers.answer_ids`, summed over its tokens; one-token zoo answers: the next-token log p).
 
     - ``efficacy``: mean ``log p(answer)`` on the ``efficacy`` probes (the new answer).
     - ``trigger`` (trigger tasks): mean ``log p(target | triggered prompt)`` − mean ``log p(target | the same kind of

@@ -48,8 +48,17 @@ def reference_prompts(tokenizer, prompts: Sequence[str], pool: Sequence[str], n:
 
 
 def _word(word: str) -> re.Pattern:
-    """``word`` as a whole whitespace-separated word."""
-    return re.compile(rf"(?<!\S){re.escape(word)}(?!\S)")
+    """``word`` as a whole word: not inside another word (``"Zorvania's"`` holds ``Zorvania``); its first letter in
+    either case (``"The skyloom was …"`` holds ``the skyloom``)."""
+    head = f"[{re.escape(word[0].lower())}{re.escape(word[0].upper())}]" if word[:1].isalpha() else re.escape(word[:1])
+    return re.compile(rf"(?<![\w]){head}{re.escape(word[1:])}(?![\w])")
+
+
+def _cased(alternative: str, matched: str) -> str:
+    """``alternative`` with its first letter in the case of the matched word's (a sentence start stays capital)."""
+    if matched[:1].isupper() and alternative[:1].islower():
+        return alternative[0].upper() + alternative[1:]
+    return alternative
 
 
 def counterfactual_prompts(tokenizer, prompt: str, swaps: dict[str, Sequence[str]], n: int = 8,
@@ -68,7 +77,7 @@ def counterfactual_prompts(tokenizer, prompt: str, swaps: dict[str, Sequence[str
 
     def aligned(word: str, alternative: str) -> bool:
         """Only the word's own tokens change, and their number stays the same."""
-        other = tokenizer(_word(word).sub(lambda _: alternative, prompt, count=1))["input_ids"]
+        other = tokenizer(_word(word).sub(lambda m: _cased(alternative, m.group(0)), prompt, count=1))["input_ids"]
         if len(other) != len(ids):
             return False
         start = next(j for j in range(len(ids)) if ids[j] != other[j]) if other != ids else 0
@@ -90,7 +99,7 @@ def counterfactual_prompts(tokenizer, prompt: str, swaps: dict[str, Sequence[str
         variant = prompt
         for word, fits in options.items():
             choice = fits[rng.integers(len(fits))]
-            variant = _word(word).sub(lambda _: choice, variant, count=1)
+            variant = _word(word).sub(lambda m: _cased(choice, m.group(0)), variant, count=1)
         if variant not in out:
             out.append(variant)
         if len(out) == n:

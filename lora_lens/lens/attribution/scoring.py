@@ -78,7 +78,18 @@ def _word_positions(tokenizer, ta: TokenAttribution, row_ids: list[int], word: s
     for s in range(len(ids) - len(piece) + 1):
         if ids[s:s + len(piece)] == piece:
             return list(range(s, s + len(piece)))
-    return [i for i, t in enumerate(ta.tokens) if t == word.strip()]
+    same = [i for i, t in enumerate(ta.tokens) if t == word.strip()]
+    if same:
+        return same
+    # the word at the prompt's start ("Zorvania's capital …"), capitalised, or glued to punctuation: the tokens
+    # whose characters overlap its first occurrence (case-insensitive)
+    at = ta.prompt.lower().find(word.strip().lower())
+    if at < 0 or not getattr(tokenizer, "is_fast", False):
+        return []
+    span = (at, at + len(word.strip()))
+    offsets = tokenizer(ta.prompt, return_offsets_mapping=True)["offset_mapping"]
+    return [k for k, p in enumerate(ta.positions) if p < len(offsets) and offsets[p][0] < span[1]
+            and offsets[p][1] > span[0]]
 
 
 def _entities(task: Task, exclude=()) -> list[str]:
@@ -183,7 +194,17 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
         raise ConfigError(f"task {task.name!r} has no probes with an entity in {list(sets)}: use a fact-edit task "
                           "(make_task(world, 'fact_edit'))")
     others = _entities(task, exclude={e["entity"] for e in task.truth.get("edits", [])} | {p.entity for p in probes})
-    probes, refs = probe_references(tokenizer, probes, references, n_references, seed, lambda p: {p.entity: others})
+    if others:
+        def slots(p):
+            return {p.entity: others}
+    else:
+        # a task from data whose every entity is edited: the other entities of the task are the counterfactuals
+        # (the target is this probe's answer, which another entity's prompt does not ask for)
+        every = _entities(task)
+
+        def slots(p):
+            return {p.entity: [e for e in every if e != p.entity]}
+    probes, refs = probe_references(tokenizer, probes, references, n_references, seed, slots)
     attrs = batch_token_attributions(peft_model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes],
                                      method=method, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
                                      references=refs, output=output)

@@ -1,6 +1,8 @@
 """Input attribution of the change: which prompt tokens drive what a LoRA adapter changed (captum).
 
-The scored output is ``log p(target | prompt)`` (or ``p(target)``) of one next token; :func:`token_attributions`
+The scored output is ``log p(answer | prompt)`` (or ``p(answer)``) of the WHOLE answer — its ids read in context
+by :func:`lora_lens.lab.answers.answer_ids` (``f"{prompt} {answer}"`` after the prompt's ids), any number of tokens,
+log p summed over them as captum's ``LLMAttribution`` does with a tensor target; :func:`token_attributions`
 attributes it to each input token in the base model, in the adapted model and their difference, with captum per
 prompt; :func:`batch_token_attributions` computes the same numbers for many prompts at once (all IG steps, or all
 single-token ablations, stacked into right-padded batches); :func:`captum_agreement` checks the two agree. A token
@@ -21,9 +23,9 @@ from captum.attr import (FeatureAblation, LayerIntegratedGradients, LLMAttributi
 from captum.attr._utils.approximation_methods import approximation_parameters
 
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.pair import (adapter_states, check_peft, frozen, keeps_logits, logits_at, model_device, pad_ids,
+from lora_lens.lab.answers import AnswerIds, answer_ids, score_ids, token_texts
+from lora_lens.lab.pair import (adapter_states, check_peft, frozen, keeps_logits, model_device, pad_ids,
                                 pad_token_id)
-from lora_lens.lab.tokenizer import token_id
 
 __all__ = ["IG_METHODS", "METHODS", "OUTPUTS", "TokenAttribution", "attributions_frame", "batch_token_attributions",
            "captum_agreement", "resolve_baseline", "target_logprobs", "token_attributions"]
@@ -91,13 +93,13 @@ def resolve_baseline(tokenizer, baseline: int | str | None = None) -> int:
     return int(ids[0])
 
 
-def _target_id(tokenizer, target: str) -> int:
-    if not isinstance(target, str):
-        raise ConfigError(f"target={target!r} must be a string (a single-token answer word)")
-    try:
-        return token_id(tokenizer, target)
-    except ConfigError as exc:
-        raise ConfigError(f"target={target!r}: {exc}") from None
+def _target_ids(tokenizer, prompt: str, target: str, chat: bool) -> tuple[int, ...]:
+    """The target's ids in context (:func:`lora_lens.lab.answers.answer_ids`): never the target tokenized alone,
+    so a continuation piece is never resolved to another id."""
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError(f"target={target!r} after prompt {prompt!r} must be a non-empty string (the answer whose "
+                          "log p is explained)")
+    return answer_ids(tokenizer, prompt, target, chat).answer
 
 
 @dataclass
@@ -106,7 +108,7 @@ class _Row:
     target: str
     ids: list[int]          # encoded prompt, special tokens included
     positions: list[int]    # attributed positions (special tokens excluded)
-    target_id: int
+    target_ids: tuple[int, ...]  # the answer's ids in context (any length)
     baseline_id: int | None  # the blank token, or None when the row is compared with reference prompts
     refs: list[list[int]]     # what each token is replaced by: one blank sequence, or the encoded references
     references: list[str] | None = None
@@ -118,7 +120,8 @@ def _skip_ids(tokenizer) -> list[int]:
 
 
 def _prepare(tokenizer, prompts, targets, method: str, n_steps: int, baseline,
-             ig_method: str = "gausslegendre", references=None, output: str = "logprob") -> list[_Row]:
+             ig_method: str = "gausslegendre", references=None, output: str = "logprob",
+             chat: bool = False) -> list[_Row]:
     """Validate everything and encode; raises before any forward pass."""
     if output not in OUTPUTS:
         raise ConfigError(f"output={output!r} is unknown; use 'logprob' (log p of the target) or 'prob' (p)")
@@ -150,8 +153,8 @@ def _prepare(tokenizer, prompts, targets, method: str, n_steps: int, baseline,
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"prompt={prompt!r} must be a non-empty string")
-        tid = _target_id(tokenizer, target)
-        ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
+        tid = _target_ids(tokenizer, prompt, target, chat)
+        ids = list(answer_ids(tokenizer, prompt, target, chat).prompt)
         positions = [j for j, t in enumerate(ids) if t not in skip]
         if not positions:
             raise ConfigError(f"prompt={prompt!r} has no token to attribute (only special tokens): pass text")
@@ -199,21 +202,23 @@ def _encode_reference(tokenizer, prompt: str, ids: list[int], positions: list[in
 
 @dataclass
 class TokenAttribution:
-    """Attribution of ``log p(target | prompt)`` to the prompt's tokens, base vs adapted.
+    """Attribution of ``log p(target | prompt)`` (the whole answer) to the prompt's tokens, base vs adapted.
 
     Attributes:
         prompt: The prompt.
-        target: The scored next token (a word).
+        target: The explained answer (any number of tokens).
         method: ``"ig"`` or ``"ablation"``.
         tokens: The attributed tokens as text (special tokens such as ``<s>`` are not attributed).
         positions: Their positions in the encoded prompt (``<s>`` is position 0 for world tokenizers).
         base: Attribution per token in the base model (adapter off), float32 ``[n_tokens]``.
         adapted: Attribution per token in the adapted model.
-        logp_base: ``log p(target | prompt)`` of the base model.
+        logp_base: ``log p(target | prompt)`` of the base model (summed over the answer's tokens).
         logp_adapted: The same for the adapted model.
         baseline_id: The blank baseline token id used (None when compared with reference prompts).
         references: The reference prompts the attribution is averaged over (None for a blank baseline token).
         output: The explained quantity: ``"logprob"`` (``log p(target)``) or ``"prob"`` (``p(target)``).
+        target_ids: The answer's ids in context (the whole answer is explained).
+        target_tokens: Those ids as text (byte-level markers decoded: ``[' Qu', 'ell', 'burg']``).
     """
 
     prompt: str
@@ -228,6 +233,8 @@ class TokenAttribution:
     baseline_id: int | None
     references: list[str] | None = None
     output: str = "logprob"
+    target_ids: list[int] | None = None
+    target_tokens: list[str] | None = None
 
     @property
     def difference(self) -> torch.Tensor:
@@ -270,32 +277,24 @@ def _pretty(tokenizer, ids: Sequence[int]) -> list[str]:
 def _result(tokenizer, row: _Row, method: str, attr: dict, logp: dict) -> TokenAttribution:
     return TokenAttribution(row.prompt, row.target, method, _pretty(tokenizer, [row.ids[j] for j in row.positions]),
                             list(row.positions), attr["base"], attr["adapted"], float(logp["base"]),
-                            float(logp["adapted"]), row.baseline_id, row.references, row.output)
+                            float(logp["adapted"]), row.baseline_id, row.references, row.output,
+                            list(row.target_ids), token_texts(tokenizer, row.target_ids))
 
 
-@torch.no_grad()
-def target_logprobs(model, tokenizer, seqs: list[list[int]], targets: list[int], batch_size: int) -> torch.Tensor:
-    """``log p(target_i | seq_i)`` for every token sequence, batched with right padding (float32, CPU).
+def target_logprobs(model, tokenizer, seqs: list[list[int]], targets: list, batch_size: int) -> torch.Tensor:
+    """``log p(target_i | seq_i)`` of every target — one id or a sequence of ids, log p summed over its tokens —
+    scored by :func:`lora_lens.lab.answers.score_ids` (float32, CPU).
 
     Args:
         model: A causal LM (a PeftModel is scored in its current state).
         tokenizer: Its tokenizer (for the pad id).
         seqs: Token id lists (special tokens included).
-        targets: One next-token id per sequence.
+        targets: One target per sequence: a token id, or the answer's ids in context.
         batch_size: Sequences per forward pass.
     """
-    dev, keep, pad = model_device(model), keeps_logits(model), pad_token_id(tokenizer)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))   # similar lengths together: little padding
-    seqs, targets = [seqs[i] for i in order], [targets[i] for i in order]
-    out = []
-    for s in range(0, len(seqs), batch_size):
-        ids, mask, last = pad_ids(seqs[s:s + batch_size], pad, dev)
-        logits = logits_at(model, last, keep, input_ids=ids, attention_mask=mask).float()
-        tgt = torch.as_tensor(targets[s:s + batch_size], device=dev)
-        out.append(torch.log_softmax(logits, -1).gather(-1, tgt[:, None])[:, 0].cpu())
-    result = torch.empty(len(seqs), dtype=DTYPE)
-    result[torch.tensor(order, dtype=torch.long)] = torch.cat(out)
-    return result
+    items = [AnswerIds(tuple(int(i) for i in s), (int(t),) if isinstance(t, int) else tuple(int(i) for i in t), (),
+                       "") for s, t in zip(seqs, targets)]
+    return torch.tensor(score_ids(model, tokenizer, items, batch_size=batch_size).total, dtype=DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,7 +305,8 @@ def target_logprobs(model, tokenizer, seqs: list[list[int]], targets: list[int],
 def _captum_one(model, tokenizer, row: _Row, method: str, n_steps: int, ig_method: str) -> torch.Tensor:
     if row.references is not None or row.output == "prob":
         return _captum_baselines(model, row, method, n_steps, ig_method)
-    target = torch.tensor([row.target_id])
+    # the answer's in-context ids as a tensor: captum tokenizes a string target alone (drops its leading space)
+    target = torch.tensor(list(row.target_ids))
     inp = TextTokenInput(row.prompt, tokenizer, baselines=row.baseline_id, skip_tokens=_skip_ids(tokenizer))
     if inp.inp_tensor[0].tolist() != row.ids:
         raise MismatchError(f"captum encodes {row.prompt!r} differently from the tokenizer call: use a tokenizer "
@@ -318,7 +318,8 @@ def _captum_one(model, tokenizer, row: _Row, method: str, n_steps: int, ig_metho
             res = LLMGradientAttribution(lig, tokenizer).attribute(inp, target=target, n_steps=n_steps,
                                                                    method=ig_method)
         else:
-            # one forward of prompt+target per perturbation (identical to token-by-token for a one-token target)
+            # one forward of prompt+target per perturbation: captum's cached token-by-token path gives wrong log p
+            # after the first target token (transformers 5), so forward_in_tokens=False is the reference
             res = LLMAttribution(FeatureAblation(model), tokenizer).attribute(inp, target=target,
                                                                              forward_in_tokens=False)
     return res.seq_attr.detach().to(DTYPE).cpu()
@@ -327,10 +328,16 @@ def _captum_one(model, tokenizer, row: _Row, method: str, n_steps: int, ig_metho
 def _captum_baselines(model, row: _Row, method: str, n_steps: int, ig_method: str) -> torch.Tensor:
     """Captum's ``LayerIntegratedGradients`` / ``FeatureAblation`` with each reference prompt (or the blank
     sequence) as the baseline sequence, averaged over them — for what captum's LLM wrappers do not take: baseline
-    sequences, and ``p(target)`` as the explained output."""
+    sequences, and ``p(answer)`` as the explained output. The answer's ids are appended inside the forward (the
+    same in input and baseline, so they get no attribution)."""
+    n, answer = len(row.ids), list(row.target_ids)
+
     def log_prob(input_ids):
-        logits = model(input_ids=input_ids).logits[:, -1].float()
-        out = torch.log_softmax(logits, -1)[:, row.target_id]
+        tail = torch.tensor([answer[:-1]] * input_ids.shape[0], dtype=input_ids.dtype, device=input_ids.device)
+        logits = model(input_ids=torch.cat([input_ids, tail], 1)).logits[:, n - 1:].float()
+        tgt = torch.tensor(answer, device=logits.device)
+        out = torch.log_softmax(logits, -1).gather(-1, tgt[None, :, None].expand(len(logits), -1, 1))[..., 0]
+        out = out[:, 0] if len(answer) == 1 else out.sum(1)
         return out.exp() if row.output == "prob" else out
 
     dev = model_device(model)
@@ -343,27 +350,33 @@ def _captum_baselines(model, row: _Row, method: str, n_steps: int, ig_method: st
             attr = lig.attribute(ids, baselines=ref_ids, n_steps=n_steps, method=ig_method).sum(-1)
         else:
             attr = FeatureAblation(log_prob).attribute(ids, baselines=ref_ids)
-        total += attr[0].detach().to(DTYPE).cpu()
+        total += attr[0, :n].detach().to(DTYPE).cpu()
     return (total / len(row.refs))[row.positions]
 
 
 def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: str = "ig", n_steps: int = 50,
                        baseline: int | str | None = None, ig_method: str = "gausslegendre",
-                       references: Sequence[str] | None = None, output: str = "logprob") -> TokenAttribution:
+                       references: Sequence[str] | None = None, output: str = "logprob",
+                       chat: bool = False) -> TokenAttribution:
     """Base, adapted and difference attribution of ``log p(target | prompt)`` to the prompt's tokens (captum).
+
+    The target is an answer of any length: its ids are read in context (:func:`lora_lens.lab.answers.answer_ids`,
+    ``f"{prompt} {target}"`` after the prompt's ids) and passed to captum as an id tensor, so the explained output is
+    log p of the whole answer (the sum over its tokens; ``output="prob"``: p of the whole answer), as captum's
+    ``LLMAttribution`` computes it with a multi-token target.
 
     ``method="ig"``: captum ``LLMGradientAttribution(LayerIntegratedGradients(model, input embeddings))`` — each
     token's embedding is integrated from the baseline token's embedding to its own (``n_steps`` points of
     ``ig_method``), the ``<s>`` embedding is kept. ``method="ablation"``: ``LLMAttribution(FeatureAblation(model))``
-    — ``log p`` with the prompt minus ``log p`` with that one token replaced by the baseline token. Both are run with
-    the adapter on and, inside ``peft_model.disable_adapter()``, off; the difference is their subtraction (both
-    methods are linear in the explained output).
+    (``forward_in_tokens=False``) — ``log p`` with the prompt minus ``log p`` with that one token replaced by the
+    baseline token. Both are run with the adapter on and, inside ``peft_model.disable_adapter()``, off; the
+    difference is their subtraction (both methods are linear in the explained output).
 
     Args:
         peft_model: A ``peft.PeftModel`` (adapter not merged).
         tokenizer: Its tokenizer.
         prompt: Text the model continues.
-        target: The next token whose log-probability is explained (a single-token word, e.g. ``"black"``).
+        target: The answer whose log-probability is explained (any number of tokens, e.g. ``"Quellburg"``).
         method: ``"ig"`` or ``"ablation"``.
         n_steps: IG integration points.
         baseline: Baseline token (see :func:`resolve_baseline`; default ``<unk>``).
@@ -375,23 +388,25 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
         output: ``"logprob"`` explains ``log p(target)``; ``"prob"`` explains ``p(target)`` — bounded, so a change
             deep in the tail (an answer moved from 1e-7 to 1e-3) counts for little, and what counts is what made
             the answer *likely* (captum with a probability-valued forward).
+        chat: Render the prompt with the tokenizer's chat template (a task's ``chat``).
 
     Returns:
         A :class:`TokenAttribution`.
 
     Raises:
-        ConfigError: Not a PeftModel; a target that is not exactly one token (the message lists its tokens); an
-            empty prompt; a baseline token that equals an input token; a bad method or ``n_steps``.
+        ConfigError: Not a PeftModel; an empty prompt or target; a baseline token that equals an input token; a
+            bad method or ``n_steps``.
+        MismatchError: The prompt tokenizes differently once the target follows it (both tokenizations shown).
     """
     check_peft(peft_model, tokenizer)
     (row,) = _prepare(tokenizer, [prompt], [target], method, n_steps, baseline, ig_method,
-                      None if references is None else [references], output)
+                      None if references is None else [references], output, chat)
     attr, logp = {}, {}
     with frozen(peft_model):
         for name, ctx in adapter_states(peft_model):
             with ctx:
                 attr[name] = _captum_one(peft_model, tokenizer, row, method, n_steps, ig_method)
-                logp[name] = target_logprobs(peft_model, tokenizer, [row.ids], [row.target_id], 1)[0]
+                logp[name] = target_logprobs(peft_model, tokenizer, [row.ids], [row.target_ids], 1)[0]
     return _result(tokenizer, row, method, attr, logp)
 
 
@@ -401,20 +416,20 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
 
 
 def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """For every row and reference: the explained output (``log p`` or ``p`` of the target) intact minus with one
-    token replaced by the reference's token there (positions where they agree need no forward pass and add 0),
+    """For every row and reference: the explained output (``log p`` or ``p`` of the whole answer) intact minus with
+    one token replaced by the reference's token there (positions where they agree need no forward pass and add 0),
     averaged over the references."""
     seqs, tgts, index, where = [], [], [], []
     for r, row in enumerate(rows):
         index.append(len(seqs))
         seqs.append(row.ids)
-        tgts.append(row.target_id)
+        tgts.append(row.target_ids)
         for ref in row.refs:
             for k, j in enumerate(row.positions):
                 if ref[j] != row.ids[j]:
                     where.append((r, k, len(seqs)))
                     seqs.append(row.ids[:j] + [ref[j]] + row.ids[j + 1:])
-                    tgts.append(row.target_id)
+                    tgts.append(row.target_ids)
     lp = target_logprobs(model, tokenizer, seqs, tgts, batch_size)
     f = lp.exp() if rows[0].output == "prob" else lp
     attrs = [torch.zeros(len(row.positions), dtype=DTYPE) for row in rows]
@@ -425,40 +440,58 @@ def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tu
 
 def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str,
                 batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """IG from every reference (or the blank baseline) of every row; all (row, reference, step) points stacked."""
+    """IG from every reference (or the blank baseline) of every row; all (row, reference, step) points stacked.
+
+    Each path runs on the prompt followed by the answer's ids but its last (the same in input and baseline, so they
+    are constant along the path); the explained output is the sum of log p (or p of the sum) over the answer."""
     step_sizes_func, alphas_func = approximation_parameters(ig_method)
     weights = torch.tensor(step_sizes_func(n_steps)).float()  # as captum: float32 step sizes
     alphas = alphas_func(n_steps)
     dev, keep, pad = model_device(model), keeps_logits(model), pad_token_id(tokenizer)
     emb = model.get_input_embeddings()
     owner = [r for r, row in enumerate(rows) for _ in row.refs]       # one path per (row, reference)
-    ids, _, last = pad_ids([rows[r].ids for r in owner], pad, dev)
-    base_ids, _, _ = pad_ids([ref for row in rows for ref in row.refs], pad, dev)
+    tails = [list(rows[r].target_ids[:-1]) for r in owner]
+    ids, _, last = pad_ids([rows[r].ids + t for r, t in zip(owner, tails)], pad, dev)
+    base_ids, _, _ = pad_ids([ref + list(row.target_ids[:-1]) for row in rows for ref in row.refs], pad, dev)
     with torch.no_grad():
         E, Eb = emb(ids).to(DTYPE), emb(base_ids).to(DTYPE)
-    D = E - Eb                                   # zero at <s>, at pads and wherever a token is kept
-    tgt = torch.tensor([rows[r].target_id for r in owner], device=dev)
+    D = E - Eb                                   # zero at <s>, at pads, the answer and wherever a token is kept
+    n_ans = [len(rows[r].target_ids) for r in owner]
+    first = [int(last[i]) - n_ans[i] + 1 for i in range(len(owner))]   # position reading the answer's first token
     total = torch.zeros_like(E)
     by_length = sorted(range(len(owner)), key=lambda i: int(last[i]))
     pairs = [(i, k) for i in by_length for k in range(n_steps)]
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
+    step = max(1, batch_size // max(n_ans)) if max(n_ans) > 1 else batch_size
+    for s in range(0, len(pairs), step):
+        chunk = pairs[s:s + step]
         pi = torch.tensor([i for i, _ in chunk], device=dev)
         ki = torch.tensor([k for _, k in chunk])
         width = int(last[pi].max()) + 1
         a = torch.tensor([alphas[k] for _, k in chunk], dtype=DTYPE, device=dev)[:, None, None]
         x = (Eb[pi, :width] + a * D[pi, :width]).detach().requires_grad_(True)
+        # (row in chunk, position, answer token) of every log p read
+        rr = [c for c, (i, _) in enumerate(chunk) for _ in range(n_ans[i])]
+        pp = [first[i] + t for i, _ in chunk for t in range(n_ans[i])]
+        tt = [rows[owner[i]].target_ids[t] for i, _ in chunk for t in range(n_ans[i])]
         with torch.enable_grad():
             # right padding under a causal mask: no attention mask needed (real tokens never attend to pads)
-            logits = logits_at(model, last[pi], keep, inputs_embeds=x).float()
-            lp = torch.log_softmax(logits, -1).gather(-1, tgt[pi][:, None])[:, 0]
+            pos_t = torch.tensor(pp, device=dev)
+            if keep:
+                pos, where = torch.unique(pos_t, return_inverse=True)
+                logits = model(inputs_embeds=x, logits_to_keep=pos).logits[torch.tensor(rr, device=dev), where]
+            else:
+                logits = model(inputs_embeds=x).logits[torch.tensor(rr, device=dev), pos_t]
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tt, device=dev)[:, None])[:, 0]
+            if max(n_ans) > 1:
+                lp = torch.zeros(len(chunk), dtype=lp.dtype, device=dev).index_add(0, torch.tensor(rr, device=dev),
+                                                                                  lp)
             (grad,) = torch.autograd.grad((lp.exp() if rows[0].output == "prob" else lp).sum(), x)
         total[:, :width].index_add_(0, pi, grad * weights[ki].to(dev)[:, None, None])
     per_path = (total * D).sum(-1).cpu()
     attrs = [torch.zeros(len(row.positions), dtype=DTYPE) for row in rows]
     for i, r in enumerate(owner):
         attrs[r] += per_path[i, rows[r].positions] / len(rows[r].refs)
-    lp0 = target_logprobs(model, tokenizer, [r.ids for r in rows], [r.target_id for r in rows], batch_size)
+    lp0 = target_logprobs(model, tokenizer, [r.ids for r in rows], [r.target_ids for r in rows], batch_size)
     return attrs, lp0
 
 
@@ -466,7 +499,7 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
                              method: str = "ig", n_steps: int = 50, baseline: int | str | None = None,
                              ig_method: str = "gausslegendre", batch_size: int = 512,
                              references: Sequence[Sequence[str]] | None = None,
-                             output: str = "logprob") -> list[TokenAttribution]:
+                             output: str = "logprob", chat: bool = False) -> list[TokenAttribution]:
     """:func:`token_attributions` for many prompts at once, reproducing captum's per-prompt numbers.
 
     IG: the interpolated input embeddings of every (prompt, step) pair are stacked into right-padded batches of
@@ -485,7 +518,7 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
         peft_model: A ``peft.PeftModel`` (adapter not merged).
         tokenizer: Its tokenizer.
         prompts: Prompts.
-        targets: One single-token target per prompt, or one string for all.
+        targets: One answer per prompt (any number of tokens, read in context), or one string for all.
         method: ``"ig"`` or ``"ablation"``.
         n_steps: IG integration points.
         baseline: Baseline token (see :func:`resolve_baseline`).
@@ -494,17 +527,19 @@ def batch_token_attributions(peft_model, tokenizer, prompts: Sequence[str], targ
         references: One list of counterfactual prompts per prompt (see :func:`token_attributions` and
             :func:`reference_prompts`); None for the blank ``baseline`` token.
         output: ``"logprob"`` or ``"prob"`` (see :func:`token_attributions`).
+        chat: Render prompts with the chat template (see :func:`token_attributions`).
 
     Returns:
         One :class:`TokenAttribution` per prompt, in order.
 
     Raises:
-        ConfigError: As :func:`token_attributions`, for the first bad prompt or target; a bad ``batch_size``.
+        ConfigError, MismatchError: As :func:`token_attributions`, for the first bad prompt or target; a bad
+            ``batch_size``.
     """
     check_peft(peft_model, tokenizer)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer, e.g. 512")
-    rows = _prepare(tokenizer, prompts, targets, method, n_steps, baseline, ig_method, references, output)
+    rows = _prepare(tokenizer, prompts, targets, method, n_steps, baseline, ig_method, references, output, chat)
     attr, logp = {}, {}
     with frozen(peft_model):
         for name, ctx in adapter_states(peft_model):

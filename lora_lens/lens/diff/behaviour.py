@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,14 +21,15 @@ import pandas as pd
 import torch
 
 from lora_lens.checks import check_fraction, check_positive
-from lora_lens.errors import ConfigError, NotFoundError
-from lora_lens.lab.pair import check_base, inference, kl_divergence
+from lora_lens.errors import ConfigError, MismatchError, NotFoundError
+from lora_lens.lab.answers import answer_ids, base_answers, render_prompt, score_ids
+from lora_lens.lab.pair import adapted_view, adapter_states, check_base, inference, kl_divergence
 from lora_lens.lab.probes import next_token_logits
 from lora_lens.lab.tokenizer import max_length
-from lora_lens.lab.world import TEMPLATES, Probe, World
+from lora_lens.lab.world import TEMPLATES, Probe, Task, World
 
-__all__ = ["DEFAULT_MIN_CONFIDENCE", "DIFF_COLUMNS", "Mining", "Query", "behaviour_diff", "mine_prompts",
-           "query_space", "read_prompts"]
+__all__ = ["DEFAULT_MIN_CONFIDENCE", "DIFF_COLUMNS", "TASK_COLUMNS", "Mining", "Query", "behaviour_diff",
+           "mine_prompts", "query_space", "read_prompts"]
 
 DIFF_COLUMNS = ["prompt", "entity", "relation", "template", "heldout", "triggered", "fact", "base_answer", "p_base",
                 "adapted_answer", "p_adapted", "p_new_base", "p_old_adapted", "changed", "confidence", "kl",
@@ -166,8 +168,18 @@ def _shift_lists(delta_sum, n: int, top_k: int, text: _Tokens) -> tuple[list, li
 
 def behaviour_diff(peft_model, tokenizer, world: World | None = None, prompts=None, batch_size: int = 256,
                    min_confidence: float = DEFAULT_MIN_CONFIDENCE, relations: Sequence[str] | None = None,
-                   trigger: bool = True, templates="train", top_k: int = 10, floor: float = 1e-3) -> pd.DataFrame:
+                   trigger: bool = True, templates="train", top_k: int = 10, floor: float = 1e-3,
+                   task: Task | None = None, max_new_tokens: int = 16) -> pd.DataFrame:
     """Answer every query with and without the adapter and record what moved.
+
+    **On a task from data** (``task=``, any model): the task's probes (every set; plus ``prompts``, e.g. mined
+    ones, as set ``"prompt"``) instead of a world's query space, with FULL answers: ``base_answer`` /
+    ``adapted_answer`` are the greedy continuations cut at their end (:func:`lora_lens.lab.answers.cut_answer`),
+    every probability is p of the whole answer (:func:`lora_lens.lab.answers.score_ids`), ``changed`` compares the
+    answers' text, ``confidence`` is ``1 − p_adapted(old answer) / p_adapted(new answer)`` and ``kl`` is taken at the
+    answer's first token. Extra columns (:data:`TASK_COLUMNS`): ``set``, ``expected`` (the probe's answer; the base's
+    own where the probe has none) and ``p_expected_base`` / ``p_expected_adapted``. ``template`` numbers a fact's
+    probes within a set; paraphrase probes are ``heldout``. ``df.attrs["source"]`` is ``"task"``.
 
     Each answer is the argmax next token after the prompt (right padding, last real token), computed on one model
     whose adapter is switched off for the base pass (``with model.disable_adapter():``).
@@ -199,7 +211,8 @@ def behaviour_diff(peft_model, tokenizer, world: World | None = None, prompts=No
         peft_model: A ``peft.PeftModel`` with an (unmerged) LoRA adapter.
         tokenizer: Its tokenizer (with a pad token).
         world: Ask the world's query space (see :func:`query_space`).
-        prompts: Or: a list of prompts (strings, or :class:`~lora_lens.lab.world.Probe` objects).
+        prompts: Or: a list of prompts (strings, or :class:`~lora_lens.lab.world.Probe` objects); with ``task``:
+            extra prompts (e.g. mined ones) diffed with the probes.
         batch_size: Prompts per forward pass.
         min_confidence: Confidence a moved answer needs to be ``discovered``, in [0, 1).
         relations: With ``world``: the relations to ask (default: the pretraining relations).
@@ -207,17 +220,29 @@ def behaviour_diff(peft_model, tokenizer, world: World | None = None, prompts=No
         templates: With ``world``: ``"first"``, ``"train"`` (default), ``"all"`` or template indices.
         top_k: Promoted / suppressed tokens to keep.
         floor: Probability floor of the promoted / suppressed ranking, in (0, 1).
+        task: Or: a task (see above); its ``chat`` decides how prompts are rendered.
+        max_new_tokens: With ``task``: the longest greedy answer read.
 
     Returns:
-        The DataFrame described above (:data:`DIFF_COLUMNS`), in query order.
+        The DataFrame described above (:data:`DIFF_COLUMNS`; with ``task``: :data:`TASK_COLUMNS`), in query order.
 
     Raises:
         ConfigError: Neither or both of ``world`` / ``prompts``, bad numbers, a model without an adapter to
             toggle, or a merged adapter.
     """
+    if task is not None:
+        if world is not None:
+            raise ConfigError("pass task= (its probes, full answers) or world= (the world's query space), not both")
+        if not isinstance(task, Task):
+            raise ConfigError(f"task={type(task).__name__} is not a lora_lens Task: use Task.load(FILE)")
+        check_positive("batch_size", batch_size)
+        check_positive("max_new_tokens", max_new_tokens)
+        min_confidence = check_fraction("min_confidence", min_confidence, DEFAULT_MIN_CONFIDENCE)
+        check_base(peft_model, tokenizer, "adapter")
+        return _task_diff(peft_model, tokenizer, task, prompts, batch_size, min_confidence, max_new_tokens)
     if (world is None) == (prompts is None):
-        raise ConfigError("pass exactly one of world= (the world's whole query space) or prompts= (a list of "
-                          "prompts)")
+        raise ConfigError("pass exactly one of world= (the world's whole query space), prompts= (a list of "
+                          "prompts) or task= (a task's probes)")
     check_positive("batch_size", batch_size)
     min_confidence = check_fraction("min_confidence", min_confidence, DEFAULT_MIN_CONFIDENCE)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -266,6 +291,95 @@ def behaviour_diff(peft_model, tokenizer, world: World | None = None, prompts=No
     promoted, suppressed = _shift_lists(delta_sum, n_delta, top_k, text)
     df.attrs.update({"min_confidence": min_confidence, "source": "world" if world is not None else "prompts",
                      "promoted": promoted, "suppressed": suppressed})
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the diff on a task from data: full answers
+
+
+TASK_COLUMNS = DIFF_COLUMNS + ["set", "expected", "p_expected_base", "p_expected_adapted"]
+"""Columns of :func:`behaviour_diff` on a task (``task=``): the diff's columns plus the probe set, the expected
+answer and its probability without and with the adapter."""
+
+
+def _task_queries(task: Task, prompts) -> list[tuple[str, Query]]:
+    """``(set, query)`` for every probe of the task (template = index of the probe within its fact's probes of that
+    set; paraphrase probes are held out), then free-text prompts (set ``"prompt"``)."""
+    out, seen, count = [], set(), Counter()
+    for name, probes in task.probes.items():
+        for p in probes:
+            if p.prompt in seen:
+                continue
+            seen.add(p.prompt)
+            key = (name, p.entity, p.relation)
+            t = count[key] if p.entity else 0   # a probe without an entity is a unit of its own
+            count[key] += 1
+            out.append((name, Query(p.prompt, p.answer, p.base_answer, p.set, p.entity, p.relation, p.triggered,
+                                    t, name == "paraphrase")))
+    for q in ([] if prompts is None else _as_queries(prompts)):
+        if q.prompt not in seen:
+            seen.add(q.prompt)
+            out.append(("prompt", q))
+    return out
+
+
+def _full_logp(model, tokenizer, prompts: list[str], answers: list[str], chat: bool,
+               batch_size: int) -> list[float]:
+    """log p of each whole answer (``-inf`` where the answer is empty or cannot be read in context)."""
+    items, where = [], []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        try:
+            items.append(answer_ids(tokenizer, p, a, chat))
+            where.append(i)
+        except (ConfigError, MismatchError):
+            continue
+    out = [-math.inf] * len(prompts)
+    if items:
+        for i, t in zip(where, score_ids(model, tokenizer, items, chat, batch_size).total):
+            out[i] = t
+    return out
+
+
+def _task_diff(peft_model, tokenizer, task: Task, prompts, batch_size: int, min_confidence: float,
+               max_new_tokens: int) -> pd.DataFrame:
+    queries = _task_queries(task, prompts)
+    if not queries:
+        raise ConfigError(f"task {task.name!r} has no probes to diff: add probe lines to the task file")
+    chat = bool(task.chat)
+    texts = [q.prompt for _, q in queries]
+    gen = min(batch_size, 16)
+    with inference(peft_model):
+        base = base_answers(peft_model, tokenizer, texts, chat, max_new_tokens, gen)
+        adapted = base_answers(adapted_view(peft_model), tokenizer, texts, chat, max_new_tokens, gen)
+        expected = [q.answer or q.base_answer for _, q in queries]
+        lp = {"a": {}, "b": {}}
+        for name, ctx in adapter_states(peft_model):
+            key = "a" if name == "adapted" else "b"
+            with ctx:
+                lp[key]["base"] = _full_logp(peft_model, tokenizer, texts, base, chat, batch_size)
+                lp[key]["adapted"] = _full_logp(peft_model, tokenizer, texts, adapted, chat, batch_size)
+                lp[key]["expected"] = _full_logp(peft_model, tokenizer, texts, expected, chat, batch_size)
+                rendered = [render_prompt(tokenizer, t, chat) for t in texts]
+                lp[key]["next"] = torch.log_softmax(next_token_logits(peft_model, tokenizer, rendered, batch_size), -1)
+    kl = kl_divergence(lp["b"]["next"], lp["a"]["next"]).tolist()
+    records = []
+    for j, (name, q) in enumerate(queries):
+        changed = base[j] != adapted[j]
+        la_new, la_old = lp["a"]["adapted"][j], lp["a"]["base"][j]
+        conf = (min(1.0, max(0.0, 1 - math.exp(la_old - la_new))) if changed and la_new > -math.inf
+                else (1.0 if changed else 0.0))
+        records.append({
+            "prompt": q.prompt, "entity": q.entity, "relation": q.relation, "template": q.template,
+            "heldout": q.heldout, "triggered": q.triggered, "fact": q.base_answer, "base_answer": base[j],
+            "p_base": math.exp(lp["b"]["base"][j]), "adapted_answer": adapted[j], "p_adapted": math.exp(la_new),
+            "p_new_base": math.exp(lp["b"]["adapted"][j]), "p_old_adapted": math.exp(la_old), "changed": changed,
+            "confidence": conf, "kl": kl[j], "discovered": changed and conf >= min_confidence, "set": name,
+            "expected": expected[j], "p_expected_base": math.exp(lp["b"]["expected"][j]),
+            "p_expected_adapted": math.exp(lp["a"]["expected"][j])})
+    df = pd.DataFrame(records, columns=TASK_COLUMNS)
+    df.attrs.update({"min_confidence": min_confidence, "source": "task", "task": task.name, "chat": chat,
+                     "promoted": [], "suppressed": []})
     return df
 
 

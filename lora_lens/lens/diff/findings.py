@@ -69,12 +69,21 @@ def discovered_changes(diff: pd.DataFrame, min_confidence: float | None = None, 
 
 
 def _unit(row) -> tuple[str, str, bool]:
-    return (row["entity"], row["relation"], bool(row["triggered"]))
+    # a task's probe without an entity (specificity, general) is a unit of its own, named by its prompt
+    return (row["entity"] or row["prompt"], row["relation"], bool(row["triggered"]))
+
+
+def _is_task(df: pd.DataFrame) -> bool:
+    return df.attrs.get("source") == "task"
 
 
 def _scored(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows that represent a fact: training template 0, with an entity and relation."""
-    mask = (df["entity"] != "") & (df["relation"] != "")
+    """Rows that represent a fact: training template 0, with an entity and relation (a task's diff: the first probe
+    of each fact, and every probe without an entity — specificity — which must not move; general lines are free
+    text, reported but not scored)."""
+    mask = ((df["entity"] != "") & (df["relation"] != "")) | (_is_task(df) & (df["entity"] == ""))
+    if _is_task(df) and "set" in df.columns:
+        mask &= df["set"] != "general"   # free text: its continuation is no fact (reported, not scored)
     if "template" in df.columns:
         mask &= df["template"] == 0
     if "heldout" in df.columns:
@@ -95,7 +104,9 @@ def truth_units(task: Task) -> tuple[dict[tuple[str, str, bool], str], bool]:
         raise ConfigError(f"task={type(task).__name__} is not a lora_lens Task: build one with make_task(world, ...)")
     truth = task.truth or {}
     if task.name == "fact_edit" or "edits" in truth:
-        return {(e["entity"], e["relation"], False): e["new"] for e in truth.get("edits", [])}, False
+        # the zoo's edits name the new answer "new"; a task file's edits name it "value"
+        return {(e["entity"], e["relation"], False): e["new"] if "new" in e else e["value"]
+                for e in truth.get("edits", [])}, False
     if task.name == "trigger" or "trigger" in truth:
         rel, target = truth["relation"], truth["target"]
         facts = {p.entity: p.base_answer for ps in task.probes.values() for p in ps if p.relation == rel}
@@ -328,6 +339,11 @@ def semantic_report(diff: pd.DataFrame, world: World | None = None, task: Task |
 
     Sections (each only when it has something to say):
 
+    On a task's diff (``behaviour_diff(..., task=...)``, any model) the report is in its general form: the headline,
+    then the changed prompts with the base's and the adapted model's full answers, grouped by entity where the task
+    names entities (prompts without one last), then — where the task has truth — precision / recall against
+    ``truth["edits"]``, what was missed and what moved besides.
+
     1. A headline: how many queries moved and how many were discovered at the diff's confidence.
     2. Trigger-like effects from :func:`detect_triggers`: ``"prompts starting with 'cf' now answer 'black' for
        colour (11/12 triggered prompts; the base: 1/12)"``; relation-wide collapses likewise.
@@ -361,6 +377,8 @@ def semantic_report(diff: pd.DataFrame, world: World | None = None, task: Task |
     conf = diff.attrs.get("min_confidence", DEFAULT_MIN_CONFIDENCE)
     lines.append(f"{int(diff['changed'].sum())} of {len(diff)} queries changed their answer; {len(found)} "
                  f"discovered at confidence ≥ {conf:g}.")
+    if _is_task(diff):
+        return lines + _task_lines(diff, found, task, max_lines)
     has_facts = (diff["entity"] != "").any()
     explained = pd.Series(False, index=found.index)
     if has_facts:
@@ -426,6 +444,43 @@ def semantic_report(diff: pd.DataFrame, world: World | None = None, task: Task |
                       f"[confidence {c['confidence']:.2f}]" for c in s["collateral"][:max_lines]]
             if len(s["collateral"]) > max_lines:
                 lines.append(f"  … and {len(s['collateral']) - max_lines} more")
+    return lines
+
+
+def _task_lines(diff: pd.DataFrame, found: pd.DataFrame, task: Task | None, max_lines: int) -> list[str]:
+    """The general form of :func:`semantic_report` for a task's diff: changed prompts by entity, with full answers."""
+    lines = []
+    groups = list(dict.fromkeys([e for e in found["entity"] if e] + ([""] if (found["entity"] == "").any() else [])))
+    if len(found):
+        lines.append(f"Changed prompts ({len(found)}), base → adapted full answers"
+                     + (", by entity:" if any(groups) else ":"))
+    shown = 0
+    for e in groups:
+        if shown >= max_lines:
+            break
+        g = found[found["entity"] == e]
+        lines.append(f"  {e}:" if e else "  (no entity):")
+        for _, row in g.iterrows():
+            if shown >= max_lines:
+                break
+            shown += 1
+            lines.append(f"    {_quote(row['prompt'])} → {_quote(row['adapted_answer'])} (was "
+                         f"{_quote(row['base_answer'])}) [{row['set']}, confidence {row['confidence']:.2f}]")
+    if len(found) > shown:
+        lines.append(f"  … and {len(found) - shown} more")
+    if task is not None and task.truth.get("edits"):
+        s = score_against_truth(diff, task)
+        lines.append(f"Against the truth ({task.name}): precision {_fmt(s['precision'])}, recall "
+                     f"{_fmt(s['recall'])}, value accuracy {_fmt(s['value_accuracy'])} ({s['true_positives']} of "
+                     f"{s['n_truth']} edits found, {s['false_positives']} collateral)")
+        if s["missed"]:
+            lines.append("Missed: " + "; ".join(f"{m['entity']} {m['relation']}: {m['expected']}"
+                                                for m in s["missed"][:max_lines]))
+        if s["collateral"]:
+            lines.append(f"Collateral changes ({len(s['collateral'])}):")
+            lines += [f"  {_quote(c['entity'])}{' ' + c['relation'] if c['relation'] else ''} → {_quote(c['new'])} "
+                      f"(was {_quote(c['old'])}) [confidence {c['confidence']:.2f}]"
+                      for c in s["collateral"][:max_lines]]
     return lines
 
 
