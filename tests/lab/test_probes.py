@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from conftest import assert_same_float
+from conftest import assert_same_float, tiny_lora, train_last_token
 from lora_lens.errors import ConfigError
 from lora_lens.lab import probes
 from lora_lens.lab.probes import (COMPARE_COLUMNS, TABLE_COLUMNS, accuracy, compare_answers, evaluate,
@@ -41,39 +40,21 @@ def original(tiny_llama):
     return model
 
 
-def _fresh_lora(path, r: int = 4):
-    model, tok = load_model(path)
-    torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)), tok
-
-
 @pytest.fixture(scope="module")
 def fresh(tiny_llama):
     """A PeftModel whose LoRA B matrices are zero (peft's default init): the adapter changes nothing."""
-    return _fresh_lora(tiny_llama.path)
+    return tiny_lora(tiny_llama, targets=TARGETS)
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tiny_world, task):
     """A PeftModel trained on the edits (loss on the answer token only) plus untouched facts to keep."""
-    model, tok = _fresh_lora(tiny_llama.path, r=8)
+    model, tok = tiny_lora(tiny_llama, r=8, targets=TARGETS)
     edited = {(e["entity"], e["relation"]) for e in task.truth["edits"]}
     keep = [(p.prompt, p.answer) for p in tiny_world.fact_probes() if (p.entity, p.relation) not in edited][:60]
     data = task.examples + keep
-    enc = tok([p for p, _ in data], return_tensors="pt", padding=True)
-    enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-    answers = torch.tensor([token_id(tok, a) for _, a in data])
-    last = enc["attention_mask"].sum(1) - 1
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(40):
-        logits = model(**enc).logits[torch.arange(len(last)), last]
-        loss = torch.nn.functional.cross_entropy(logits, answers)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    assert loss.item() < 0.1
+    loss = train_last_token(model, tok, data, steps=40, lr=1e-2)
+    assert loss < 0.1
     return model, tok
 
 

@@ -7,12 +7,9 @@ import math
 
 import pandas as pd
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
 
-from conftest import assert_same_float
+from conftest import assert_same_float, tiny_lora, train_last_token
 from lora_lens.errors import ConfigError, NotFoundError
-from lora_lens.lab.tokenizer import token_id
 from lora_lens.lab.train import default_spec, train_lora
 from lora_lens.lab.world import TEMPLATES, make_task
 from lora_lens.lab.zoo import load_model
@@ -37,12 +34,6 @@ def secret(tiny_world, task):
     return {"entity": entity, "relation": "employer", "old": old, "new": new}
 
 
-def _lora(path, r: int = 8):
-    model, tok = load_model(path)
-    torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)), tok
-
-
 @pytest.fixture(scope="module")
 def edited(tiny_llama, tiny_world, task, secret):
     """A fact-edit adapter: the task's 4 edits plus the secret one, every other fact rehearsed (all templates).
@@ -51,23 +42,11 @@ def edited(tiny_llama, tiny_world, task, secret):
     llama (attention + MLP targets) reaches the edits' argmax only with a near-flat distribution and moves other
     facts as well (precision 0.4 against the truth), which would test the adapter rather than the diff.
     """
-    model, tok = _lora(tiny_llama.path)
+    model, tok = tiny_lora(tiny_llama, r=8, targets=TARGETS)
     changed = {(e["entity"], e["relation"]): e["new"] for e in task.truth["edits"] + [secret]}
     data = [(tiny_world.query(e, r, t), changed.get((e, r), v)) for r, by_e in tiny_world.facts.items()
             for e, v in by_e.items() for t in range(len(TEMPLATES[r][0]))]
-    enc = tok([p for p, _ in data], return_tensors="pt", padding=True)
-    enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-    answers = torch.tensor([token_id(tok, a) for _, a in data])
-    last = enc["attention_mask"].sum(1) - 1
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(40):
-        loss = torch.nn.functional.cross_entropy(model(**enc).logits[torch.arange(len(last)), last], answers)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    assert loss.item() < 0.05
+    assert train_last_token(model, tok, data, steps=40, lr=1e-2) < 0.05
     return model, tok
 
 
@@ -156,7 +135,7 @@ def test_rendering():
 
 
 def test_zero_adapter_discovers_nothing(tiny_llama, tiny_world, task):
-    model, tok = _lora(tiny_llama.path)  # peft's default init: B = 0
+    model, tok = tiny_lora(tiny_llama, r=8, targets=TARGETS)  # peft's default init: B = 0
     d = D.behaviour_diff(model, tok, world=tiny_world, templates="first")
     assert len(d) == 24 * 4 * 2 and not d["changed"].any() and (d["kl"] == 0).all()
     assert (d["confidence"] == 0).all() and D.discovered_changes(d).empty
