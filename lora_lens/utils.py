@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from lora_lens.events import ENV, Tracker, trainer_callbacks
 
 __all__ = ["atomic_dir", "file_lock", "quiet_transformers", "set_seed", "sha256_file", "show_progress", "stable_hash",
            "verify_manifest", "write_json"]
@@ -133,13 +136,9 @@ def show_progress() -> bool:
 
 def progress_bar(iterable=None, total: int | None = None, desc: str | None = None):
     """A tqdm bar for a long loop, shown when :func:`show_progress` is true; under ``lora-lens run``
-    (``$LORA_LENS_PROGRESS`` set) it also reports step and ETA to the runner (:mod:`lora_lens.workshop.progress`)."""
-    from tqdm.auto import tqdm
-
+    (``$LORA_LENS_PROGRESS`` set) it also reports step and ETA to the runner (:mod:`lora_lens.events`)."""
     bar = tqdm(iterable, total=total, desc=desc, disable=not show_progress())
-    if os.environ.get("LORA_LENS_PROGRESS"):
-        from lora_lens.workshop.progress import Tracker
-
+    if os.environ.get(ENV):
         return Tracker(bar, total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None),
                        desc)
     return bar
@@ -147,10 +146,6 @@ def progress_bar(iterable=None, total: int | None = None, desc: str | None = Non
 
 def progress_callbacks() -> list:
     """``transformers.Trainer`` callbacks reporting step and ETA under ``lora-lens run`` (else none)."""
-    if not os.environ.get("LORA_LENS_PROGRESS"):
-        return []
-    from lora_lens.workshop.progress import trainer_callbacks
-
     return trainer_callbacks()
 
 

@@ -8,12 +8,14 @@ import json
 import pytest
 
 from conftest import write_notebook
+from lora_lens import events
+from lora_lens.utils import progress_bar, progress_callbacks
 from lora_lens.workshop import presets, progress
 from lora_lens.workshop.runner import run_series
 
 LOOP = """\
 import time
-from lora_lens.utils import progress_bar
+from lora_lens.utils import progress_bar, progress_callbacks
 for i in progress_bar(range(30), desc="pretrain"):
     time.sleep(0.05)
 """
@@ -21,13 +23,13 @@ for i in progress_bar(range(30), desc="pretrain"):
 
 def test_render_and_fold_events(tmp_path):
     path = tmp_path / "nb.jsonl"
-    progress.emit({"kind": "cell", "cell": 4, "cells": 20, "section": "5 · Pretraining"}, str(path))
-    progress.emit({"kind": "step", "desc": "pretrain", "n": 340, "total": 1000, "eta": 71.2}, str(path))
+    events.emit({"kind": "cell", "cell": 4, "cells": 20, "section": "5 · Pretraining"}, str(path))
+    events.emit({"kind": "step", "desc": "pretrain", "n": 340, "total": 1000, "eta": 71.2}, str(path))
     state = progress.read_state(path)
     assert state["section"] == "5 · Pretraining" and state["step"]["n"] == 340
     line = progress.render("00_world", state, 125)
     assert line == "00_world 2m05s · cell 5/20 · 5 · Pretraining · pretrain 340/1000 ETA 1m11s"
-    progress.emit({"kind": "step_done", "desc": "pretrain", "n": 1000}, str(path))
+    events.emit({"kind": "step_done", "desc": "pretrain", "n": 1000}, str(path))
     assert "step" not in progress.read_state(path)
     with open(path, "a") as f:
         f.write('{"kind": "step", "n": 3')  # a line being written is skipped
@@ -37,7 +39,7 @@ def test_render_and_fold_events(tmp_path):
 def test_view_plain_lines_at_least_every_heartbeat_and_terminal_line(tmp_path):
     folder = progress.progress_dir(tmp_path)
     folder.mkdir(exist_ok=True)
-    progress.emit({"kind": "cell", "cell": 0, "cells": 3, "section": "Goal"}, str(folder / "01_x.jsonl"))
+    events.emit({"kind": "cell", "cell": 0, "cells": 3, "section": "Goal"}, str(folder / "01_x.jsonl"))
     out = io.StringIO()
     view = progress.View(tmp_path, stream=out, tty=False, heartbeat=10)
     for t in range(0, 31):  # 30 s with nothing new: a line at 0, 10, 20, 30 s
@@ -52,16 +54,14 @@ def test_view_plain_lines_at_least_every_heartbeat_and_terminal_line(tmp_path):
 
 
 def test_tracker_emits_steps_with_eta(tmp_path, monkeypatch):
-    monkeypatch.setenv(progress.ENV, str(tmp_path / "p.jsonl"))
-    from lora_lens.utils import progress_bar
-
+    monkeypatch.setenv(events.ENV, str(tmp_path / "p.jsonl"))
     bar = progress_bar(range(5), desc="train")
-    assert isinstance(bar, progress.Tracker)
+    assert isinstance(bar, events.Tracker)
     assert list(bar) == [0, 1, 2, 3, 4]
-    events = [json.loads(ln) for ln in (tmp_path / "p.jsonl").read_text().splitlines()]
-    steps = [e for e in events if e["kind"] == "step"]
+    written = [json.loads(ln) for ln in (tmp_path / "p.jsonl").read_text().splitlines()]
+    steps = [e for e in written if e["kind"] == "step"]
     assert steps[0]["n"] == 1 and steps[0]["total"] == 5 and steps[-1]["n"] == 5 and steps[-1]["eta"] == 0
-    assert events[-1]["kind"] == "step_done"
+    assert written[-1]["kind"] == "step_done"
 
 
 def test_runner_plumbing_sections_steps_and_no_transport_warnings(tmp_path, monkeypatch, capfd):
@@ -91,11 +91,10 @@ def test_resume_hint(run_dir):
 def test_trainer_callbacks_only_under_a_run(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from lora_lens.utils import progress_callbacks
 
-    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.delenv(events.ENV, raising=False)
     assert progress_callbacks() == []
-    monkeypatch.setenv(progress.ENV, str(tmp_path / "t.jsonl"))
+    monkeypatch.setenv(events.ENV, str(tmp_path / "t.jsonl"))
     [cb] = progress_callbacks()
     cb.on_train_begin(None, None, None)
     for step in (1, 2):
