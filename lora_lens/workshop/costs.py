@@ -18,6 +18,11 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+from lora_lens.lab.world import make_world
+from lora_lens.lab.zoo import cache_dir
+
 __all__ = ["PRETRAIN_SECONDS", "REFERENCE_GFLOPS", "REFERENCE_MINUTES", "cached_families", "cost_note",
            "machine_gflops"]
 
@@ -31,8 +36,6 @@ PRETRAIN_SECONDS = (53, 135)
 
 def machine_gflops(seconds: float = 0.2) -> float:
     """A quick float32 matmul throughput measurement of this machine (GFLOP/s)."""
-    import torch
-
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
     n, t0 = 0, time.perf_counter()
@@ -45,8 +48,6 @@ def machine_gflops(seconds: float = 0.2) -> float:
 def cached_families(families: list[str], size: str, n_entities: int, seed: int,
                     cache: str | Path | None = None) -> dict[str, bool]:
     """Whether a pretrained base of each family (this size and world) is in the model cache."""
-    from lora_lens.lab.world import make_world
-    from lora_lens.lab.zoo import cache_dir
 
     fingerprint = make_world(n_entities=n_entities, seed=seed).fingerprint()
     models = cache_dir(cache) / "models"

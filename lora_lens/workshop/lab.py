@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from lora_lens.errors import NotFoundError
+from lora_lens.workshop.series import default_notebooks_dir, discover
 
 __all__ = ["KERNEL", "check_kernel", "describe", "lab_command", "lab_environment", "open_lab"]
 
@@ -36,7 +37,7 @@ KERNEL = "python3"
 
 def lab_environment(notebooks_dir: Path, base: dict | None = None) -> dict[str, str]:
     """The ``LORA_LENS_*`` variables a JupyterLab session needs, on top of ``base`` (default ``os.environ``)."""
-    from lora_lens.lab.zoo import cache_dir
+    from lora_lens.lab.zoo import cache_dir  # imports torch: only when JupyterLab is started
 
     env = dict(os.environ if base is None else base)
     for name in ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS"):
@@ -64,7 +65,6 @@ def lab_command(notebooks_dir: str | os.PathLike | None = None, port: int | None
     Raises:
         NotFoundError: no notebooks folder, or the ``python3`` kernel is not installed.
     """
-    from lora_lens.workshop.runner import default_notebooks_dir, discover
 
     folder = Path(notebooks_dir).resolve() if notebooks_dir is not None else default_notebooks_dir()
     first = discover(folder)[0]
