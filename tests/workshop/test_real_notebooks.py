@@ -39,6 +39,8 @@ REAL = {
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.parametrize("prefix", sorted(REAL))
+@pytest.mark.skip(reason="first full run pending: written this session, not yet run to completion on this "
+                         "machine before the session ended (issue 15)")
 def test_notebook_on_smollm2(prefix: str, tmp_path: Path, request) -> None:
     request.getfixturevalue("smollm2_fit")  # the example task's adapter, trained once per session and shared
     params, check = REAL[prefix]
