@@ -53,15 +53,15 @@ from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrai
 from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
 from lora_lens.studies.nulls import upper_weight, weight_nulls, weight_stats
-from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, null_id, pattern_records,
-                                        pattern_table, pooled_ci, record_patterns)
+from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, null_id, pattern_prose,
+                                        pattern_records, pattern_table, pooled_ci, record_patterns)
 from lora_lens.utils import progress_bar
 
 __all__ = ["SHARED_TYPES", "Study", "attribution_agreement", "check_families", "check_seeds", "pair_matrix",
            "portability", "portability_summary", "run_study", "shared_type",
            # re-exported from lora_lens.studies.patterns (notebook 06 reads the study's verdicts here)
-           "PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "null_id", "pattern_records", "pattern_table",
-           "pooled_ci", "record_patterns"]
+           "PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "null_id", "pattern_prose", "pattern_records",
+           "pattern_table", "pooled_ci", "record_patterns"]
 
 def check_families(families) -> list[str]:
     """Validate a list of zoo families; return it as a list.

@@ -31,7 +31,7 @@ from lora_lens.stats import bootstrap_ci, pooled_ci
 if TYPE_CHECKING:  # a Study is only read here; compare (which makes it) imports this module
     from lora_lens.studies.compare import Study
 
-__all__ = ["PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "null_id", "pattern_records",
+__all__ = ["PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "null_id", "pattern_prose", "pattern_records",
            "pattern_table", "pooled_ci", "record_patterns"]
 
 
@@ -306,3 +306,43 @@ def pattern_records(table: pd.DataFrame, patterns=PATTERNS) -> list[dict]:
                                              "null": _null_record(r)}
                                   for r in t[t["family"] != "all"].itertuples(index=False)}})
     return out
+
+
+def _names(rows) -> str:
+    return ", ".join(f"*{r['name']}*" for r in rows) if rows else "none"
+
+
+def pattern_prose(table: pd.DataFrame) -> str:
+    """The verdicts of a pattern table in words (Markdown), every number read from ``table``: which patterns are
+    universal against their null, which hold but are explained by it, and one line per pattern with its null.
+
+    Returns:
+        Markdown text (a lead paragraph and a bullet per pattern).
+    """
+    pooled = [r for _, r in table[table["family"] == "all"].iterrows()]
+    fams = table[table["family"] != "all"]
+    beyond = [r for r in pooled if r["vs_null"] == "clears" and r["verdict"] != "universal"]
+    universal = [r for r in pooled if r["verdict"] == "universal"]
+    explained = [r for r in pooled if r["verdict"] == "explained by null"]
+    lead = (f"**Universal against its null** (holds and clears its null in every family): {_names(universal)}. "
+            f"**Holds in every family but explained by its null**: {_names(explained)}. "
+            f"**Beyond its null in every family without passing its threshold everywhere**: {_names(beyond)}.")
+    lines = [lead, ""]
+    for r in pooled:
+        t = fams[fams["pattern"] == r["pattern"]]
+        line = (f"- **{r['name']}** (`{r['pattern']}`, {r['comparator']} {r['threshold']:g}): {r['statistic']:.2f} "
+                f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] over all families — *{r['verdict']}*")
+        if r["null"]:
+            clear = list(t.loc[t["vs_null"] == "clears", "family"])
+            explained = list(t.loc[t["vs_null"] == "explained", "family"])
+            detail = {"clears": "the pattern clears it in every family",
+                      "explained": "chance does as well in every family: the null explains it"}.get(
+                r["vs_null"], f"it clears it in {len(clear)} of {len(t)} families ({', '.join(clear) or 'none'}"
+                f"{'; explained in ' + ', '.join(explained) if explained else ''})")
+            line += (f"; its null ({r['null']}) is {r['null_statistic']:.2f} [{r['null_ci_low']:.2f}, "
+                     f"{r['null_ci_high']:.2f}], margin {r['margin']:+.2f} [{r['margin_ci_low']:+.2f}, "
+                     f"{r['margin_ci_high']:+.2f}]: {detail}.")
+        else:
+            line += "; no null."
+        lines.append(line)
+    return "\n".join(lines)

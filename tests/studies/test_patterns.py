@@ -121,3 +121,16 @@ def test_patterns_land_in_the_ledger_one_record_per_family(tmp_path):
 def test_every_pattern_has_a_null():
     assert all(p.nulls for p in patterns.PATTERNS)
     assert len({patterns.null_id(p) for p in patterns.PATTERNS}) == len(patterns.PATTERNS)
+
+
+def test_pattern_prose_is_rendered_from_the_table():
+    study = _study({"a": [0.80, 0.82, 0.81], "b": [0.62, 0.64, 0.63]}, column="mlp_share", null_mlp_share=0.3,
+                   mlp_param_share={"a": [0.85] * 3, "b": [0.40] * 3})
+    table = patterns.pattern_table(study, [MLP])
+    text = patterns.pattern_prose(table)
+    pooled = table.set_index("family").loc["all"]
+    assert "**Universal against its null** (holds and clears its null in every family): none." in text
+    assert f"explained by its null**: *{MLP.name}*." in text
+    assert f"{pooled['statistic']:.2f} [{pooled['ci_low']:.2f}, {pooled['ci_high']:.2f}]" in text
+    assert f"its null (parameter share) is {pooled['null_statistic']:.2f}" in text
+    assert "it clears it in 1 of 2 families (b; explained in a)" in text
