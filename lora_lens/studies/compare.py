@@ -52,7 +52,7 @@ from lora_lens.lab.world import Task, World, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrained, load_model, pretrain
 from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
-from lora_lens.studies.nulls import upper_weight, weight_nulls, weight_stats
+from lora_lens.studies.nulls import SHUFFLED_STATS, shuffled_task, upper_weight, weight_nulls, weight_stats
 from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, null_id, pattern_prose,
                                         pattern_records, pattern_table, pooled_ci, record_patterns)
 from lora_lens.utils import progress_bar
@@ -122,7 +122,9 @@ class Study:
             (``upper_share``, ``mlp_share``, ``eff_rank_ratio``, ``stable_rank_ratio``) and their nulls
             (:data:`lora_lens.studies.nulls.NULL_COLUMNS`, the parameter shares ``upper_param_share`` and
             ``mlp_param_share``), φ with the other seeds (``phi_seeds`` output side, ``phi_seeds_right`` input side,
-            ``null_phi_seeds`` between the random adapters of the seeds, ``phi_chance``), component attribution
+            ``null_phi_seeds`` between the random adapters of the seeds, ``phi_chance``), with ``shuffled=True``
+            the same weight statistics of an adapter trained on shuffled answers (``shuffled_…``), component
+            attribution
             (``attr_mlp_share``, ``attr_upper_share``, ``top_component``), input attribution (``entity_top1``,
             ``token_agreement`` with the other families, ``vocab_overlap`` with the other families), training
             time and the adapter folder.
@@ -235,8 +237,8 @@ def _phi_rows(family: str, mods: dict, random: dict) -> list[dict]:
 
 def run_study(families, seeds=3, size: str = "small", world: World | None = None, task: str | Task = "fact_edit",
               task_seed: int = 0, spec: LoraSpec | None = None, n_probes: int = 16, ig_steps: int = 16,
-              top_tokens: int = 10, null_samples: int = 32, cache=None, device: str = "cpu",
-              **spec_overrides) -> Study:
+              top_tokens: int = 10, null_samples: int = 32, shuffled: bool = False, cache=None,
+              device: str = "cpu", **spec_overrides) -> Study:
     """Train and measure the same adapter on every family × seed (bases and adapters come from the cache).
 
     Args:
@@ -253,6 +255,9 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
         ig_steps: Integration steps of the input attribution.
         top_tokens: Tokens read per leading direction and sign.
         null_samples: Random rank-r products per module shape for the Marchenko–Pastur expectation.
+        shuffled: Also train, per family and seed, an adapter on the task with its answers shuffled
+            (:func:`lora_lens.studies.nulls.shuffled_task`; one more training per run, cached like the others) and
+            add its weight statistics as ``shuffled_…`` columns and its ``shuffled_efficacy``.
         cache: Cache root (default as :func:`lora_lens.lab.zoo.cache_dir`).
         device: Torch device.
         **spec_overrides: :class:`LoraSpec` fields (``rank``, ``steps`` …).
@@ -293,6 +298,13 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
             types += [{"family": family, "seed": seed, "shared_type": t, "energy_share": float(e),
                        "param_share": float(p)} for t, e, p in zip(g.groups, g["energy_share"].sum(),
                                                                    g["params"].sum() / summ["params"].sum())]
+            if shuffled:
+                sfit = fit_adapter(pre, shuffled_task(task, seed=seed), seed=seed, spec=spec, cache=cache,
+                                   device=device)
+                sstats = weight_stats(delta.summary(delta.lora_modules(sfit.model), intruders=False))
+                rows[-1] |= {f"shuffled_{k}": sstats[k] for k in SHUFFLED_STATS}
+                rows[-1]["shuffled_efficacy"] = sfit.evaluation.metrics["efficacy"]
+                del sfit
             tokens[(family, seed)] = extra["tokens"]
             attrs[(family, seed)] = extra["attributions"]
             mods[seed], random[seed] = extra["modules"], extra["random"]

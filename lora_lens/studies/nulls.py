@@ -14,7 +14,11 @@ number it should be compared with besides its threshold, computed here from the 
   would show;
 * **the Marchenko–Pastur expectation** (``mp_eff_rank_ratio``, ``mp_stable_rank_ratio``): the mean over the
   modules of the expected ranks of a random rank-r product of that module's shape
-  (:func:`lora_lens.lens.delta.random_lora_ranks`, sampled with a fixed seed; the same for every run of a shape).
+  (:func:`lora_lens.lens.delta.random_lora_ranks`, sampled with a fixed seed; the same for every run of a shape);
+* **an adapter trained on shuffled answers** (:func:`shuffled_task`: the same prompts, the answers permuted; the
+  ``shuffled_…`` columns of :data:`SHUFFLED_STATS`): a reference rather than a null to clear — it is itself an
+  adapter of arbitrary fact edits, so a pattern it shares belongs to LoRA training on these prompts, not to the
+  content of the edits.
 
 :func:`weight_stats` computes the statistics from a :func:`lora_lens.lens.delta.summary` table, so that the trained
 adapter and its random twin are measured by one function; :func:`weight_nulls` returns the null columns.
@@ -28,18 +32,43 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 
 from lora_lens.errors import ConfigError
 from lora_lens.lab.modules import shared_type
+from lora_lens.lab.world import Task
 from lora_lens.lens import delta
 
-__all__ = ["NULL_COLUMNS", "upper_weight", "weight_nulls", "weight_stats"]
+__all__ = ["NULL_COLUMNS", "SHUFFLED_STATS", "shuffled_task", "upper_weight", "weight_nulls", "weight_stats"]
 
 NULL_COLUMNS = ("null_upper_share", "null_mlp_share", "null_eff_rank_ratio", "null_stable_rank_ratio",
                 "mp_eff_rank_ratio", "mp_stable_rank_ratio")
 """The columns :func:`weight_nulls` adds to a run (the parameter shares come with :func:`weight_stats`)."""
+
+SHUFFLED_STATS = ("upper_share", "mlp_share", "eff_rank_ratio", "stable_rank_ratio")
+"""The statistics of :func:`weight_stats` also measured on the shuffled-answers adapter (as ``shuffled_<name>``)."""
+
+
+def shuffled_task(task: Task, seed: int = 0) -> Task:
+    """The same task with its training answers permuted over its examples (seeded): same prompts, same answer
+    vocabulary and count, no consistent mapping (paraphrases of one fact get different answers). Probes and truth
+    stay as they are, so the adapter's own efficacy on the task's probes shows it did not learn the edits.
+
+    Raises:
+        ConfigError: Fewer than two training examples (nothing to permute).
+    """
+    if len(task.examples) < 2:
+        raise ConfigError(f"task {task.name!r} has {len(task.examples)} training example(s): shuffling answers "
+                          "needs at least 2")
+    rng = np.random.default_rng(seed)
+    answers = [a for _, a in task.examples]
+    order = rng.permutation(len(answers))
+    while len(set(answers)) > 1 and all(answers[i] == answers[j] for i, j in enumerate(order)):
+        order = rng.permutation(len(answers))
+    return dataclasses.replace(task, examples=[(p, answers[j]) for (p, _), j in zip(task.examples, order)])
 
 
 def upper_weight(depth) -> np.ndarray:

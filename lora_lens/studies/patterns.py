@@ -170,7 +170,9 @@ def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: fl
     Returns:
         DataFrame ``pattern, name, family, statistic, ci_low, ci_high, threshold, comparator, verdict, n, null,
         null_statistic, null_ci_low, null_ci_high, margin, margin_ci_low, margin_ci_high, vs_null`` (the null
-        columns NaN / empty for a pattern without nulls).
+        columns NaN / empty for a pattern without nulls) and ``shuffled_statistic, shuffled_ci_low,
+        shuffled_ci_high, vs_shuffled`` (``beyond``, ``not beyond``, ``unclear``: the same statistic of adapters
+        trained on shuffled answers, a reference beside the null, when ``study.runs`` has ``shuffled_<column>``).
 
     Raises:
         ConfigError: A pattern's column, or one of its null columns, is missing from ``study.runs``.
@@ -197,6 +199,8 @@ def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: fl
             if p.nulls:
                 nulls[f], margins[f], _ = _null_values(p, g)
             fam_rows.append(row)
+        for row, g in zip(fam_rows, groups.values()):
+            row.update(_shuffled_entry(p, g, n_boot, level, seed))
         m, lo, hi = pooled_ci({f: g[p.column].to_numpy(float) for f, g in groups.items()}, n_boot, level, seed)
         pooled = {**base, "family": "all", "statistic": m, "ci_low": lo, "ci_high": hi,
                   "verdict": _overall([r["verdict"] for r in fam_rows],
@@ -208,6 +212,17 @@ def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: fl
             pooled.update(null=" / ".join(dict.fromkeys(r["null"] for r in fam_rows)), null_statistic=nm,
                           null_ci_low=nlo, null_ci_high=nhi, margin=mm, margin_ci_low=mlo, margin_ci_high=mhi,
                           vs_null=_overall_null([r["vs_null"] for r in fam_rows]))
+        pooled.update(_shuffled_entry(p, None, n_boot, level, seed))
+        shuffled = f"shuffled_{p.column}"
+        if all(np.isfinite(r["shuffled_statistic"]) for r in fam_rows):
+            ref = {f: g[shuffled].to_numpy(float) for f, g in groups.items()}
+            sm, slo, shi = pooled_ci(ref, n_boot, level, seed)
+            dm, dlo, dhi = pooled_ci({f: g[p.column].to_numpy(float) - ref[f] for f, g in groups.items()}, n_boot,
+                                     level, seed)
+            vs = [r["vs_shuffled"] for r in fam_rows]
+            pooled.update(shuffled_statistic=sm, shuffled_ci_low=slo, shuffled_ci_high=shi,
+                          vs_shuffled=next((v for v in ("beyond", "not beyond") if all(x == v for x in vs)),
+                                           "some families" if "beyond" in vs else "unclear"))
         rows += fam_rows + [pooled]
     return pd.DataFrame(rows)
 
@@ -223,6 +238,21 @@ def _null_entry(p: Pattern, g: pd.DataFrame | None, n_boot: int, level: float, s
     mm, mlo, mhi = bootstrap_ci(margin, n_boot, level, seed)
     return {"null": label, "null_statistic": nm, "null_ci_low": nlo, "null_ci_high": nhi, "margin": mm,
             "margin_ci_low": mlo, "margin_ci_high": mhi, "vs_null": _side(p, mlo, mhi, 0.0, "clears", "explained")}
+
+
+def _shuffled_entry(p: Pattern, g: pd.DataFrame | None, n_boot: int, level: float, seed: int) -> dict:
+    """The shuffled-answers reference of one family's row: the same statistic of the adapters trained on shuffled
+    answers (``shuffled_<column>`` of the runs), and whether the pattern is beyond it (paired margin over seeds)."""
+    out = {"shuffled_statistic": math.nan, "shuffled_ci_low": math.nan, "shuffled_ci_high": math.nan,
+           "vs_shuffled": ""}
+    col = f"shuffled_{p.column}"
+    if g is None or col not in g.columns or not g[col].notna().all():
+        return out
+    ref = g[col].to_numpy(float)
+    sm, slo, shi = bootstrap_ci(ref, n_boot, level, seed)
+    _, dlo, dhi = bootstrap_ci(g[p.column].to_numpy(float) - ref, n_boot, level, seed)
+    return {"shuffled_statistic": sm, "shuffled_ci_low": slo, "shuffled_ci_high": shi,
+            "vs_shuffled": _side(p, dlo, dhi, 0.0, "beyond", "not beyond")}
 
 
 def declare_patterns(patterns=PATTERNS, path=None) -> None:
@@ -275,9 +305,14 @@ def record_patterns(table: pd.DataFrame, patterns=PATTERNS, path=None) -> dict[s
 def _null_record(r) -> dict | None:
     if not r.null:
         return None
+    shuffled = None
+    if getattr(r, "vs_shuffled", ""):
+        shuffled = {"statistic": float(r.shuffled_statistic), "ci_low": float(r.shuffled_ci_low),
+                    "ci_high": float(r.shuffled_ci_high), "vs_shuffled": r.vs_shuffled}
     return {"kind": r.null, "statistic": float(r.null_statistic), "ci_low": float(r.null_ci_low),
             "ci_high": float(r.null_ci_high), "margin": float(r.margin), "margin_ci_low": float(r.margin_ci_low),
-            "margin_ci_high": float(r.margin_ci_high), "vs_null": r.vs_null, "clears": r.vs_null == "clears"}
+            "margin_ci_high": float(r.margin_ci_high), "vs_null": r.vs_null, "clears": r.vs_null == "clears",
+            "shuffled": shuffled}
 
 
 def pattern_records(table: pd.DataFrame, patterns=PATTERNS) -> list[dict]:
@@ -288,7 +323,8 @@ def pattern_records(table: pd.DataFrame, patterns=PATTERNS) -> list[dict]:
         "by_family": {family: {"statistic", "ci_low", "ci_high", "verdict", "null"}}}]``. ``null`` is None for a
         pattern without one, else ``{"kind"`` (the strictest null), ``"nulls"`` (all its nulls, pooled row only),
         ``"statistic", "ci_low", "ci_high"`` (the null's mean and interval), ``"margin", "margin_ci_low",
-        "margin_ci_high"`` (statistic − null), ``"vs_null"`` and ``"clears"`` (True when the pattern clears it)}.
+        "margin_ci_high"`` (statistic − null), ``"vs_null"`` and ``"clears"`` (True when the pattern clears it),
+        ``"shuffled"``: the shuffled-answers reference ``{"statistic", "ci_low", "ci_high", "vs_shuffled"}`` or None}.
     """
     labels = {p.id: [label for label, _ in p.nulls] for p in patterns}
     out = []
@@ -342,6 +378,14 @@ def pattern_prose(table: pd.DataFrame) -> str:
             line += (f"; its null ({r['null']}) is {r['null_statistic']:.2f} [{r['null_ci_low']:.2f}, "
                      f"{r['null_ci_high']:.2f}], margin {r['margin']:+.2f} [{r['margin_ci_low']:+.2f}, "
                      f"{r['margin_ci_high']:+.2f}]: {detail}.")
+            if r["vs_shuffled"]:
+                said = {"beyond": "the pattern is beyond it in every family: specific to what the edits teach",
+                        "not beyond": "the pattern is no larger in any family: training on these prompts shows it "
+                                      "whatever the answers",
+                        "some families": "the pattern is beyond it in some families only"}.get(
+                    r["vs_shuffled"], "not clearly different")
+                line += (f" Trained on shuffled answers: {r['shuffled_statistic']:.2f} [{r['shuffled_ci_low']:.2f}, "
+                         f"{r['shuffled_ci_high']:.2f}] — {said}.")
         else:
             line += "; no null."
         lines.append(line)

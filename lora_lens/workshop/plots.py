@@ -245,7 +245,8 @@ def energy_depth_curves(energy: pd.DataFrame, ax=None):
 @styled
 def pattern_forest(table: pd.DataFrame, ax=None):
     """Forest plot: each pattern's statistic per family with its bootstrap interval, against its threshold (dashed)
-    and beside its null (grey ×, with the null's interval, just below each row).
+    and beside its null (grey ×, with the null's interval, just below each row) and, where measured, the adapter
+    trained on shuffled answers (blue □).
 
     Args:
         table: :func:`lora_lens.studies.compare.pattern_table` output.
@@ -275,6 +276,8 @@ def pattern_forest(table: pd.DataFrame, ax=None):
             if has_null and np.isfinite(r.null_statistic):
                 a.plot([r.null_ci_low, r.null_ci_high], [yi - 0.28] * 2, color="#555555", lw=1.2)
                 a.plot([r.null_statistic], [yi - 0.28], marker="x", color="#555555", ms=6, ls="none")
+            if has_null and "shuffled_statistic" in t.columns and np.isfinite(r.shuffled_statistic):
+                a.plot([r.shuffled_statistic], [yi - 0.28], marker="s", mfc="none", mec="#1f77b4", ms=6, ls="none")
             a.plot([r.ci_low, r.ci_high], [yi, yi], color=c, lw=2.5)
             a.plot([r.statistic], [yi], marker="D" if r.family == "all" else "o", color=c, ms=6)
             vs = f" · null: {r.vs_null}" if has_null and r.vs_null else ""
@@ -285,6 +288,8 @@ def pattern_forest(table: pd.DataFrame, ax=None):
         null = ""
         if has_null and t["null"].astype(bool).any():
             null = f"; × null: {' / '.join(dict.fromkeys(n for n in t['null'] if n and ' / ' not in n))}"
+            if "shuffled_statistic" in t.columns and np.isfinite(t["shuffled_statistic"]).any():
+                null += "; □ shuffled answers"
         a.set_title(f"{t['name'].iloc[0]}\n({t['comparator'].iloc[0]} {t['threshold'].iloc[0]:g}{null})", fontsize=9)
         a.tick_params(axis="x", labelsize=8)
     return fig

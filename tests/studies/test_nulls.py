@@ -62,3 +62,17 @@ def test_upper_weight_counts_the_middle_half():
 def test_weight_stats_rejects_a_table_that_is_not_a_summary():
     with pytest.raises(ConfigError, match="delta.summary"):
         nulls.weight_stats(pd.DataFrame({"module": ["x"]}))
+
+
+def test_shuffled_task_permutes_the_answers_over_the_same_prompts(tiny_world):
+    from lora_lens.lab.world import make_task
+    task = make_task(tiny_world, "fact_edit", seed=0)
+    shuffled = nulls.shuffled_task(task, seed=0)
+    assert [p for p, _ in shuffled.examples] == [p for p, _ in task.examples]
+    assert sorted(a for _, a in shuffled.examples) == sorted(a for _, a in task.examples)
+    assert [a for _, a in shuffled.examples] != [a for _, a in task.examples]
+    assert shuffled.probes is task.probes and shuffled.truth == task.truth
+    assert nulls.shuffled_task(task, seed=0).examples == shuffled.examples  # seeded
+    assert nulls.shuffled_task(task, seed=1).examples != shuffled.examples
+    with pytest.raises(ConfigError, match="1 training example"):
+        nulls.shuffled_task(task.__class__(task.name, None, task.examples[:1], {}), seed=0)

@@ -134,3 +134,22 @@ def test_pattern_prose_is_rendered_from_the_table():
     assert f"{pooled['statistic']:.2f} [{pooled['ci_low']:.2f}, {pooled['ci_high']:.2f}]" in text
     assert f"its null (parameter share) is {pooled['null_statistic']:.2f}" in text
     assert "it clears it in 1 of 2 families (b; explained in a)" in text
+
+
+def test_the_shuffled_answers_reference_stands_beside_the_null():
+    study = _study({"a": [0.80, 0.82, 0.81], "b": [0.70, 0.72, 0.71]}, column="mlp_share", null_mlp_share=0.3,
+                   mlp_param_share=0.4, shuffled_mlp_share={"a": [0.60, 0.62, 0.61], "b": [0.75, 0.76, 0.74]})
+    table = patterns.pattern_table(study, [MLP], n_boot=500).set_index("family")
+    assert table.loc["a", "vs_shuffled"] == "beyond" and table.loc["b", "vs_shuffled"] == "not beyond"
+    assert table.loc["all", "vs_shuffled"] == "some families"
+    assert table.loc["a", "shuffled_statistic"] == pytest.approx(0.61)
+    # a reference, not a null to clear: the verdict rests on the null
+    assert table.loc["all", "verdict"] == "universal"
+    rec = patterns.pattern_records(table.reset_index(), [MLP])[0]
+    assert rec["by_family"]["a"]["null"]["shuffled"]["vs_shuffled"] == "beyond"
+    assert "Trained on shuffled answers: 0.68" in patterns.pattern_prose(table.reset_index())
+    # without shuffled runs the reference is absent
+    bare = patterns.pattern_table(_study({"a": [0.8, 0.82, 0.81]}, column="mlp_share", null_mlp_share=0.3,
+                                         mlp_param_share=0.4), [MLP])
+    assert (bare["vs_shuffled"] == "").all()
+    assert patterns.pattern_records(bare, [MLP])[0]["null"]["shuffled"] is None

@@ -167,7 +167,7 @@ def check_06(summary: dict) -> None:
             assert null["vs_null"] in {"clears", "explained", "unclear", "some families"}, p
             assert null["clears"] == (null["vs_null"] == "clears"), p
             assert abs(entry["statistic"] - null["statistic"] - null["margin"]) < 1e-9, p
-        assert p["null"]["nulls"] and p["null"]["kind"] in " / ".join(p["null"]["nulls"]), p
+        assert set(p["null"]["kind"].split(" / ")) <= set(p["null"]["nulls"]), p  # the strictest null of each family
         # the overall verdict follows from the per-family ones: universal only beyond the null in every family
         fam_verdicts = {f["verdict"] for f in p["by_family"].values()}
         cleared = all(f["null"]["clears"] for f in p["by_family"].values())
@@ -185,6 +185,18 @@ def check_06(summary: dict) -> None:
     assert mlp_null["kind"] in {"random adapter", "parameter share"} and 0.0 < mlp_null["statistic"] < 1.0
     assert 0.8 < by_id["xf-effective-rank-low"]["null"]["statistic"] <= 1.0
     assert by_id["xf-same-input-tokens"]["null"]["statistic"] == 0.0
+    # the weight-space patterns also stand beside adapters trained on shuffled answers (same prompts), which do not
+    # learn the edits
+    weight = {"xf-upper-half", "xf-mlp-over-attention", "xf-effective-rank-low", "xf-energy-in-few-directions"}
+    for pid, p in by_id.items():
+        for entry in [p, *p["by_family"].values()]:
+            ref = entry["null"]["shuffled"]
+            assert (ref is not None) == (pid in weight), pid
+            if ref is not None:
+                assert ref["ci_low"] <= ref["statistic"] <= ref["ci_high"], pid
+                assert ref["vs_shuffled"] in {"beyond", "not beyond", "unclear", "some families"}, pid
+    for fam, b in summary["behaviour"].items():
+        assert b["shuffled_efficacy"] < b["efficacy"], fam
     assert set(summary["ledger_verdicts"]) == set(by_id) | {f"{pid}-beyond-null" for pid in by_id}
     assert set(summary["ledger_verdicts"].values()) <= {"supported", "refuted", "inconclusive"}
     # a tiny llama learns the edits; an adapter does nothing on a base pretrained from another seed, but keeps
