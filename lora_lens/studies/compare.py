@@ -275,6 +275,8 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     for name, value in (("n_probes", n_probes), ("ig_steps", ig_steps), ("top_tokens", top_tokens),
                         ("null_samples", null_samples)):
         check_positive(name, value)
+    if not isinstance(shuffled, bool):
+        raise ConfigError(f"shuffled={shuffled!r} must be True or False (train a shuffled-answers adapter per run)")
     world = world or make_world(seed=0)
     task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
     spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)

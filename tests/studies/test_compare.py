@@ -58,6 +58,8 @@ def test_every_family_maps_onto_all_four_shared_types(family, tiny_world):
     ({"seeds": 2.5}, ["seeds=2.5", "integer"]),
     ({"size": "huge"}, ["size='huge'", "tiny"]),
     ({"n_probes": 0}, ["n_probes=0", "positive"]),
+    ({"null_samples": 0}, ["null_samples=0", "positive"]),
+    ({"shuffled": "yes"}, ["shuffled='yes'", "True or False"]),
 ])
 def test_run_study_rejects_bad_input_before_anything_is_written(kwargs, needles, tmp_path):
     args = {"families": ["llama", "gpt2"], "seeds": 2, "size": "tiny", **kwargs}

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
 from lora_lens.lens.delta.factors import ModuleDelta, effective_rank, module_deltas, stable_rank
 
@@ -299,8 +300,7 @@ def random_lora_ranks(out_features: int, in_features: int, rank: int, n_samples:
     """
     for name, v in (("out_features", out_features), ("in_features", in_features), ("rank", rank),
                     ("n_samples", n_samples)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name}={v!r} must be a positive integer")
+        check_positive(name, v)
     if rank > min(out_features, in_features):
         raise ConfigError(f"rank={rank} exceeds min(out_features, in_features)={min(out_features, in_features)}: "
                           "a rank-r product needs r ≤ both sides")
