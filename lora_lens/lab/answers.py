@@ -20,6 +20,9 @@ This module is the one home of "an answer after a prompt". Every analysis reads 
   punctuation). This word-boundary rule reads the token's text, so it works for byte-level BPE (``Ġ``) and
   SentencePiece (``▁``) alike, and it never cuts inside an answer ("St. Louis" matches through its "."): the answer's
   own ids are compared first. A continuation piece such as ``aicka`` after "Quellburg" is not a stop.
+- **Free answers** (:func:`free_answers`, :func:`base_answers`): the model's own greedy continuation, cut at its
+  end (:func:`cut_answer`), decoded with a KV cache by :func:`lora_lens.lab.decoding.greedy_continuations`; a row
+  stops as soon as its cut is final (:func:`answer_ended`).
 
 For the zoo (one-token answers, the world tokenizer) p(answer) and the greedy match are exactly the next-token
 probability and the top-1 match of :mod:`lora_lens.lab.probes`.
@@ -42,7 +45,7 @@ from typing import Sequence
 import torch
 
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.decoding import greedy_continuations
+from lora_lens.lab.decoding import GREEDY_BATCH, greedy_continuations
 from lora_lens.lab.pair import check_unmerged, inference, is_peft, keeps_logits, model_device
 from lora_lens.lab.tokenizer import SPECIALS
 
@@ -516,7 +519,7 @@ def _cut(tokenizer, ids: Sequence[int], stop: set[int]) -> tuple[str, bool]:
 
 
 def base_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, max_new_tokens: int = 16,
-                 batch_size: int = 64) -> list[str]:
+                 batch_size: int = GREEDY_BATCH) -> list[str]:
     """The model's own greedy answer to each prompt (:func:`cut_answer` of its greedy continuation).
 
     A ``PeftModel`` answers with its adapter switched off (:func:`lora_lens.lab.pair.adapted_view` answers with it
@@ -535,7 +538,7 @@ def base_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, m
 
 
 def free_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, max_new_tokens: int = 16,
-                 batch_size: int = 64) -> list[str]:
+                 batch_size: int = GREEDY_BATCH) -> list[str]:
     """The model's greedy answer to each prompt as it is (a ``PeftModel`` with its adapter on), cut as
     :func:`cut_answer`; :func:`base_answers` is the same with the adapter off.
 

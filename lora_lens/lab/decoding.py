@@ -30,7 +30,12 @@ from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
 from lora_lens.lab.pair import inner_model, keeps_logits, model_device
 
-__all__ = ["cache_argument", "greedy_continuations"]
+__all__ = ["GREEDY_BATCH", "cache_argument", "greedy_continuations"]
+
+GREEDY_BATCH = 64
+"""Prompts decoded together by default. With a KV cache a step reads one token per row, so a step costs about the
+same for 16 rows as for 64 on a CPU (the weights are read once per step either way); the cache itself is small
+(SmolLM2-135M: about 46 KB per token and row)."""
 
 
 def cache_argument(model) -> str:
@@ -53,7 +58,7 @@ def _returned_cache(out):
 
 def greedy_continuations(model, seqs: Sequence[Sequence[int]], pad_id: int, max_new_tokens: int,
                          stop_ids: Collection[int] = (), done: Callable[[list[int]], bool] | None = None,
-                         batch_size: int = 64) -> list[list[int]]:
+                         batch_size: int = GREEDY_BATCH) -> list[list[int]]:
     """Greedy continuation of each id sequence, with a KV cache, batched.
 
     Args:

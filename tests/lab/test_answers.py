@@ -418,3 +418,36 @@ def test_smollm2_example_task_checks_clean(smol):
     s = answer_logprobs(smol[0], tok, [p.prompt for p in task.probes["specificity"]],
                         [p.answer for p in task.probes["specificity"]])
     assert all(s.match.full)  # the stored specificity answers are the base's own greedy answers
+
+
+def _teacher_forced_argmax(model, seq: list[int], cont: list[int]) -> list[int]:
+    """The argmax of one unpadded full forward over ``seq + cont`` (no cache) at the positions that predict ``cont``:
+    the uncached greedy continuation is ``cont`` exactly when this equals it (a causal model's logits at a position
+    do not depend on what follows)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([seq + cont[:-1]])).logits[0, len(seq) - 1:].argmax(-1).tolist()
+
+
+@pytest.mark.real
+@needs_smollm2
+def test_smollm2_cached_greedy_equals_full_forward(smol):
+    from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS
+
+    _, tok = smol
+    fresh, _ = load_model("smollm2-135m")
+    peft = randomize_lora(get_peft_model(fresh, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])), scale=0.1)
+    task = Task.load(REPO / "examples" / "smollm2_facts.jsonl")
+    prompts = list(dict.fromkeys([p for p, _ in task.examples][::2] + list(NEIGHBOUR_PROMPTS)[::2]))
+    got = {}
+    for chat in (False, True):
+        seqs = [list(answer_ids(tok, p, "Paris", chat).prompt) for p in prompts]
+        for state, ctx in adapter_states(peft):
+            with ctx, inference(peft):
+                got[chat, state] = greedy_continuations(peft, seqs, tok.pad_token_id, 12)   # no stop: 12 tokens each
+                assert [_teacher_forced_argmax(peft, s, c) for s, c in zip(seqs, got[chat, state])] == got[chat, state]
+    assert got[False, "base"] != got[False, "adapted"] and got[True, "base"] != got[True, "adapted"]
+    # base answers as the task's fill and the diff read them: the early end gives the cut of the whole continuation
+    stop = {tok.eos_token_id, *tok.all_special_ids}
+    with inference(peft), peft.disable_adapter():
+        cont = greedy_continuations(peft, [tok(p)["input_ids"] for p in prompts], tok.pad_token_id, 16, stop)
+    assert base_answers(peft, tok, prompts) == [cut_answer(tok, c) for c in cont]
