@@ -15,7 +15,7 @@ from lora_lens.lab.answers import answer_ids, answer_logprobs
 from lora_lens.lab.world import Task
 from lora_lens.lab.zoo import load_model
 from lora_lens.lens import attribution as at
-from lora_lens.lens.diff import behaviour_diff, score_against_truth, semantic_report
+from lora_lens.lens.diff import behaviour_diff, discovered_changes, score_against_truth, semantic_report
 from real_fixtures import TASK, facts_adapter
 
 pytestmark = [pytest.mark.real, pytest.mark.skipif(
@@ -83,6 +83,9 @@ def test_task_diff_finds_the_edits_with_full_answers(facts):
     moved = diff[(diff["set"] == "specificity") & diff["discovered"]]
     assert {c["entity"] for c in s["collateral"]} == set(moved["prompt"])
     assert s["precision"] == pytest.approx(s["true_positives"] / (s["true_positives"] + len(moved)))
+    # knowledge changes (notebook 02's headline): a fact moved decisively on most of its phrasings onto one answer
+    k = score_against_truth(discovered_changes(diff, min_confidence=0.9), task, queried=diff, rule="majority")
+    assert k["precision"] >= 0.9 and k["recall"] >= 0.9 and k["value_accuracy"] >= 0.9
     lines = semantic_report(diff, task=task)
     assert any(line.strip() == "Zorvania:" for line in lines)
     assert any("'Quellburg' (was" in line for line in lines)
