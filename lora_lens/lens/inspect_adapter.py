@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError, LoraLensError, MismatchError, NotFoundError
 from lora_lens.lab.adapters import WEIGHTS, load_adapter, read_config, read_manifest
 from lora_lens.lab.tasks import check_task, fill_base_answers
@@ -206,7 +207,7 @@ def default_out_dir(adapter_dir: str | Path) -> Path:
 
 
 def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, prompts=None, task=None, top: int = 10,
-                    device: str = "cpu", batch_size: int = 64) -> InspectReport:
+                    device: str = "cpu", batch_size: int = 64, max_new_tokens: int = 16) -> InspectReport:
     """Load an adapter on its base and gather the weight-space and behaviour report.
 
     Works on any PEFT LoRA adapter of a causal LM. Inputs are checked before the model is loaded (the adapter's
@@ -225,19 +226,22 @@ def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, pro
         top: Rows of the short tables (modules, prompts, positions, tokens).
         device: Torch device.
         batch_size: Prompts per forward pass.
+        max_new_tokens: With a task from data: the longest greedy answer read (base answers of probes without
+            one, and the behaviour diff's full answers).
 
     Returns:
         An :class:`InspectReport`.
 
     Raises:
         NotFoundError: No adapter folder, config, weights file, base model or prompt file.
-        ConfigError: Not a LoRA adapter, no base named, bad prompt file, bad ``top``.
+        ConfigError: Not a LoRA adapter, no base named, bad prompt file, bad ``top`` or ``max_new_tokens``.
         MismatchError: The base does not fit the adapter (architecture, shapes, weights), or a task of another
             world.
         CorruptError: Damaged adapter files.
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ConfigError(f"top={top!r} must be a positive integer, e.g. 10")
+    check_positive("max_new_tokens", max_new_tokens)
     folder = Path(adapter_dir).expanduser()
     config = read_config(folder)
     if not (folder / WEIGHTS).is_file():
@@ -264,7 +268,7 @@ def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, pro
         if problems:
             raise ConfigError(f"task {task_data.name!r} does not fit the base {base_name}'s tokenizer:\n  "
                               + "\n  ".join(problems[:10]))
-        task_data = fill_base_answers(task_data, model, tokenizer)
+        task_data = fill_base_answers(task_data, model, tokenizer, max_new_tokens=max_new_tokens)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -310,7 +314,8 @@ def inspect_adapter(adapter_dir: str | Path, base: str | Path | None = None, pro
     if world is None and task_data is not None:
         # any model with a task from data: the task's probes (and the mined prompts) with full answers
         mined = None if report.mining is None else list(dict.fromkeys(report.mining.positions["prompt"]))
-        report.diff = behaviour_diff(pm, tokenizer, task=task_data, prompts=mined or None, batch_size=batch_size)
+        report.diff = behaviour_diff(pm, tokenizer, task=task_data, prompts=mined or None, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens)
         report.semantic = semantic_report(report.diff, task=task_data, max_lines=3 * top)
         report.task = {"name": task_data.name, "source": str(task) if not isinstance(task, Task) else "argument"}
         if task_data.truth.get("edits"):

@@ -123,6 +123,30 @@ def test_batched_matches_captum_per_prompt(trigger, method):
     assert frame.loc[frame["probe"] == 0, "difference"].tolist() == batched[0].difference.tolist()
 
 
+def test_multi_token_ig_matches_captum_and_float64_agreement_restores_the_model(dense, tiny_world):
+    """A two-token answer: batched IG equals captum's LLMGradientAttribution (one IG per answer token, summed)
+    in float32 on the zoo and in float64 through captum_agreement(dtype=...), which gives the model back bit for
+    bit."""
+    pm, tok = dense
+    w = tiny_world
+    (r0, r1), (e0, e1) = w.relations[:2], w.entities[:2]
+    prompts = [w.query(e0, r0, 0), w.query(e1, r0, 2)]
+    answer = f"{w.facts[r0][e0]} {w.facts[r1][e0]}"
+    # batch_size 5: two (path, step) pairs of two answer positions per forward, rows of both lengths mixed
+    batched = at.batch_token_attributions(pm, tok, prompts, answer, method="ig", n_steps=8, batch_size=5)
+    assert [len(b.target_ids) for b in batched] == [2, 2] and len({len(b.tokens) for b in batched}) == 2
+    for b in batched:
+        c = at.token_attributions(pm, tok, b.prompt, answer, method="ig", n_steps=8)
+        for which in ("base", "adapted"):
+            assert float((getattr(c, which) - getattr(b, which)).abs().max()) <= 1e-3
+    assert any(float(b.difference.abs().max()) > 0.1 for b in batched)
+    before = [p.detach().clone() for p in pm.parameters()]
+    assert at.captum_agreement(pm, tok, prompts, answer, n_steps=8, dtype=torch.float64) <= 1e-4
+    assert all(p.dtype == torch.float32 and torch.equal(p, q) for p, q in zip(pm.parameters(), before))
+    with pytest.raises(ConfigError, match="dtype='float64'"):
+        at.captum_agreement(pm, tok, prompts, answer, dtype="float64")
+
+
 def test_difference_is_adapted_minus_base(trigger):
     pm, tok, task = trigger
     p = task.probes["efficacy"][0]

