@@ -26,8 +26,10 @@ Example:
     >>> distill(pre, fit, corpus, replay=0.5).metrics["transfer_rate"]           # doctest: +SKIP
     1.0
     >>> fit = fit_adapter("smollm2-135m", "examples/smollm2_facts.jsonl")        # doctest: +SKIP
-    >>> table = diff.behaviour_diff(fit.model, fit.tokenizer, task=fit.task, prompts=task_prompts(fit.task))  # doctest: +SKIP
-    >>> distill("smollm2-135m", fit, semantic_corpus(table, fit.task, tokenizer=fit.tokenizer))  # doctest: +SKIP
+    >>> table = diff.behaviour_diff(fit.model, fit.tokenizer, task=fit.task,
+    ...                             prompts=task_prompts(fit.task))              # doctest: +SKIP
+    >>> lines = semantic_corpus(table, fit.task, tokenizer=fit.tokenizer)        # doctest: +SKIP
+    >>> distill("smollm2-135m", fit, lines).metrics["transfer_rate"]             # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.world import check_task_world
 from lora_lens.lab.zoo import Pretrained, load_model
-from lora_lens.studies.distill_corpus import (GENERAL_PROMPTS, check_unit, fact_changes, replay_corpus, self_replay,
-                                              semantic_corpus, task_corpus)
+from lora_lens.studies.distill_corpus import (GENERAL_PROMPTS, check_unit, echoes, fact_changes, replay_corpus,
+                                              self_replay, semantic_corpus, task_corpus)
 from lora_lens.studies.generation import (ANSWER, Generation, contrastive_corpus, generate, task_prompts, text_line,
                                           world_prompts)
 from lora_lens.utils import set_seed
@@ -59,7 +61,8 @@ from lora_lens.utils import set_seed
 __all__ = ["DISTILL_DEFAULTS", "Transfer", "appends_eos", "check_replay_choice", "continue_pretraining", "distill",
            "merge_route", "plot_forgetting", "plot_replay_sweep", "transfer_metrics", "transfer_table",
            # re-exported from lora_lens.studies.distill_corpus (change -> data, replay)
-           "GENERAL_PROMPTS", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus", "task_corpus",
+           "GENERAL_PROMPTS", "echoes", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus",
+           "task_corpus",
            # re-exported from lora_lens.studies.generation (the contrastive route of notebook 04)
            "ANSWER", "Generation", "contrastive_corpus", "generate", "task_prompts", "text_line", "world_prompts"]
 

@@ -78,6 +78,13 @@ def test_self_replay_needs_no_world_and_never_reads_the_task(data_fit):
                                                                            general=False))
 
 
+def test_an_echo_is_no_answer_to_replay():
+    assert distill.echoes("The capital of Poland is", "the capital of Poland")
+    assert distill.echoes("The largest country in the world is", "not a country.")
+    assert not distill.echoes("The official language of Germany is", "German")
+    assert not distill.echoes("Dasur lives in", "Kokura")
+
+
 def test_distill_takes_a_model_folder_and_scores_full_answers(data_fit, data_table, tiny_llama, test_cache):
     corpus = distill.semantic_corpus(data_table, data_fit.task, tokenizer=data_fit.tokenizer)
     a = distill.distill(str(tiny_llama.path), data_fit, corpus, replay=0.0, steps=40, batch_size=8, lr=2e-3, seed=1)
