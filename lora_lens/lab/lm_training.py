@@ -52,20 +52,23 @@ class LMTrainer:
 
     Args:
         model: A causal LM (trained in place; put it in train mode before the first step).
-        tokenizer: Its tokenizer (with a pad token): each line is encoded and ends with the end-of-sequence token.
+        tokenizer: Its tokenizer (with a pad token): each line is encoded and (with ``eos``) ends with the
+            end-of-sequence token.
         lr: Peak learning rate.
         steps: Planned optimiser steps (the schedule's length; warmup is ``max(1, steps // 20)`` steps).
         weight_decay: AdamW weight decay.
         schedule: ``cosine`` (decay to 0 over ``steps``) or ``constant`` after the warmup.
         guard: When given, a non-finite loss raises :class:`TrainingError` naming this run (e.g. ``"continued
             pretraining"``) before the update applies it; None skips the check (and its device sync).
+        eos: Append the end-of-sequence token to every line (the zoo's pretraining); False for a tokenizer whose
+            eos is a chat model's turn delimiter, which plain text never contains.
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
-                 schedule: str = "constant", guard: str | None = None):
+                 schedule: str = "constant", guard: str | None = None, eos: bool = True):
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
-        self.model, self.tokenizer, self.lr, self.guard = model, tokenizer, lr, guard
+        self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
         warm = max(1, steps // 20)
@@ -88,7 +91,7 @@ class LMTrainer:
             TrainingError: With ``guard``, the loss is non-finite (nothing is applied).
         """
         tok = self.tokenizer
-        ids = [x + [tok.eos_token_id] for x in tok(lines)["input_ids"]]
+        ids = [x + [tok.eos_token_id] if self.eos else x for x in tok(lines)["input_ids"]]
         enc = tok.pad({"input_ids": ids}, return_tensors="pt")
         tokens = int(enc["attention_mask"].sum())  # counted on the CPU copy: no device sync
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)

@@ -50,3 +50,37 @@ def test_notebook_on_smollm2(prefix: str, tmp_path: Path, request) -> None:
     print(f"notebook {prefix} on smollm2-135m: {time.perf_counter() - t0:.0f} s")
     path = next((run_dir).glob(f"{prefix}_*/summary.json"))
     check(json.loads(path.read_text()))
+
+
+# notebook 04: small parameters (no replay sweep beyond the main run, a short schedule), run once to completion
+REAL_04 = {**REAL_BASE, "replay_sweep": [0.5], "steps": 30, "batch_size": 8, "lr": 2e-05}
+
+
+def check_04(summary: dict) -> None:
+    """Notebook 04 on SmolLM2: the example task's adapter distilled back into the base's full weights, on full
+    answers; the zoo's summary keys, the cross-family ones None (no cross_base_model)."""
+    assert summary["base_model"] == "smollm2-135m" and summary["task_file"] == str(EXAMPLE_TASK)
+    for key in ("transfer_rate", "paraphrase_transfer", "specificity_drop", "merge_transfer_rate",
+                "data_route_transfer_rate", "perplexity_ratio", "adapter_specificity_drop"):
+        assert isinstance(summary[key], float), key
+    assert summary["cross_family"] is None and summary["cross_family_transfer_rate"] is None
+    assert summary["merge_transfer_rate"] == pytest.approx(1.0)
+    # the ten edits on their twenty example prompts, each line a plain sentence with the whole answer
+    assert summary["changed_facts"] == 10 and summary["corpus_lines"] == 20
+    assert "The capital of Zorvania is Quellburg." in summary["corpus"]
+    assert not any("<|im_end|>" in line for line in summary["corpus"])
+    # 30 steps are a fraction of the default schedule (DISTILL_DEFAULTS["data"]: 60): some edits carry over (0.25 here)
+    assert summary["contrastive_lines"] > 0 and summary["transfer_rate"] > 0.0
+    assert [r["replay"] for r in summary["replay_sweep"]] == [0.5]
+    assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05}
+    assert {"transfer_vs_replay.png", "forgetting_vs_transfer.png"} <= {Path(p).name for p in summary["figures"]}
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_notebook_04_on_smollm2(tmp_path: Path, request) -> None:
+    request.getfixturevalue("smollm2_fit")  # the example task's adapter (the notebook's fit_adapter hits the cache)
+    t0 = time.perf_counter()
+    run_dir = run_series(preset="smoke", only=["04"], overrides=REAL_04, out=tmp_path / "run", notebooks_dir=NOTEBOOKS)
+    print(f"notebook 04 on smollm2-135m: {time.perf_counter() - t0:.0f} s")
+    check_04(json.loads(next(run_dir.glob("04_*/summary.json")).read_text()))

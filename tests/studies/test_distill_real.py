@@ -1,0 +1,34 @@
+"""Distil back on SmolLM2-135M-Instruct (marked `real`): generation ends at the answer with its byte-level BPE, lines
+end as its plain text does (never ``<|im_end|>``), and replay needs no world."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import EXAMPLE_TASK
+from lora_lens.lab.world import Task
+from lora_lens.studies import distill
+
+pytestmark = pytest.mark.real
+
+
+def test_generation_ends_at_the_answer_on_smollm2(smollm2):
+    model, tok = smollm2
+    prompts = ["The capital of France is", "The play Hamlet was written by"]
+    g = distill.generate(model, tok, prompts, max_new_tokens=16, stop="answer")
+    assert g.texts == ["Paris", "William Shakespeare"] and g.stopped == [True, True]
+    assert all(len(t) < 16 for t in g.tokens)
+    assert distill.generate(model, tok, prompts[:1], max_new_tokens=16, stop=".").texts == ["Paris."]
+    assert distill.generate(model, tok, prompts[:1], max_new_tokens=16, stop="\n").stopped == [True]
+
+
+def test_lines_never_carry_the_chat_delimiter(smollm2):
+    model, tok = smollm2
+    assert tok.eos_token == "<|im_end|>" and not distill.appends_eos(tok)
+    task = Task.load(EXAMPLE_TASK)
+    assert distill.task_corpus(task, tok)[0] == "The capital of Zorvania is Quellburg."
+    lines = distill.self_replay(model, tok, task, general=False)
+    assert "The capital of Portugal is Lisbon." in lines
+    assert not any("<|im_end|>" in line or "<|endoftext|>" in line for line in lines)
+    used = {p for p, _ in task.examples} | {p.prompt for ps in task.probes.values() for p in ps}
+    assert not any(line.startswith(u + " ") for line in lines for u in used)
