@@ -37,7 +37,7 @@ from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_exa
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
-__all__ = ["DATA_STEPS", "INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec",
+__all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec",
            "default_spec", "has_lora",
            "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
@@ -45,6 +45,7 @@ DATA_STEPS = 20
 """Optimiser steps of the default spec for a task from data (full batch)."""
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 PRESETS = ("attn", "mlp", "all")
+REPLAY_LOSSES = ("answer", "kl")
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -75,6 +76,10 @@ class LoraSpec:
         log_every: Log the loss every this many steps (default: about 50 points per run).
         replay: Rehearsal: add ``replay × len(task.examples)`` examples of the world's *unchanged* facts (see
             :func:`lora_lens.lab.train_data.replay_examples`) so the adapter learns what must stay as it is. 0 turns it off.
+        replay_loss: How a rehearsal example is learnt: ``answer`` (cross-entropy on its answer, like a task
+            example) or ``kl`` (KL(base ‖ adapted) of the next-token distributions at every position of the
+            rehearsal line: the base's whole distribution is kept, not only its argmax, which also holds the
+            prompts nobody rehearsed and general text).
     """
 
     rank: int = 8
@@ -94,6 +99,7 @@ class LoraSpec:
     max_grad_norm: float = 1.0
     log_every: int | None = None
     replay: float = 0.0
+    replay_loss: str = "answer"
 
     def __post_init__(self):
         self.validate()
@@ -137,6 +143,8 @@ class LoraSpec:
             bad("log_every", "is invalid: use a positive integer or None")
         if not _finite(self.replay) or self.replay < 0:
             bad("replay", "is invalid: use a number ≥ 0 (rehearsal examples per task example; 0 = off)")
+        if self.replay_loss not in REPLAY_LOSSES:
+            bad("replay_loss", f"is unknown: use one of {list(REPLAY_LOSSES)}")
         if not isinstance(self.targets, str) and (
                 not isinstance(self.targets, (list, tuple)) or not self.targets
                 or not all(isinstance(t, str) and t for t in self.targets)):
@@ -400,7 +408,25 @@ def _config(spec: LoraSpec, layers: dict[str, dict], chosen: list[str]) -> LoraC
 
 
 class _GuardedTrainer(Trainer):
-    """A ``Trainer`` that stops at the first non-finite loss, before the optimiser step applies it."""
+    """A ``Trainer`` that stops at the first non-finite loss, before the optimiser step applies it, and that
+    learns ``anchor`` rows (``LoraSpec.replay_loss="kl"``) by their KL to the base instead of by labels."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "anchor" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        anchor = inputs.pop("anchor")[:, 1:].bool()
+        labels = inputs.pop("labels")[:, 1:]
+        out = model(**inputs)
+        logits = out.logits[:, :-1].float()
+        keep = labels != -100
+        total = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
+        if anchor.any():
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                base = model(**inputs).logits[:, :-1].float()[anchor].log_softmax(-1)
+            adapted = logits[anchor].log_softmax(-1)
+            total = total + torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="sum")
+        loss = total / max(int(keep.sum()) + int(anchor.sum()), 1)
+        return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -471,12 +497,13 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
     spec = check_spec(spec)
     check_no_lora(model)
     examples, world = training_examples(model, task, spec.replay, seed, world, tokenizer, rehearsal)
+    anchored = len(examples) - len(task.examples) if spec.replay_loss == "kl" else 0
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")
     layers = linear_modules(model)  # listed once; targets, rank check, config and snapshot all read this
     chosen = _match(layers, spec.targets, type(model).__name__)
     config = _config(spec, layers, chosen)
-    data = AnswerDataset(tokenizer, examples, task.chat)
+    data = AnswerDataset(tokenizer, examples, task.chat, anchored=anchored)
     collator = AnswerCollator(tokenizer.pad_token_id)
 
     device = str(device or next(model.parameters()).device)
