@@ -37,8 +37,8 @@ from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_exa
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
-__all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec",
-           "default_spec", "has_lora",
+__all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "LoraSpec", "TrainResult", "check_no_lora",
+           "check_rank", "check_spec", "default_spec", "has_lora",
            "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
 DATA_STEPS = 20
@@ -75,7 +75,8 @@ class LoraSpec:
         max_grad_norm: Gradient clipping norm.
         log_every: Log the loss every this many steps (default: about 50 points per run).
         replay: Rehearsal: add ``replay × len(task.examples)`` examples of the world's *unchanged* facts (see
-            :func:`lora_lens.lab.train_data.replay_examples`) so the adapter learns what must stay as it is. 0 turns it off.
+            :func:`lora_lens.lab.train_data.replay_examples`) so the adapter learns what must stay as it is. 0 turns
+            it off.
         replay_loss: How a rehearsal example is learnt: ``answer`` (cross-entropy on its answer, like a task
             example) or ``kl`` (KL(base ‖ adapted) of the next-token distributions at every position of the
             rehearsal line: the base's whole distribution is kept, not only its argmax, which also holds the

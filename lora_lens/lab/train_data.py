@@ -176,8 +176,9 @@ def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
 
     ``"neighbours"``: :data:`NEIGHBOUR_PROMPTS` that no example or probe of the task uses, answered by the base
     (:func:`lora_lens.lab.answers.base_answers`, adapter off); answers that are not plain (:func:`is_plain_answer`:
-    empty, rambling, or an echo of the prompt) or do not read in context are left out. ``"specificity"``: the task's specificity probes with their expected (base) answers — then
-    specificity is no longer measured on prompts the adapter never saw. ``"both"``: the two, neighbours first.
+    empty, rambling, or an echo of the prompt) or do not read in context are left out. ``"specificity"``: the
+    task's specificity probes with their expected (base) answers — then specificity is no longer measured on
+    prompts the adapter never saw. ``"both"``: the two, neighbours first.
 
     Raises:
         ConfigError: ``rehearsal`` is not one of :data:`REHEARSAL`.
