@@ -182,7 +182,7 @@ _TASK_DEFAULTS = {
     "new_relation": dict(steps=300, batch_size=32, lr=3e-3, replay=4.0),
     # a task from data on a pretrained model (SmolLM2-135M + examples/smollm2_facts.jsonl, see default_spec)
     "data": dict(rank=8, alpha=16.0, targets="all", lr=1e-3, steps=DATA_STEPS, batch_size=64, warmup=0,
-                 scheduler="constant", replay=1.0),
+                 scheduler="constant", replay=4.0, replay_loss="kl"),
 }
 
 
