@@ -20,6 +20,9 @@ This module is the one home of "an answer after a prompt". Every analysis reads 
   punctuation). This word-boundary rule reads the token's text, so it works for byte-level BPE (``Ġ``) and
   SentencePiece (``▁``) alike, and it never cuts inside an answer ("St. Louis" matches through its "."): the answer's
   own ids are compared first. A continuation piece such as ``aicka`` after "Quellburg" is not a stop.
+- **Free answers** (:func:`free_answers`, :func:`base_answers`): the model's own greedy continuation, cut at its
+  end (:func:`cut_answer`), decoded with a KV cache by :func:`lora_lens.lab.decoding.greedy_continuations`; a row
+  stops as soon as its cut is final (:func:`answer_ended`).
 
 For the zoo (one-token answers, the world tokenizer) p(answer) and the greedy match are exactly the next-token
 probability and the top-1 match of :mod:`lora_lens.lab.probes`.
@@ -42,12 +45,14 @@ from typing import Sequence
 import torch
 
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.pair import keeps_logits
+from lora_lens.lab.decoding import GREEDY_BATCH, greedy_continuations
+from lora_lens.lab.pair import check_unmerged, inference, is_peft, keeps_logits, model_device
 from lora_lens.lab.tokenizer import SPECIALS
 
-__all__ = ["AnswerIds", "AnswerScores", "EndOfAnswer", "GreedyMatch", "SENTENCE_END", "answer_ids", "answer_logprobs",
-           "base_answers", "cut_answer", "end_of_answer", "example_ids", "free_answers", "greedy_match", "has_chat_template",
-           "is_boundary", "is_world_tokenizer", "render_prompt", "score_ids", "token_texts"]
+__all__ = ["AnswerIds", "AnswerScores", "EndOfAnswer", "GreedyMatch", "SENTENCE_END", "answer_ended", "answer_ids",
+           "answer_logprobs", "base_answers", "cut_answer", "end_of_answer", "example_ids", "free_answers",
+           "greedy_match", "has_chat_template", "is_boundary", "is_world_tokenizer", "render_prompt", "score_ids",
+           "token_texts"]
 
 SENTENCE_END = ".!?"
 """An answer whose text already ends in one of these gets no plain-text end-of-answer token of its own."""
@@ -354,21 +359,6 @@ class AnswerScores:
         return [math.exp(t) for t in self.total]
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _eval(model):
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
-
-
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -392,7 +382,7 @@ def score_ids(model, tokenizer, items: Sequence[AnswerIds], chat: bool = False, 
     _check_batch(batch_size)
     items = list(items)
     pad = _pad_id(tokenizer)
-    device = _device(model)
+    device = model_device(model)
     order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt), len(items[i].answer)))
     lp_out: list = [None] * len(items)
     arg_out: list = [None] * len(items)
@@ -403,7 +393,7 @@ def score_ids(model, tokenizer, items: Sequence[AnswerIds], chat: bool = False, 
         # logits from the last prompt token through the last answer token: T log p's and the token after
         return len(items[i].prompt) - 1, len(items[i].prompt) + len(items[i].answer)
 
-    with _eval(model):
+    with inference(model):
         start = 0
         while start < len(order):
             chunk = order[start:start + batch_size]
@@ -495,74 +485,65 @@ def cut_answer(tokenizer, ids: Sequence[int], chat: bool = False) -> str:
     followed by more text is not an end ("St. Louis", "John F. Kennedy"); other abbreviations cannot be told from
     a sentence end here, so give such answers explicitly in the task file.
     """
-    stop = _stop_ids(tokenizer, chat)
-    keep = []
+    return _cut(tokenizer, ids, _stop_ids(tokenizer, chat))[0]
+
+
+def answer_ended(tokenizer, ids: Sequence[int], chat: bool = False) -> bool:
+    """Whether the answer in the continuation ``ids`` is complete: no further token could change
+    :func:`cut_answer` (a stop id, a newline, or clause punctuation already followed by whitespace). Free answers
+    stop decoding there."""
+    return _cut(tokenizer, ids, _stop_ids(tokenizer, chat))[1]
+
+
+def _cut(tokenizer, ids: Sequence[int], stop: set[int]) -> tuple[str, bool]:
+    """:func:`cut_answer` and whether the cut is final: no continuation of ``ids`` could change it (a stop id, a
+    newline, or clause punctuation already followed by whitespace). Free answers stop generating there."""
+    keep, final = [], False
     for i in ids:
         if int(i) in stop:
+            final = True
             break
         keep.append(int(i))
     text = tokenizer.decode(keep, clean_up_tokenization_spaces=False)
-    text = text.split("\n", 1)[0]
+    if "\n" in text:
+        text, final = text.split("\n", 1)[0], True
     for k, ch in enumerate(text):
         if ch in _CLAUSE_END and (k + 1 == len(text) or text[k + 1].isspace()):
             word = text[:k].rsplit(None, 1)[-1] if text[:k].strip() else ""
             if ch == "." and k + 1 < len(text) and (word in _ABBREVIATIONS or (len(word) == 1 and word.isupper())):
                 continue  # "St. Louis", "John F. Kennedy": an abbreviation, not the end
+            final = final or k + 1 < len(text)  # "3." may still become "3.14"; ". " is an end
             text = text[:k]
             break
-    return text.strip()
-
-
-def _greedy(model, seqs: list[list[int]], pad: int, max_new_tokens: int, stop: set[int]) -> list[list[int]]:
-    """Greedy continuations by full forward passes (no KV cache), right-padded: the same logits as teacher forcing."""
-    device = _device(model)
-    keep = keeps_logits(model)
-    out: list[list[int]] = [[] for _ in seqs]
-    live = list(range(len(seqs)))
-    for _ in range(max_new_tokens):
-        if not live:
-            break
-        rows = [seqs[i] + out[i] for i in live]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-        last = torch.tensor([len(r) - 1 for r in rows])
-        if keep:
-            pos, where = torch.unique(last, return_inverse=True)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           logits_to_keep=pos.to(device)).logits
-            nxt = logits[torch.arange(len(rows)), where.to(logits.device)].argmax(-1).tolist()
-        else:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            nxt = logits[torch.arange(len(rows)), last.to(logits.device)].argmax(-1).tolist()
-        for i, t in zip(live, nxt):
-            out[i].append(int(t))
-        live = [i for i in live if out[i][-1] not in stop]
-    return out
+    return text.strip(), final
 
 
 def base_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, max_new_tokens: int = 16,
-                 batch_size: int = 16) -> list[str]:
+                 batch_size: int = GREEDY_BATCH) -> list[str]:
     """The model's own greedy answer to each prompt (:func:`cut_answer` of its greedy continuation).
 
-    A ``PeftModel`` answers with its adapter switched off. Each step is a full forward pass of the right-padded
-    batch (no KV cache), so the continuation is exactly the argmax :func:`greedy_match` reads.
+    A ``PeftModel`` answers with its adapter switched off (:func:`lora_lens.lab.pair.adapted_view` answers with it
+    on). Decoding is :func:`lora_lens.lab.decoding.greedy_continuations` (KV cache, batched, a row ends where its
+    answer's cut is final), whose continuations are those of full forward passes, i.e. the argmax
+    :func:`greedy_match` reads.
 
     Raises:
-        ConfigError: ``chat=True`` without a chat template, or a bad ``max_new_tokens``/``batch_size``.
+        ConfigError: ``chat=True`` without a chat template, a merged adapter, or a bad
+            ``max_new_tokens``/``batch_size``.
     """
-    peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-    with model.disable_adapter() if peft else contextlib.nullcontext():
+    if is_peft(model):
+        check_unmerged(model)
+    with model.disable_adapter() if is_peft(model) else contextlib.nullcontext():
         return free_answers(model, tokenizer, prompts, chat, max_new_tokens, batch_size)
 
 
 def free_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, max_new_tokens: int = 16,
-                 batch_size: int = 16) -> list[str]:
+                 batch_size: int = GREEDY_BATCH) -> list[str]:
     """The model's greedy answer to each prompt as it is (a ``PeftModel`` with its adapter on), cut as
     :func:`cut_answer`; :func:`base_answers` is the same with the adapter off.
+
+    Args:
+        batch_size: Prompts decoded together (one forward pass per new token over the batch).
 
     Raises:
         ConfigError: ``chat=True`` without a chat template, or a bad ``max_new_tokens``/``batch_size``.
@@ -573,9 +554,7 @@ def free_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, m
     pad = _pad_id(tokenizer)
     seqs = [_encode(tokenizer, render_prompt(tokenizer, p, chat), chat) for p in prompts]
     stop = _stop_ids(tokenizer, chat)
-    out: list[str] = []
-    with _eval(model):
-        for i in range(0, len(seqs), batch_size):
-            gen = _greedy(model, seqs[i:i + batch_size], pad, max_new_tokens, stop)
-            out += [cut_answer(tokenizer, g, chat) for g in gen]
-    return out
+    with inference(model):
+        gen = greedy_continuations(model, seqs, pad, max_new_tokens, stop, lambda g: _cut(tokenizer, g, stop)[1],
+                                   batch_size)
+    return [_cut(tokenizer, g, stop)[0] for g in gen]

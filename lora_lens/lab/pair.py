@@ -10,7 +10,7 @@ This module owns the helpers every room uses for that:
   (:func:`inference` for no-grad passes, :func:`frozen` for attribution with gradients w.r.t. inputs);
 * forward passes on right-padded batches (real tokens keep their positions, so batched logits equal one-by-one
   logits): :func:`encode`, :func:`pad_ids`, :func:`pad_token_id`, :func:`logits_at`, :func:`last_logits`,
-  :func:`keeps_logits`, :func:`model_device`;
+  :func:`keeps_logits`, :func:`inner_model`, :func:`model_device`;
 * :func:`kl_divergence` — KL(base‖adapted) from log-probabilities.
 
 Example:
@@ -33,7 +33,8 @@ from lora_lens.errors import ConfigError
 from lora_lens.lab.tokenizer import check_tokenizer
 
 __all__ = ["adapted_view", "adapter_states", "check_base", "check_peft", "check_unmerged", "encode", "frozen",
-           "inference", "is_peft", "keeps_logits", "kl_divergence", "last_logits", "logits_at", "model_device", "pad_ids", "pad_token_id"]
+           "inference", "inner_model", "is_peft", "keeps_logits", "kl_divergence", "last_logits", "logits_at",
+           "model_device", "pad_ids", "pad_token_id"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # checks
@@ -163,11 +164,23 @@ def kl_divergence(lp_base: torch.Tensor, lp_adapted: torch.Tensor) -> torch.Tens
 # forward passes on right-padded batches
 
 
+def inner_model(model):
+    """The causal LM under peft's wrappers: a ``PeftModel``'s base model, an :func:`adapted_view`'s (peft's
+    ``LoraModel``) ``.model``; any other model as it is. Its ``forward`` signature says what the model takes."""
+    for _ in range(4):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "peft_config") and isinstance(getattr(model, "model", None), torch.nn.Module):
+            model = model.model
+        else:
+            break
+    return model
+
+
 def keeps_logits(model) -> bool:
     """Whether the causal LM's forward accepts ``logits_to_keep`` (then only the needed positions are projected)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(inner_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
 

@@ -24,6 +24,7 @@ import torch
 
 from lora_lens.errors import ConfigError
 from lora_lens.lab.answers import answer_ids, free_answers, is_world_tokenizer, score_ids
+from lora_lens.lab.decoding import GREEDY_BATCH
 from lora_lens.lab.pair import (check_base, encode, inference, kl_divergence, last_logits, model_device, pad_ids,
                                 pad_token_id)
 from lora_lens.lab.tasks import fill_base_answers
@@ -400,11 +401,12 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 256, top_k: int = 1
         else:
             n_new = min(max_new_tokens, max(len(it.answer) + len(it.end) for it in items) + 2) if items else 1
             prompts = [p.prompt for p in probes]
-            free_a = free_answers(model, tokenizer, prompts, chat, n_new, min(batch_size, 32)) if probes else []
+            gen = min(batch_size, GREEDY_BATCH)  # prompts decoded together (KV cache)
+            free_a = free_answers(model, tokenizer, prompts, chat, n_new, gen) if probes else []
             free_b = []
             if has_base and probes:
                 with off():
-                    free_b = free_answers(base_model, tokenizer, prompts, chat, n_new, min(batch_size, 32))
+                    free_b = free_answers(base_model, tokenizer, prompts, chat, n_new, gen)
 
     def hit(scores, j: int, kind: str) -> bool | None:
         k = where.get((j, kind))

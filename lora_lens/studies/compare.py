@@ -11,10 +11,13 @@ family, several adapter seeds) and measures every run in a space the architectur
   world's tokenizer, so a prompt has the same tokens in every family and attributions compare token by token);
 * **vocabulary**: the leading write-side directions of the last layer read as tokens (same vocabulary for all).
 
-Each candidate pattern (:data:`PATTERNS`) is a per-run statistic with a threshold. :func:`pattern_table` gives
-its mean per family with a seeded bootstrap 95% interval over seeds, a per-family verdict (``holds`` when the
-whole interval is on the claimed side, ``fails`` when it is on the other side, ``unclear`` otherwise) and an
-overall verdict (``universal``, ``some families``, ``none``, ``unclear``); :func:`record_patterns` writes them to
+Each candidate pattern (:data:`PATTERNS`) is a per-run statistic with a threshold and a null measured in the same
+run with the same shapes (a random adapter, the parameter share, the Marchenko–Pastur expectation:
+:mod:`lora_lens.studies.nulls`). :func:`pattern_table` gives its mean per family with a seeded bootstrap 95%
+interval over seeds, a per-family verdict (``holds`` when the whole interval is on the claimed side, ``fails`` when
+it is on the other side, ``unclear`` otherwise), whether it clears its null, and an overall verdict (``universal``
+only when it holds and clears its null in every family; ``explained by null``, ``some families``, ``none``,
+``unclear``); :func:`record_patterns` writes them to
 the hypothesis ledger. The patterns, intervals and verdicts live in :mod:`lora_lens.studies.patterns` and are
 re-exported here, so notebook 06 reads the whole study from ``compare``. :func:`portability` asks whether an
 adapter still works on another base of its family.
@@ -49,15 +52,16 @@ from lora_lens.lab.world import Task, World, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrained, load_model, pretrain
 from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
-from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, pattern_records,
-                                        pattern_table, pooled_ci, record_patterns)
+from lora_lens.studies.nulls import SHUFFLED_STATS, shuffled_task, upper_weight, weight_nulls, weight_stats
+from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, null_id, pattern_prose,
+                                        pattern_records, pattern_table, pooled_ci, record_patterns)
 from lora_lens.utils import progress_bar
 
 __all__ = ["SHARED_TYPES", "Study", "attribution_agreement", "check_families", "check_seeds", "pair_matrix",
            "portability", "portability_summary", "run_study", "shared_type",
            # re-exported from lora_lens.studies.patterns (notebook 06 reads the study's verdicts here)
-           "PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "pattern_records", "pattern_table", "pooled_ci",
-           "record_patterns"]
+           "PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "null_id", "pattern_prose", "pattern_records",
+           "pattern_table", "pooled_ci", "record_patterns"]
 
 def check_families(families) -> list[str]:
     """Validate a list of zoo families; return it as a list.
@@ -115,15 +119,19 @@ class Study:
         task: The task (the same planted truth for every run).
         spec: The adapter spec (the same for every run).
         runs: One row per (family, seed): behaviour (``efficacy``, ``paraphrase``, ``specificity``), weight space
-            (``upper_share``, ``mlp_share``, ``eff_rank_ratio``, ``stable_rank_ratio``), φ with the other seeds
-            (``phi_seeds`` output side, ``phi_seeds_right`` input side, ``phi_chance``), component attribution
+            (``upper_share``, ``mlp_share``, ``eff_rank_ratio``, ``stable_rank_ratio``) and their nulls
+            (:data:`lora_lens.studies.nulls.NULL_COLUMNS`, the parameter shares ``upper_param_share`` and
+            ``mlp_param_share``), φ with the other seeds (``phi_seeds`` output side, ``phi_seeds_right`` input side,
+            ``null_phi_seeds`` between the random adapters of the seeds, ``phi_chance``), with ``shuffled=True``
+            the same weight statistics of an adapter trained on shuffled answers (``shuffled_…``), component
+            attribution
             (``attr_mlp_share``, ``attr_upper_share``, ``top_component``), input attribution (``entity_top1``,
             ``token_agreement`` with the other families, ``vocab_overlap`` with the other families), training
             time and the adapter folder.
         energy: Long table ``family, seed, layer, depth, share``: update energy per layer at its relative depth.
         types: Long table ``family, seed, shared_type, energy_share, param_share``.
-        phi: One row per seed pair of a family: ``family, seed_a, seed_b, phi_left, phi_right, chance_left,
-            chance_right``.
+        phi: One row per seed pair of a family: ``family, seed_a, seed_b, phi_left, phi_right, null_phi_left``
+            (between the two seeds' random adapters), ``chance_left, chance_right``.
         tokens: ``{(family, seed): set of tokens}`` read from the last layer's leading write-side directions.
         attributions: ``{(family, seed): [difference attribution per shared probe]}``.
         probes: The shared efficacy probe prompts the attributions are about.
@@ -149,26 +157,15 @@ def _first(task: Task, n: int) -> Task:
     return dataclasses.replace(task, probes={s: ps[:n] for s, ps in task.probes.items()})
 
 
-def _upper_weight(depth: pd.Series) -> pd.Series:
-    """1 above relative depth 0.5, 0.5 exactly at it (a middle layer counts half), 0 below."""
-    return np.where(np.isclose(depth, 0.5), 0.5, (depth > 0.5).astype(float))
-
-
-def _measure(fit, task: Task, n_probes: int, ig_steps: int, top_tokens: int) -> tuple[dict, dict]:
-    """Per-run numbers of one fitted adapter (weights, components, input attribution, vocabulary)."""
+def _measure(fit, task: Task, n_probes: int, ig_steps: int, top_tokens: int, seed: int,
+             null_samples: int) -> tuple[dict, dict]:
+    """Per-run numbers of one fitted adapter (weights and their nulls, components, input attribution, vocabulary)."""
     mods = delta.lora_modules(fit.model)
     summ = delta.summary(mods, intruders=False)
     summ["shared_type"] = summ["module_type"].map(shared_type)
     summ["params"] = summ["rank"] * (summ["in_features"] + summ["out_features"])
-    share = summ["energy_share"].fillna(0.0)
-    upper = _upper_weight(summ["depth"])
-    mlp = summ["shared_type"].str.startswith("mlp")
-    rank = int(summ["rank"].iloc[0])
-    row = {"upper_share": float((share * upper).sum()), "mlp_share": float(share[mlp].sum()),
-           "mlp_param_share": float(summ.loc[mlp, "params"].sum() / summ["params"].sum()),
-           "eff_rank_ratio": float(summ["effective_rank"].mean() / rank),
-           "stable_rank_ratio": float(summ["stable_rank"].mean() / rank), "n_modules": len(summ),
-           "n_layers": int(summ["layer"].max()) + 1}
+    nulls, random = weight_nulls(mods, seed=seed, n_samples=null_samples)
+    row = {**weight_stats(summ), **nulls, "n_modules": len(summ), "n_layers": int(summ["layer"].max()) + 1}
     # component attribution: what each module contributes to the edit (ablation, shared efficacy probes)
     comps = at.lora_components(fit.model, grain="module")
     attr = at.component_attribution(fit.model, fit.tokenizer, task, comps, behaviours=["efficacy"],
@@ -178,7 +175,7 @@ def _measure(fit, task: Task, n_probes: int, ig_steps: int, top_tokens: int) -> 
     a_types = pd.Series([shared_type(n) for n in attr.index], index=attr.index)
     total = float(pos.sum())
     row["attr_mlp_share"] = float(pos[a_types.str.startswith("mlp")].sum() / total) if total > 0 else math.nan
-    row["attr_upper_share"] = float((pos * _upper_weight(depth)).sum() / total) if total > 0 else math.nan
+    row["attr_upper_share"] = float((pos * upper_weight(depth)).sum() / total) if total > 0 else math.nan
     row["top_component"] = a_types[attr.idxmax()]
     row["top_component_depth"] = float(depth[attr.idxmax()])
     # input attribution of the change on the shared probes against a blank token (every token gets a value, so
@@ -189,7 +186,8 @@ def _measure(fit, task: Task, n_probes: int, ig_steps: int, top_tokens: int) -> 
     dirs = delta.directions_table(fit.model, fit.tokenizer, k=1, top=top_tokens, role="write", sign="both")
     last = dirs[dirs["layer"] == dirs["layer"].max()]
     extra = {"summary": summ, "tokens": set(last["token"].astype(str)),
-             "attributions": [ta.difference.numpy() for ta in rec.attributions], "modules": mods}
+             "attributions": [ta.difference.numpy() for ta in rec.attributions], "modules": mods,
+             "random": random}
     return row, extra
 
 
@@ -221,22 +219,26 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else math.nan
 
 
-def _phi_rows(family: str, mods: dict) -> list[dict]:
+def _phi_rows(family: str, mods: dict, random: dict) -> list[dict]:
+    """φ(1, 1) between every two seeds of a family, of the trained adapters and of their random twins."""
     rows = []
     for sa, sb in itertools.combinations(sorted(mods), 2):
         left = delta.phi_table(mods[sa], mods[sb], 1, 1, side="left")
         right = delta.phi_table(mods[sa], mods[sb], 1, 1, side="right")
+        null = delta.phi_table(random[sa], random[sb], 1, 1, side="left")
         out_f = np.array([d.shape[0] for d in mods[sa]], dtype=float)
         in_f = np.array([d.shape[1] for d in mods[sa]], dtype=float)
         rows.append({"family": family, "seed_a": sa, "seed_b": sb, "phi_left": float(left["phi"].mean()),
-                     "phi_right": float(right["phi"].mean()), "chance_left": float((1 / out_f).mean()),
+                     "phi_right": float(right["phi"].mean()), "null_phi_left": float(null["phi"].mean()),
+                     "chance_left": float((1 / out_f).mean()),
                      "chance_right": float((1 / in_f).mean())})
     return rows
 
 
 def run_study(families, seeds=3, size: str = "small", world: World | None = None, task: str | Task = "fact_edit",
               task_seed: int = 0, spec: LoraSpec | None = None, n_probes: int = 16, ig_steps: int = 16,
-              top_tokens: int = 10, cache=None, device: str = "cpu", **spec_overrides) -> Study:
+              top_tokens: int = 10, null_samples: int = 32, shuffled: bool = False, cache=None,
+              device: str = "cpu", **spec_overrides) -> Study:
     """Train and measure the same adapter on every family × seed (bases and adapters come from the cache).
 
     Args:
@@ -252,6 +254,10 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
         n_probes: Efficacy probes used for component and input attribution.
         ig_steps: Integration steps of the input attribution.
         top_tokens: Tokens read per leading direction and sign.
+        null_samples: Random rank-r products per module shape for the Marchenko–Pastur expectation.
+        shuffled: Also train, per family and seed, an adapter on the task with its answers shuffled
+            (:func:`lora_lens.studies.nulls.shuffled_task`; one more training per run, cached like the others) and
+            add its weight statistics as ``shuffled_…`` columns and its ``shuffled_efficacy``.
         cache: Cache root (default as :func:`lora_lens.lab.zoo.cache_dir`).
         device: Torch device.
         **spec_overrides: :class:`LoraSpec` fields (``rank``, ``steps`` …).
@@ -266,8 +272,11 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     families, seeds = check_families(families), check_seeds(seeds)
     if size not in SIZES:
         raise ConfigError(f"size={size!r} is unknown; use one of {list(SIZES)}")
-    for name, value in (("n_probes", n_probes), ("ig_steps", ig_steps), ("top_tokens", top_tokens)):
+    for name, value in (("n_probes", n_probes), ("ig_steps", ig_steps), ("top_tokens", top_tokens),
+                        ("null_samples", null_samples)):
         check_positive(name, value)
+    if not isinstance(shuffled, bool):
+        raise ConfigError(f"shuffled={shuffled!r} must be True or False (train a shuffled-answers adapter per run)")
     world = world or make_world(seed=0)
     task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
     spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)
@@ -275,11 +284,11 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     bar = progress_bar(total=len(families) * len(seeds), desc="runs")
     for family in families:
         pre = get_pretrained(family, size, world=world, cache=cache, device=device)
-        mods = {}
+        mods, random = {}, {}
         for seed in seeds:
             fit = fit_adapter(pre, task, seed=seed, spec=spec, cache=cache, device=device)
             m = fit.evaluation.metrics
-            row, extra = _measure(fit, task, n_probes, ig_steps, top_tokens)
+            row, extra = _measure(fit, task, n_probes, ig_steps, top_tokens, seed, null_samples)
             rows.append({"family": family, "seed": seed, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
                          "specificity": m["specificity"], "perplexity_ratio": m["perplexity_ratio"], **row,
                          "train_seconds": fit.train["train_seconds"], "adapter_dir": str(fit.adapter_dir)})
@@ -291,12 +300,19 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
             types += [{"family": family, "seed": seed, "shared_type": t, "energy_share": float(e),
                        "param_share": float(p)} for t, e, p in zip(g.groups, g["energy_share"].sum(),
                                                                    g["params"].sum() / summ["params"].sum())]
+            if shuffled:
+                sfit = fit_adapter(pre, shuffled_task(task, seed=seed), seed=seed, spec=spec, cache=cache,
+                                   device=device)
+                sstats = weight_stats(delta.summary(delta.lora_modules(sfit.model), intruders=False))
+                rows[-1] |= {f"shuffled_{k}": sstats[k] for k in SHUFFLED_STATS}
+                rows[-1]["shuffled_efficacy"] = sfit.evaluation.metrics["efficacy"]
+                del sfit
             tokens[(family, seed)] = extra["tokens"]
             attrs[(family, seed)] = extra["attributions"]
-            mods[seed] = extra["modules"]
+            mods[seed], random[seed] = extra["modules"], extra["random"]
             del fit
             bar.update()
-        phis += _phi_rows(family, mods)
+        phis += _phi_rows(family, mods, random)
     bar.close()
     runs = pd.DataFrame(rows)
     phi = pd.DataFrame(phis)
@@ -309,7 +325,8 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
 def _cross_run_columns(runs: pd.DataFrame, phi: pd.DataFrame, tokens: dict, attrs: dict) -> None:
     """Add the per-run columns that compare a run with others: φ with its family's other seeds, input-attribution
     agreement and top-token overlap with the runs of the *other* families (NaN with a single family)."""
-    for col, side in (("phi_seeds", "phi_left"), ("phi_seeds_right", "phi_right")):
+    for col, side in (("phi_seeds", "phi_left"), ("phi_seeds_right", "phi_right"), ("null_phi_seeds",
+                                                                                      "null_phi_left")):
         runs[col] = [float(phi.loc[(phi["family"] == f) & ((phi["seed_a"] == s) | (phi["seed_b"] == s)), side].mean())
                      for f, s in zip(runs["family"], runs["seed"])]
     runs["phi_chance"] = [float(phi.loc[phi["family"] == f, "chance_left"].mean()) for f in runs["family"]]

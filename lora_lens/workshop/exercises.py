@@ -177,8 +177,12 @@ def check_universal_pattern(table, answer: str) -> str:
     if answer not in overall.index:
         return f"not yet: {answer!r} is not a pattern of the table; patterns are {sorted(overall.index)}"
     if answer in universal:
-        return f"correct: {answer} holds in every family (each family's whole interval is on the claimed side)"
+        return (f"correct: {answer} holds in every family (each family's whole interval is on the claimed side) and "
+                "clears its null there")
     fams = table[(table["pattern"] == answer) & (table["family"] != "all")]
+    if (fams["verdict"] == "holds").all():
+        return (f"not yet: {answer} holds in every family, but its null (a random adapter, the parameter share …) "
+                f"explains it in {int((fams['vs_null'] != 'clears').sum())} of {len(fams)}: look at vs_null")
     return (f"not yet: {answer} does not hold everywhere - in {int((fams['verdict'] != 'holds').sum())} of "
             f"{len(fams)} families the interval is not entirely on the claimed side")
 

@@ -244,7 +244,9 @@ def energy_depth_curves(energy: pd.DataFrame, ax=None):
 
 @styled
 def pattern_forest(table: pd.DataFrame, ax=None):
-    """Forest plot: each pattern's statistic per family with its bootstrap interval, against its threshold.
+    """Forest plot: each pattern's statistic per family with its bootstrap interval, against its threshold (dashed)
+    and beside its null (grey ×, with the null's interval, just below each row) and, where measured, the adapter
+    trained on shuffled answers (blue □).
 
     Args:
         table: :func:`lora_lens.studies.compare.pattern_table` output.
@@ -254,7 +256,7 @@ def pattern_forest(table: pd.DataFrame, ax=None):
     if ax is None:
         ncols = min(3, len(pats))
         nrows = -(-len(pats) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 0.35 * table["family"].nunique() * nrows + 1.6
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 0.5 * table["family"].nunique() * nrows + 1.8
                                                          * nrows), constrained_layout=True, squeeze=False)
         axes = axes.ravel()
         for extra in axes[len(pats):]:
@@ -263,17 +265,32 @@ def pattern_forest(table: pd.DataFrame, ax=None):
         axes = np.atleast_1d(ax)
         fig = axes[0].figure
     colours = {"holds": "#2ca02c", "fails": "#d62728", "unclear": "#7f7f7f", "universal": "#2ca02c",
-               "none": "#d62728", "some families": "#ff7f0e"}
+               "none": "#d62728", "some families": "#ff7f0e", "explained by null": "#9467bd"}
+    has_null = "null_statistic" in table.columns
     for a, pid in zip(axes, pats):
         t = table[table["pattern"] == pid].reset_index(drop=True)
         y = np.arange(len(t))[::-1]
+        labels = []
         for yi, r in zip(y, t.itertuples(index=False)):
             c = colours.get(r.verdict, "black")
+            if has_null and np.isfinite(r.null_statistic):
+                a.plot([r.null_ci_low, r.null_ci_high], [yi - 0.28] * 2, color="#555555", lw=1.2)
+                a.plot([r.null_statistic], [yi - 0.28], marker="x", color="#555555", ms=6, ls="none")
+            if has_null and "shuffled_statistic" in t.columns and np.isfinite(r.shuffled_statistic):
+                a.plot([r.shuffled_statistic], [yi - 0.28], marker="s", mfc="none", mec="#1f77b4", ms=6, ls="none")
             a.plot([r.ci_low, r.ci_high], [yi, yi], color=c, lw=2.5)
             a.plot([r.statistic], [yi], marker="D" if r.family == "all" else "o", color=c, ms=6)
+            vs = f" · null: {r.vs_null}" if has_null and r.vs_null else ""
+            labels.append(f"{r.family} · {r.verdict}{vs}")
         a.axvline(t["threshold"].iloc[0], color="black", ls="--", lw=1)
-        a.set_yticks(y, [f"{r.family} · {r.verdict}" for r in t.itertuples(index=False)], fontsize=8)
-        a.set_title(f"{t['name'].iloc[0]}\n({t['comparator'].iloc[0]} {t['threshold'].iloc[0]:g})", fontsize=9)
+        a.set_yticks(y, labels, fontsize=8)
+        a.set_ylim(-0.7, len(t) - 0.4)
+        null = ""
+        if has_null and t["null"].astype(bool).any():
+            null = f"; × null: {' / '.join(dict.fromkeys(n for n in t['null'] if n and ' / ' not in n))}"
+            if "shuffled_statistic" in t.columns and np.isfinite(t["shuffled_statistic"]).any():
+                null += "; □ shuffled answers"
+        a.set_title(f"{t['name'].iloc[0]}\n({t['comparator'].iloc[0]} {t['threshold'].iloc[0]:g}{null})", fontsize=9)
         a.tick_params(axis="x", labelsize=8)
     return fig
 

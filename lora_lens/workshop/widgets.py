@@ -357,7 +357,8 @@ def pattern_view(table: pd.DataFrame, family: str = "all", pattern: str = "all")
     t = table[table["family"] == family]
     if pattern != "all":
         t = t[t["pattern"] == pattern]
-    cols = [c for c in ["pattern", "family", "statistic", "ci_low", "ci_high", "verdict"] if c in t.columns]
+    cols = [c for c in ["pattern", "family", "statistic", "ci_low", "ci_high", "verdict", "null", "null_statistic",
+                        "null_ci_low", "null_ci_high", "vs_null"] if c in t.columns]
     return t[cols].reset_index(drop=True)
 
 

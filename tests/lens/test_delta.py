@@ -455,3 +455,64 @@ def test_bench_svd_smoke():
     table = bench.format_table({"rows": [{"case": "x", **row}], "meta": {"device": "cpu", "threads": 1,
                                                                       "torch": "t", "repeats": 1}})
     assert "96×48" in table
+
+
+# ------------------------------------------------------------------------------------ random-matrix nulls
+def _synthetic(shapes, r: int, seed: int = 0, module_type: str = "attn_q") -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [D.ModuleDelta(name=f"m{i}", layer=i, module_type=module_type, depth=0.0,
+                          B=torch.randn(o, r, generator=g), A=torch.randn(r, n, generator=g), scaling=0.5,
+                          W=torch.randn(o, n, generator=g)) for i, (o, n) in enumerate(shapes)]
+
+
+def test_marchenko_pastur_limits_match_the_sampled_ranks():
+    # square factor (r = out): the MP law of ratio 1 gives stable rank r/4; a long A makes B @ A ~ B · sqrt(in)
+    eff, stable = D.marchenko_pastur_ranks(1.0)
+    assert stable == pytest.approx(0.25) and 0.79 < eff < 0.82
+    sampled = D.random_lora_ranks(64, 64 * 40, 64, n_samples=8, seed=0)
+    assert sampled.effective_ratio == pytest.approx(eff, abs=0.015)
+    assert sampled.stable_ratio == pytest.approx(stable, abs=0.03)
+    assert sampled.effective_low <= sampled.effective_ratio <= sampled.effective_high
+    # ratio → 0: r directions of (almost) equal length, full ranks
+    eff, stable = D.marchenko_pastur_ranks(1e-4)
+    assert eff > 0.999 and stable == pytest.approx(1 / (1 + 0.01) ** 2)
+    assert D.random_lora_ranks(2048, 2048, 4, n_samples=8).effective_ratio > 0.99
+    # seeded: the same expectation on every machine
+    assert D.random_lora_ranks(64, 256, 4, seed=3) == D.random_lora_ranks(64, 256, 4, seed=3)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"rank": 9}, "rank=9 exceeds"), ({"rank": 0}, "rank=0"),
+                                            ({"n_samples": 0}, "n_samples=0")])
+def test_random_lora_ranks_rejects_bad_input(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        D.random_lora_ranks(**{"out_features": 8, "in_features": 16, "rank": 4, **kwargs})
+    with pytest.raises(ConfigError, match="ratio=1.5"):
+        D.marchenko_pastur_ranks(1.5)
+
+
+def test_random_like_keeps_shapes_and_norm():
+    mods = _synthetic([(32, 32), (128, 32), (32, 128)], r=4)
+    total = sum(float(torch.linalg.matrix_norm(d.delta())) ** 2 for d in mods)
+    rand = D.random_like(mods, seed=1, norm="total")
+    assert [d.shape for d in rand] == [d.shape for d in mods] and [d.rank for d in rand] == [4, 4, 4]
+    assert sum(float(torch.linalg.matrix_norm(d.delta())) ** 2 for d in rand) == pytest.approx(total, rel=1e-4)
+    assert all(torch.equal(a.W, b.W) for a, b in zip(rand, mods))
+    per_module = D.random_like(mods, seed=1, norm="module")
+    for a, b in zip(per_module, mods):
+        assert float(torch.linalg.matrix_norm(a.delta())) == pytest.approx(float(torch.linalg.matrix_norm(b.delta())),
+                                                                           rel=1e-4)
+    assert not torch.equal(rand[0].B, D.random_like(mods, seed=2)[0].B)
+    assert torch.equal(rand[0].B, D.random_like(mods, seed=1)[0].B)
+    with pytest.raises(ConfigError, match="norm='layer'"):
+        D.random_like(mods, norm="layer")
+
+
+def test_random_adapter_energy_follows_the_dense_size():
+    """One scale for all factors: a module's expected energy is ∝ out · in · r, whatever the trained norms."""
+    mods = _synthetic([(64, 64)] * 2 + [(256, 64), (64, 256)], r=16)
+    size = np.array([o * n for o, n in (d.shape for d in mods)], dtype=float)
+    shares = []
+    for seed in range(8):
+        e = np.array([float(torch.linalg.matrix_norm(d.delta())) ** 2 for d in D.random_like(mods, seed=seed)])
+        shares.append(e[2:].sum() / e.sum())
+    assert np.mean(shares) == pytest.approx(size[2:].sum() / size.sum(), abs=0.02)

@@ -1,4 +1,5 @@
-"""Tests of the cross-family study: shared module types, pattern verdicts, ledger records, bad input."""
+"""Tests of the cross-family study: shared module types, bad input, agreement, portability (the patterns and
+their nulls: test_patterns.py, test_nulls.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lora_lens import ledger
 from lora_lens.errors import ConfigError
 from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.train import matched_modules
@@ -58,6 +58,8 @@ def test_every_family_maps_onto_all_four_shared_types(family, tiny_world):
     ({"seeds": 2.5}, ["seeds=2.5", "integer"]),
     ({"size": "huge"}, ["size='huge'", "tiny"]),
     ({"n_probes": 0}, ["n_probes=0", "positive"]),
+    ({"null_samples": 0}, ["null_samples=0", "positive"]),
+    ({"shuffled": "yes"}, ["shuffled='yes'", "True or False"]),
 ])
 def test_run_study_rejects_bad_input_before_anything_is_written(kwargs, needles, tmp_path):
     args = {"families": ["llama", "gpt2"], "seeds": 2, "size": "tiny", **kwargs}
@@ -75,47 +77,6 @@ def test_portability_rejects_the_base_seed_before_anything_is_written():
         compare.portability(pre, task=None, other_seed=0)
     with pytest.raises(ConfigError, match="continue_steps=0"):
         compare.portability(pre, task=None, continue_steps=0)
-
-
-# ------------------------------------------------------------------------------------------------ patterns
-def _study(values: dict[str, list[float]], column: str = "upper_share") -> compare.Study:
-    runs = pd.DataFrame([{"family": f, "seed": s, column: v} for f, vs in values.items() for s, v in enumerate(vs)])
-    return compare.Study(list(values), [0, 1, 2], "tiny", None, None, runs, pd.DataFrame(), pd.DataFrame(),
-                         pd.DataFrame(), {}, {}, [])
-
-
-def test_pattern_verdicts_per_family_and_overall():
-    pattern = compare.PATTERNS[0]  # upper_share > 0.5
-    study = _study({"a": [0.7, 0.8, 0.75], "b": [0.2, 0.3, 0.25], "c": [0.3, 0.7, 0.5]})
-    table = compare.pattern_table(study, [pattern], n_boot=500)
-    verdicts = table.set_index("family")["verdict"].to_dict()
-    assert verdicts == {"a": "holds", "b": "fails", "c": "unclear", "all": "some families"}
-    assert (table["ci_low"] <= table["statistic"]).all() and (table["statistic"] <= table["ci_high"]).all()
-    assert table.equals(compare.pattern_table(study, [pattern], n_boot=500))  # seeded: same numbers again
-    everywhere = compare.pattern_table(_study({"a": [0.7, 0.8, 0.9], "b": [0.6, 0.7, 0.65]}), [pattern])
-    assert everywhere.set_index("family").loc["all", "verdict"] == "universal"
-    nowhere = compare.pattern_table(_study({"a": [0.1, 0.2, 0.3], "b": [0.4, 0.3, 0.35]}), [pattern])
-    assert nowhere.set_index("family").loc["all", "verdict"] == "none"
-
-
-def test_pattern_table_names_a_missing_column():
-    with pytest.raises(ConfigError, match="'upper_share'"):
-        compare.pattern_table(_study({"a": [0.1, 0.2]}, column="other"), [compare.PATTERNS[0]])
-
-
-def test_patterns_land_in_the_ledger_one_record_per_family(tmp_path):
-    db = tmp_path / "ledger.sqlite"
-    pattern = compare.PATTERNS[0]
-    compare.declare_patterns([pattern], path=db)
-    compare.declare_patterns([pattern], path=db)  # idempotent
-    table = compare.pattern_table(_study({"a": [0.7, 0.8, 0.75], "b": [0.6, 0.7, 0.65]}), [pattern])
-    assert compare.record_patterns(table, [pattern], path=db) == {pattern.id: "supported"}
-    ev = ledger.evidence(pattern.id, path=db)
-    assert len(ev) == 2 and ev["notes"].str.startswith(("a:", "b:")).all()
-    # the recorded value is the interval bound nearest the threshold
-    assert sorted(ev["value"]) == sorted(table[table["family"] != "all"]["ci_low"])
-    records = compare.pattern_records(table)
-    assert records[0]["verdict"] == "universal" and set(records[0]["by_family"]) == {"a", "b"}
 
 
 def test_attribution_agreement():

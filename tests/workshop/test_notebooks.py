@@ -153,20 +153,51 @@ def check_06(summary: dict) -> None:
     for p in patterns:
         assert {"name", "statistic", "ci_low", "ci_high", "verdict"} <= set(p), p
         assert p["ci_low"] <= p["statistic"] <= p["ci_high"], p
-        assert p["verdict"] in {"universal", "some families", "none", "unclear"}, p
+        assert p["verdict"] in {"universal", "explained by null", "some families", "none", "unclear"}, p
         assert set(p["by_family"]) == {"llama", "gpt2"}, p
         for fam in p["by_family"].values():
             assert fam["ci_low"] <= fam["statistic"] <= fam["ci_high"]
             assert fam["verdict"] in {"holds", "fails", "unclear"}
-        # the overall verdict follows from the per-family ones
+        # every pattern stands beside its null, per family and pooled: the null's interval and whether it clears it
+        for entry in [p, *p["by_family"].values()]:
+            null = entry["null"]
+            assert null is not None and null["kind"], p
+            assert null["ci_low"] <= null["statistic"] <= null["ci_high"], p
+            assert null["margin_ci_low"] <= null["margin"] <= null["margin_ci_high"], p
+            assert null["vs_null"] in {"clears", "explained", "unclear", "some families"}, p
+            assert null["clears"] == (null["vs_null"] == "clears"), p
+            assert abs(entry["statistic"] - null["statistic"] - null["margin"]) < 1e-9, p
+        assert set(p["null"]["kind"].split(" / ")) <= set(p["null"]["nulls"]), p  # the strictest null of each family
+        # the overall verdict follows from the per-family ones: universal only beyond the null in every family
         fam_verdicts = {f["verdict"] for f in p["by_family"].values()}
-        assert (p["verdict"] == "universal") == (fam_verdicts == {"holds"}), p
+        cleared = all(f["null"]["clears"] for f in p["by_family"].values())
+        assert (p["verdict"] == "universal") == (fam_verdicts == {"holds"} and cleared), p
+        assert (p["verdict"] == "explained by null") == (fam_verdicts == {"holds"} and not cleared), p
+        assert p["name"] in summary["prose"] and f"*{p['verdict']}*" in summary["prose"], p
     by_id = {p["id"]: p for p in patterns}
     # shares are shares; a rank-4 update cannot have an effective rank above 4
     for pid in ("xf-upper-half", "xf-mlp-over-attention"):
         assert 0.0 <= by_id[pid]["ci_low"] <= by_id[pid]["ci_high"] <= 1.0
     assert 0.0 < by_id["xf-effective-rank-low"]["statistic"] <= 1.0
-    assert set(summary["ledger_verdicts"]) == set(by_id)
+    # nulls with the shapes' numbers: a random adapter's MLP share exceeds the MLP parameter share (∝ out · in
+    # against ∝ out + in); a random rank-4 update of these shapes is nearly full rank
+    mlp_null = by_id["xf-mlp-over-attention"]["null"]
+    assert mlp_null["kind"] in {"random adapter", "parameter share"} and 0.0 < mlp_null["statistic"] < 1.0
+    assert 0.8 < by_id["xf-effective-rank-low"]["null"]["statistic"] <= 1.0
+    assert by_id["xf-same-input-tokens"]["null"]["statistic"] == 0.0
+    # the weight-space patterns also stand beside adapters trained on shuffled answers (same prompts), which do not
+    # learn the edits
+    weight = {"xf-upper-half", "xf-mlp-over-attention", "xf-effective-rank-low", "xf-energy-in-few-directions"}
+    for pid, p in by_id.items():
+        for entry in [p, *p["by_family"].values()]:
+            ref = entry["null"]["shuffled"]
+            assert (ref is not None) == (pid in weight), pid
+            if ref is not None:
+                assert ref["ci_low"] <= ref["statistic"] <= ref["ci_high"], pid
+                assert ref["vs_shuffled"] in {"beyond", "not beyond", "unclear", "some families"}, pid
+    for fam, b in summary["behaviour"].items():
+        assert b["shuffled_efficacy"] < b["efficacy"], fam
+    assert set(summary["ledger_verdicts"]) == set(by_id) | {f"{pid}-beyond-null" for pid in by_id}
     assert set(summary["ledger_verdicts"].values()) <= {"supported", "refuted", "inconclusive"}
     # a tiny llama learns the edits; an adapter does nothing on a base pretrained from another seed, but keeps
     # most of its effect on the same base pretrained a little further

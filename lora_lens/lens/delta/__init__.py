@@ -15,6 +15,8 @@ From there:
 * :func:`phi` / :func:`phi_grid` / :func:`phi_table` — subspace similarity between two adapters (Hu et al. 2021, §7).
 * :func:`amplification_factor` / :func:`amplification` — ‖ΔW‖_F / ‖UᵀWVᵀ‖_F (Hu et al. 2021, Table 7).
 * :func:`intruder_dimensions` — singular vectors of W+ΔW unlike all of W's (Shuttleworth et al. 2024).
+* :func:`random_like` / :func:`random_lora_ranks` / :func:`marchenko_pastur_ranks` — the random-matrix null: a
+  random adapter of the same shapes and norm, the sampled ranks of a random rank-r product, their MP limit.
 * :func:`read_directions` / :func:`directions_table` — singular directions read as vocabulary: write-side modules
   (attention output, MLP down) through the final norm and the unembedding, read-side modules (q/k/v, gate/up)
   through the embedding.
@@ -44,11 +46,13 @@ Example:
 from lora_lens.lens.delta.directions import Direction, directions_table, final_norm, read_directions
 from lora_lens.lens.delta.factors import (DTYPE, ModuleDelta, effective_rank, factor_svd, lora_modules, module_deltas,
                                           select_module, stable_rank)
-from lora_lens.lens.delta.spectra import (Intruders, amplification, amplification_factor, energy_by,
-                                          intruder_dimensions, summary)
+from lora_lens.lens.delta.spectra import (Intruders, RankNull, amplification, amplification_factor, energy_by,
+                                          intruder_dimensions, marchenko_pastur_ranks, random_like, random_lora_ranks,
+                                          summary)
 from lora_lens.lens.delta.subspace import SIDES, phi, phi_grid, phi_table
 
-__all__ = ["DTYPE", "SIDES", "Direction", "Intruders", "ModuleDelta", "amplification", "amplification_factor",
-           "directions_table", "effective_rank", "energy_by", "factor_svd", "final_norm", "intruder_dimensions",
-           "lora_modules", "module_deltas", "phi", "phi_grid", "phi_table", "read_directions", "select_module",
-           "stable_rank", "summary"]
+__all__ = ["DTYPE", "SIDES", "Direction", "Intruders", "ModuleDelta", "RankNull", "amplification",
+           "amplification_factor", "directions_table", "effective_rank", "energy_by", "factor_svd", "final_norm",
+           "intruder_dimensions", "lora_modules", "marchenko_pastur_ranks", "module_deltas", "phi", "phi_grid",
+           "phi_table", "random_like", "random_lora_ranks", "read_directions", "select_module", "stable_rank",
+           "summary"]

@@ -1,9 +1,12 @@
 """One adapter's spectra as tables: per-module norms, ranks, amplification and intruder dimensions
 (:func:`summary`), and their aggregation per layer, relative depth or module type (:func:`energy_by`,
-:func:`amplification`)."""
+:func:`amplification`); and what a random update of the same shapes shows (:func:`random_like`, a random adapter;
+:func:`random_lora_ranks`, the sampled ranks of a random rank-r product; :func:`marchenko_pastur_ranks`, their
+large-rank limit), the null every rank or energy statement is read against."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -11,10 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
 from lora_lens.lens.delta.factors import ModuleDelta, effective_rank, module_deltas, stable_rank
 
-__all__ = ["Intruders", "amplification", "amplification_factor", "energy_by", "intruder_dimensions", "summary"]
+__all__ = ["Intruders", "RankNull", "amplification", "amplification_factor", "energy_by", "intruder_dimensions",
+           "marchenko_pastur_ranks", "random_like", "random_lora_ranks", "summary"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,3 +215,136 @@ def amplification(target, by: str | None = None, adapter_name: str = "default"):
     out = (g["energy"].sum() / (g["proj_fro"].apply(lambda x: float((x ** 2).sum())))).pow(0.5)
     return out.rename("amplification").reset_index()
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random-matrix nulls: what an update of the same shapes shows by chance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def random_like(target, seed: int = 0, norm: str = "total", adapter_name: str = "default") -> list[ModuleDelta]:
+    """A random adapter: the same modules, ranks and base weights, Gaussian factors instead of trained ones.
+
+    Every entry of every ``B`` and ``A`` is drawn i.i.d. from N(0, 1) (seeded), then scaled:
+
+    * ``norm="total"``: one common scale for all modules, so that the total ‖ΔW‖_F² equals the trained adapter's.
+      Each module's energy is then what an update of its shape gets by chance (in expectation ∝ out · in · r): the
+      null of "this module type / this depth carries more energy";
+    * ``norm="module"``: each module scaled to the trained module's ‖ΔW‖_F (energy shares equal the trained ones by
+      construction; only the shape of each spectrum is random).
+
+    Ranks, φ and every other scale-free statistic of one module do not depend on ``norm``.
+
+    Args:
+        target: A model with a LoRA adapter, or a list of :class:`ModuleDelta` (e.g. from ``lora_modules``).
+        seed: Seed of the factors.
+        norm: ``"total"`` or ``"module"``.
+        adapter_name: Adapter to read when ``target`` is a model.
+
+    Returns:
+        A list of :class:`ModuleDelta` (``scaling`` 1.0, ``dora`` False), in the order of ``target``.
+
+    Raises:
+        ConfigError: Unknown ``norm``.
+    """
+    if norm not in ("total", "module"):
+        raise ConfigError(f"norm={norm!r} must be 'total' (one scale, total energy matched) or 'module' (each "
+                          "module's ‖ΔW‖_F matched)")
+    mods = module_deltas(target, adapter_name)
+    gen = torch.Generator().manual_seed(int(seed))
+    raw = [(torch.randn(d.B.shape, generator=gen), torch.randn(d.A.shape, generator=gen)) for d in mods]
+    fro = [float(torch.linalg.vector_norm(d.svd()[1])) for d in mods]
+    rfro = [float(torch.linalg.matrix_norm(B @ A)) for B, A in raw]
+    if norm == "total":
+        total = math.sqrt(sum(f * f for f in rfro))
+        scales = [math.sqrt(sum(f * f for f in fro)) / total if total > 0 else 0.0] * len(mods)
+    else:
+        scales = [f / r if r > 0 else 0.0 for f, r in zip(fro, rfro)]
+    return [dataclasses.replace(d, B=B * math.sqrt(c), A=A * math.sqrt(c), scaling=1.0, dora=False, _svd=None)
+            for d, (B, A), c in zip(mods, raw, scales)]
+
+
+class RankNull(NamedTuple):
+    """Ranks of a random rank-r update of one shape, as fractions of r: means and 95% ranges over the samples."""
+
+    effective_ratio: float
+    effective_low: float
+    effective_high: float
+    stable_ratio: float
+    stable_low: float
+    stable_high: float
+
+
+def random_lora_ranks(out_features: int, in_features: int, rank: int, n_samples: int = 64,
+                      seed: int = 0) -> RankNull:
+    """Effective and stable rank (as fractions of ``rank``) of ``B @ A`` with Gaussian ``B`` (out×r), ``A`` (r×in).
+
+    The random-matrix expectation for a LoRA update of that shape, sampled with a seeded RNG: the squared singular
+    values of each factor follow the Marchenko–Pastur law of its aspect ratio, and those of the product its free
+    multiplicative convolution, which has no simple closed form — so it is sampled (exactly, from the r×r core of
+    the factors' QR, as :func:`lora_lens.lens.delta.factor_svd` does). :func:`marchenko_pastur_ranks` gives the
+    large-r limit when one factor is much longer than the other.
+
+    Args:
+        out_features: Rows of ΔW.
+        in_features: Columns of ΔW.
+        rank: r (at most ``min(out_features, in_features)``).
+        n_samples: Random products drawn.
+        seed: Seed.
+
+    Returns:
+        A :class:`RankNull`.
+
+    Raises:
+        ConfigError: A non-positive size, ``rank`` above ``min(out, in)`` or ``n_samples`` < 1.
+    """
+    for name, v in (("out_features", out_features), ("in_features", in_features), ("rank", rank),
+                    ("n_samples", n_samples)):
+        check_positive(name, v)
+    if rank > min(out_features, in_features):
+        raise ConfigError(f"rank={rank} exceeds min(out_features, in_features)={min(out_features, in_features)}: "
+                          "a rank-r product needs r ≤ both sides")
+    rng = np.random.default_rng(seed)
+    eff, stab = [], []
+    for _ in range(n_samples):
+        rb = np.linalg.qr(rng.standard_normal((out_features, rank)), mode="r")
+        ra = np.linalg.qr(rng.standard_normal((in_features, rank)), mode="r")
+        s = np.linalg.svd(rb @ ra.T, compute_uv=False)
+        eff.append(effective_rank(s) / rank)
+        stab.append(stable_rank(s) / rank)
+    q = [0.025, 0.975]
+    (el, eh), (sl, sh) = np.quantile(eff, q), np.quantile(stab, q)
+    return RankNull(float(np.mean(eff)), float(el), float(eh), float(np.mean(stab)), float(sl), float(sh))
+
+
+def marchenko_pastur_ranks(ratio: float, n_grid: int = 4000) -> tuple[float, float]:
+    """Large-rank limit of the effective and stable rank (fractions of r) of an n×r Gaussian matrix, r/n = ``ratio``.
+
+    Its squared singular values, scaled to mean 1, follow the Marchenko–Pastur law on
+    ``[(1 − √λ)², (1 + √λ)²]``, λ = ``ratio``. The entropy effective rank ``exp(H(σ/Σσ))`` over r tends to
+    ``E[s] · exp(−E[s log s] / E[s])`` with ``s = √x`` under that law (computed by quadrature), the stable rank
+    ``Σσ² / σ_max²`` over r to ``1 / (1 + √λ)²``. A LoRA product ``B @ A`` with one factor much longer than the
+    other (``in ≫ r``) has the spectrum of the shorter one, so ``ratio = r / out`` there; ``ratio = 1`` (a square
+    factor) gives 0.25 for the stable rank.
+
+    Args:
+        ratio: λ = r / n in (0, 1].
+        n_grid: Quadrature points.
+
+    Returns:
+        ``(effective_ratio, stable_ratio)``.
+
+    Raises:
+        ConfigError: ``ratio`` outside (0, 1].
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ConfigError(f"ratio={ratio!r} must be r / n in (0, 1] (the short side over the long side)")
+    a, b = (1 - math.sqrt(ratio)) ** 2, (1 + math.sqrt(ratio)) ** 2
+    theta = (np.arange(n_grid) + 0.5) * math.pi / n_grid  # midpoints: x = m + h cos θ, dx = h sin θ dθ
+    m, h = (a + b) / 2, (b - a) / 2
+    x = m - h * np.cos(theta)
+    weight = h * h * np.sin(theta) ** 2 / (2 * math.pi * ratio * x) * (math.pi / n_grid)  # density · dx
+    weight = weight / weight.sum()
+    s = np.sqrt(x)
+    es = float((weight * s).sum())
+    return float(es * math.exp(-float((weight * s * np.log(s)).sum()) / es)), 1.0 / b

@@ -23,6 +23,7 @@ import torch
 from lora_lens.checks import check_fraction, check_positive
 from lora_lens.errors import ConfigError, MismatchError, NotFoundError
 from lora_lens.lab.answers import answer_ids, base_answers, render_prompt, score_ids
+from lora_lens.lab.decoding import GREEDY_BATCH
 from lora_lens.lab.pair import adapted_view, adapter_states, check_base, inference, kl_divergence
 from lora_lens.lab.probes import next_token_logits
 from lora_lens.lab.tokenizer import max_length
@@ -348,7 +349,7 @@ def _task_diff(peft_model, tokenizer, task: Task, prompts, batch_size: int, min_
         raise ConfigError(f"task {task.name!r} has no probes to diff: add probe lines to the task file")
     chat = bool(task.chat)
     texts = [q.prompt for _, q in queries]
-    gen = min(batch_size, 16)
+    gen = min(batch_size, GREEDY_BATCH)  # prompts decoded together (KV cache, one row per prompt)
     with inference(peft_model):
         base = base_answers(peft_model, tokenizer, texts, chat, max_new_tokens, gen)
         adapted = base_answers(adapted_view(peft_model), tokenizer, texts, chat, max_new_tokens, gen)
