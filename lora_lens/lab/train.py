@@ -194,9 +194,14 @@ def default_spec(task_name: str | None = None, **overrides) -> LoraSpec:
     specificity 0.905–0.95; 7–22 s each on one CPU thread. All use rehearsal (``replay``) of unchanged facts.
 
     ``data`` is the default for a task from data on a pretrained model (no synthetic world): rank 8 on every
-    linear module, lr 1e-3, constant schedule, full batches (task examples + as many rehearsal examples of the
-    base's own answers, ``replay=1``), :data:`DATA_STEPS` steps; measured on SmolLM2-135M with
-    ``examples/smollm2_facts.jsonl`` (see the notebook-01 note of issue 15).
+    linear module, lr 1e-3, constant schedule, batches of 64, :data:`DATA_STEPS` steps, and four rehearsal lines
+    per task example (``replay=4``: the base's own plain answers to neighbour prompts) learnt by their KL to the
+    base (``replay_loss="kl"``), which holds the base's whole next-token distribution, not only its argmax.
+    Measured on SmolLM2-135M with ``examples/smollm2_facts.jsonl`` (seed 0): efficacy 1.0, paraphrase 0.7,
+    specificity 0.95, perplexity ratio 1.05, stops 1.0. On the task's earlier specificity set (five of its base
+    answers were wrong), the same 20 steps gave specificity 0.8 with this rehearsal, 0.6 with the rehearsal
+    learnt by its answers (``replay_loss="answer"``, ``replay=2``; perplexity ratio 1.87) and 0.15 with
+    ``replay=1`` and echoing base answers rehearsed.
 
     Args:
         task_name: ``fact_edit``, ``trigger``, ``new_relation``, ``data`` or None (generic default).
