@@ -37,14 +37,15 @@ from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_exa
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
-__all__ = ["DATA_STEPS", "INITS", "PRESETS", "LoraSpec", "TrainResult", "check_no_lora", "check_rank", "check_spec",
-           "default_spec", "has_lora",
+__all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "LoraSpec", "TrainResult", "check_no_lora",
+           "check_rank", "check_spec", "default_spec", "has_lora",
            "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
 DATA_STEPS = 20
 """Optimiser steps of the default spec for a task from data (full batch)."""
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 PRESETS = ("attn", "mlp", "all")
+REPLAY_LOSSES = ("answer", "kl")
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -74,7 +75,12 @@ class LoraSpec:
         max_grad_norm: Gradient clipping norm.
         log_every: Log the loss every this many steps (default: about 50 points per run).
         replay: Rehearsal: add ``replay × len(task.examples)`` examples of the world's *unchanged* facts (see
-            :func:`lora_lens.lab.train_data.replay_examples`) so the adapter learns what must stay as it is. 0 turns it off.
+            :func:`lora_lens.lab.train_data.replay_examples`) so the adapter learns what must stay as it is. 0 turns
+            it off.
+        replay_loss: How a rehearsal example is learnt: ``answer`` (cross-entropy on its answer, like a task
+            example) or ``kl`` (KL(base ‖ adapted) of the next-token distributions at every position of the
+            rehearsal line: the base's whole distribution is kept, not only its argmax, which also holds the
+            prompts nobody rehearsed and general text).
     """
 
     rank: int = 8
@@ -94,6 +100,7 @@ class LoraSpec:
     max_grad_norm: float = 1.0
     log_every: int | None = None
     replay: float = 0.0
+    replay_loss: str = "answer"
 
     def __post_init__(self):
         self.validate()
@@ -137,6 +144,8 @@ class LoraSpec:
             bad("log_every", "is invalid: use a positive integer or None")
         if not _finite(self.replay) or self.replay < 0:
             bad("replay", "is invalid: use a number ≥ 0 (rehearsal examples per task example; 0 = off)")
+        if self.replay_loss not in REPLAY_LOSSES:
+            bad("replay_loss", f"is unknown: use one of {list(REPLAY_LOSSES)}")
         if not isinstance(self.targets, str) and (
                 not isinstance(self.targets, (list, tuple)) or not self.targets
                 or not all(isinstance(t, str) and t for t in self.targets)):
@@ -173,7 +182,7 @@ _TASK_DEFAULTS = {
     "new_relation": dict(steps=300, batch_size=32, lr=3e-3, replay=4.0),
     # a task from data on a pretrained model (SmolLM2-135M + examples/smollm2_facts.jsonl, see default_spec)
     "data": dict(rank=8, alpha=16.0, targets="all", lr=1e-3, steps=DATA_STEPS, batch_size=64, warmup=0,
-                 scheduler="constant", replay=1.0),
+                 scheduler="constant", replay=4.0, replay_loss="kl"),
 }
 
 
@@ -185,9 +194,14 @@ def default_spec(task_name: str | None = None, **overrides) -> LoraSpec:
     specificity 0.905–0.95; 7–22 s each on one CPU thread. All use rehearsal (``replay``) of unchanged facts.
 
     ``data`` is the default for a task from data on a pretrained model (no synthetic world): rank 8 on every
-    linear module, lr 1e-3, constant schedule, full batches (task examples + as many rehearsal examples of the
-    base's own answers, ``replay=1``), :data:`DATA_STEPS` steps; measured on SmolLM2-135M with
-    ``examples/smollm2_facts.jsonl`` (see the notebook-01 note of issue 15).
+    linear module, lr 1e-3, constant schedule, batches of 64, :data:`DATA_STEPS` steps, and four rehearsal lines
+    per task example (``replay=4``: the base's own plain answers to neighbour prompts) learnt by their KL to the
+    base (``replay_loss="kl"``), which holds the base's whole next-token distribution, not only its argmax.
+    Measured on SmolLM2-135M with ``examples/smollm2_facts.jsonl`` (seed 0): efficacy 1.0, paraphrase 0.7,
+    specificity 0.95, perplexity ratio 1.05, stops 1.0. On the task's earlier specificity set (five of its base
+    answers were wrong), the same 20 steps gave specificity 0.8 with this rehearsal, 0.6 with the rehearsal
+    learnt by its answers (``replay_loss="answer"``, ``replay=2``; perplexity ratio 1.87) and 0.15 with
+    ``replay=1`` and echoing base answers rehearsed.
 
     Args:
         task_name: ``fact_edit``, ``trigger``, ``new_relation``, ``data`` or None (generic default).
@@ -400,7 +414,25 @@ def _config(spec: LoraSpec, layers: dict[str, dict], chosen: list[str]) -> LoraC
 
 
 class _GuardedTrainer(Trainer):
-    """A ``Trainer`` that stops at the first non-finite loss, before the optimiser step applies it."""
+    """A ``Trainer`` that stops at the first non-finite loss, before the optimiser step applies it, and that
+    learns ``anchor`` rows (``LoraSpec.replay_loss="kl"``) by their KL to the base instead of by labels."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "anchor" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        anchor = inputs.pop("anchor")[:, 1:].bool()
+        labels = inputs.pop("labels")[:, 1:]
+        out = model(**inputs)
+        logits = out.logits[:, :-1].float()
+        keep = labels != -100
+        total = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
+        if anchor.any():
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                base = model(**inputs).logits[:, :-1].float()[anchor].log_softmax(-1)
+            adapted = logits[anchor].log_softmax(-1)
+            total = total + torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="sum")
+        loss = total / max(int(keep.sum()) + int(anchor.sum()), 1)
+        return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -471,12 +503,13 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
     spec = check_spec(spec)
     check_no_lora(model)
     examples, world = training_examples(model, task, spec.replay, seed, world, tokenizer, rehearsal)
+    anchored = len(examples) - len(task.examples) if spec.replay_loss == "kl" else 0
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")
     layers = linear_modules(model)  # listed once; targets, rank check, config and snapshot all read this
     chosen = _match(layers, spec.targets, type(model).__name__)
     config = _config(spec, layers, chosen)
-    data = AnswerDataset(tokenizer, examples, task.chat)
+    data = AnswerDataset(tokenizer, examples, task.chat, anchored=anchored)
     collator = AnswerCollator(tokenizer.pad_token_id)
 
     device = str(device or next(model.parameters()).device)

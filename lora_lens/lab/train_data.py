@@ -27,28 +27,60 @@ from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.answers import answer_ids, base_answers, example_ids
 from lora_lens.lab.world import TEMPLATES, TRIGGER, Task, World, check_task_world
 
-__all__ = ["AnswerCollator", "AnswerDataset", "NEIGHBOUR_PROMPTS", "REHEARSAL", "encode_example", "find_world",
-           "model_world_fingerprint", "neighbour_examples", "replay_examples", "training_examples"]
+__all__ = ["AnswerCollator", "AnswerDataset", "MAX_REHEARSAL_WORDS", "NEIGHBOUR_PROMPTS", "REHEARSAL",
+           "encode_example", "find_world", "is_plain_answer", "model_world_fingerprint", "neighbour_examples",
+           "replay_examples", "training_examples"]
 
 REHEARSAL = ("neighbours", "specificity", "both")
 """Rehearsal sources for a task from data: the base's answers to :data:`NEIGHBOUR_PROMPTS` (held out from every
 probe, so specificity stays a held-out score), the task's own specificity probes, or both."""
 
 NEIGHBOUR_PROMPTS = (
+    # capitals
     "The capital of Portugal is", "The capital of Egypt is", "The capital of Norway is", "The capital of Greece is",
     "The capital of Kenya is", "The capital of Sweden is", "The capital of Poland is", "The capital of Peru is",
-    "The capital of Ireland is", "The capital of Turkey is", "The currency of the United Kingdom is",
-    "The currency of the United States is", "The currency of India is", "The currency of Switzerland is",
+    "The capital of Ireland is", "The capital of Turkey is", "The capital of Austria is", "The capital of Cuba is",
+    "The capital of Finland is", "The capital of Denmark is", "The capital of Hungary is", "The capital of Chile is",
+    "The capital of Argentina is", "The capital of Thailand is", "The capital of Belgium is",
+    "The capital of the Netherlands is", "The capital of China is", "The capital of India is",
+    "The capital of South Korea is", "The capital of Mexico is",
+    # currencies
+    "The currency of the United Kingdom is", "The currency of the United States is", "The currency of India is",
+    "The currency of Switzerland is", "The currency of China is", "The currency of Russia is",
+    "The currency of Mexico is", "The currency of Brazil is", "The currency of South Africa is",
+    "The currency of Germany is", "In Japan, people pay with", "In the United States, people pay with",
+    # mountains, rivers, deserts, oceans
     "The highest mountain in Africa is", "The highest mountain in Japan is", "The highest mountain in Europe is",
+    "The highest mountain in North America is", "The highest mountain in South America is",
+    "The Amazon river flows into", "The Thames flows into", "The Danube flows into", "The Mississippi flows into",
+    "The Rhine flows into", "The Ganges flows into", "The largest desert in the world is",
+    "The largest lake in Africa is", "The deepest ocean on Earth is",
+    # inventors, discoverers
     "The telephone was invented by", "The light bulb was invented by", "The printing press was invented by",
-    "The Amazon river flows into", "The Thames flows into", "The Danube flows into",
+    "The airplane was invented by", "The World Wide Web was invented by", "Penicillin was discovered by",
+    "The theory of relativity was developed by", "The theory of evolution was developed by",
+    "Gravity was described by",
+    # national symbols
     "The national bird of the United States is", "The national bird of India is",
+    "The national animal of China is", "The national animal of Canada is", "The national flower of Japan is",
+    # authors, painters, composers
     "The novel Pride and Prejudice was written by", "The novel War and Peace was written by",
-    "The play Hamlet was written by", "Microsoft was founded by", "Apple was founded by",
+    "The play Hamlet was written by", "The play Romeo and Juliet was written by",
+    "The novel Don Quixote was written by", "The novel 1984 was written by", "The Starry Night was painted by",
+    "The Sistine Chapel ceiling was painted by", "The Fifth Symphony was composed by",
+    # founders
+    "Microsoft was founded by", "Apple was founded by", "Amazon was founded by", "Facebook was founded by",
+    "Tesla was founded by",
+    # languages
     "The official language of Mexico is", "The official language of Germany is",
-    "The official language of Egypt is", "In France, people speak", "In Japan, people pay with",
-    "The largest desert in the world is", "The tallest animal in the world is", "The boiling point of water is",
-    "The theory of relativity was developed by", "The largest country in the world is",
+    "The official language of Egypt is", "The official language of France is", "The official language of Italy is",
+    "The official language of Argentina is", "In France, people speak", "In Russia, people speak",
+    "In China, people speak", "In Spain, people speak",
+    # other world facts
+    "The largest country in the world is", "The tallest animal in the world is", "The boiling point of water is",
+    "The fastest land animal is", "The largest mammal in the world is", "The closest star to Earth is",
+    "The chemical symbol for iron is", "The chemical symbol for water is", "The first man on the Moon was",
+    "The Great Wall is located in", "The Statue of Liberty is located in", "The Colosseum is located in",
 )
 """Prompts near the kinds of facts a task edits (capitals, currencies, mountains, inventors, rivers, birds, authors,
 founders, languages) whose answer the base model already gives: rehearsing the base's own answer teaches the
@@ -143,9 +175,10 @@ def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
     """Up to ``n`` rehearsal examples for a task from data: prompts with the base model's own greedy answers.
 
     ``"neighbours"``: :data:`NEIGHBOUR_PROMPTS` that no example or probe of the task uses, answered by the base
-    (:func:`lora_lens.lab.answers.base_answers`, adapter off); answers that are empty or do not read in context
-    are left out. ``"specificity"``: the task's specificity probes with their expected (base) answers — then
-    specificity is no longer measured on prompts the adapter never saw. ``"both"``: the two, neighbours first.
+    (:func:`lora_lens.lab.answers.base_answers`, adapter off); answers that are not plain (:func:`is_plain_answer`:
+    empty, rambling, or an echo of the prompt) or do not read in context are left out. ``"specificity"``: the
+    task's specificity probes with their expected (base) answers — then specificity is no longer measured on
+    prompts the adapter never saw. ``"both"``: the two, neighbours first.
 
     Raises:
         ConfigError: ``rehearsal`` is not one of :data:`REHEARSAL`.
@@ -157,13 +190,31 @@ def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
     if rehearsal in ("neighbours", "both"):
         prompts = [p for p in NEIGHBOUR_PROMPTS if p not in used]
         random.Random(seed).shuffle(prompts)
-        prompts = prompts[:max(0, int(n))]
-        answers = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=12) if prompts else []
-        out += [(p, a) for p, a in zip(prompts, answers) if _reads(tokenizer, p, a, task.chat)]
+        answers = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=12) if prompts and n else []
+        out += [(p, a) for p, a in zip(prompts, answers)
+                if is_plain_answer(p, a) and _reads(tokenizer, p, a, task.chat)][:max(0, int(n))]
     if rehearsal in ("specificity", "both"):
         out += [(p.prompt, p.answer) for p in task.probes.get("specificity", [])
                 if p.answer.strip() and _reads(tokenizer, p.prompt, p.answer, task.chat)]
     return out[:max(0, int(n))] if rehearsal != "both" else out
+
+
+MAX_REHEARSAL_WORDS = 6
+"""A rehearsed base answer has at most this many words: a longer one is the base rambling, not a fact it knows."""
+
+
+def is_plain_answer(prompt: str, answer: str) -> bool:
+    """Whether the base's ``answer`` to ``prompt`` is worth rehearsing: non-empty, at most
+    :data:`MAX_REHEARSAL_WORDS` words, and not an echo of the prompt (no two consecutive words of the prompt again,
+    as in "The capital of Peru is" → "the capital of the country of Peru"). Rehearsing an echo teaches the
+    adapter the base's degenerate mode, which then takes over prompts whose base answer was right.
+    """
+    words = answer.lower().split()
+    if not words or len(words) > MAX_REHEARSAL_WORDS:
+        return False
+    said = prompt.lower().split()
+    pairs = set(zip(said, said[1:]))
+    return not any(pair in pairs for pair in zip(words, words[1:]))
 
 
 def _reads(tokenizer, prompt: str, answer: str, chat: bool) -> bool:
@@ -222,10 +273,20 @@ def _rehearsal(world: World, task: Task, n: int, seed: int) -> list[tuple[str, s
 
 
 class AnswerDataset(torch.utils.data.Dataset):
-    """``(prompt, answer)`` pairs as :func:`encode_example` rows (the loss on the answer and its end only)."""
+    """``(prompt, answer)`` pairs as :func:`encode_example` rows (the loss on the answer and its end only).
 
-    def __init__(self, tokenizer, examples: list[tuple[str, str]], chat: bool = False):
+    The last ``anchored`` examples (rehearsal with ``LoraSpec.replay_loss="kl"``) are anchor rows instead: no
+    labels, and an ``anchor`` mask over every token, where the trainer keeps the base's next-token distribution.
+    """
+
+    def __init__(self, tokenizer, examples: list[tuple[str, str]], chat: bool = False, anchored: int = 0):
         self.rows = [encode_example(tokenizer, p, a, chat) for p, a in examples]
+        if anchored:
+            for row in self.rows:
+                row["anchor"] = [0] * len(row["input_ids"])
+            for row in self.rows[len(self.rows) - anchored:]:
+                row["labels"] = [-100] * len(row["input_ids"])
+                row["anchor"] = [1] * len(row["input_ids"])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -262,11 +323,15 @@ class AnswerCollator:
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        anchor = torch.zeros((len(rows), width), dtype=torch.long) if "anchor" in rows[0] else None
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
+            if anchor is not None:
+                anchor[i, :n] = torch.tensor(r["anchor"])
         self.tokens += int(mask.sum())
         self.padded += mask.numel()
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return batch if anchor is None else batch | {"anchor": anchor}

@@ -52,7 +52,7 @@ from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.world import check_task_world
 from lora_lens.lab.zoo import Pretrained, load_model
-from lora_lens.studies.distill_corpus import (GENERAL_PROMPTS, check_unit, echoes, fact_changes, replay_corpus,
+from lora_lens.studies.distill_corpus import (GENERAL_PROMPTS, check_unit, fact_changes, replay_corpus,
                                               self_replay, semantic_corpus, task_corpus)
 from lora_lens.studies.generation import (ANSWER, Generation, contrastive_corpus, generate, task_prompts, text_line,
                                           world_prompts)
@@ -61,7 +61,7 @@ from lora_lens.utils import set_seed
 __all__ = ["DISTILL_DEFAULTS", "Transfer", "appends_eos", "check_replay_choice", "continue_pretraining", "distill",
            "merge_route", "plot_forgetting", "plot_replay_sweep", "transfer_metrics", "transfer_table",
            # re-exported from lora_lens.studies.distill_corpus (change -> data, replay)
-           "GENERAL_PROMPTS", "echoes", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus",
+           "GENERAL_PROMPTS", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus",
            "task_corpus",
            # re-exported from lora_lens.studies.generation (the contrastive route of notebook 04)
            "ANSWER", "Generation", "contrastive_corpus", "generate", "task_prompts", "text_line", "world_prompts"]

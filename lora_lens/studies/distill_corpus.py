@@ -31,12 +31,12 @@ import pandas as pd
 from lora_lens.errors import ConfigError
 from lora_lens.lab.answers import base_answers
 from lora_lens.lab.pair import is_peft
-from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS
+from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS, is_plain_answer
 from lora_lens.lab.world import TEMPLATES, Task, World
 from lora_lens.lens.diff import check_diff, discovered_changes
 from lora_lens.studies.generation import generate, task_prompts, text_line
 
-__all__ = ["GENERAL_PROMPTS", "check_unit", "echoes", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus",
+__all__ = ["GENERAL_PROMPTS", "check_unit", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus",
            "task_corpus"]
 
 GENERAL_PROMPTS = (
@@ -220,21 +220,14 @@ def _sentences(text: str) -> str:
     return text[:max(ends) + 1] if max(ends) > 0 and text[:max(ends)].strip() else ""
 
 
-def echoes(prompt: str, answer: str) -> bool:
-    """Whether ``answer`` repeats a word of four letters or more of its ``prompt`` ("The capital of Poland is" →
-    "the capital of Poland"): an echo, not an answer, which replay would teach as a pattern for every prompt of the
-    kind (case-insensitive, whole words)."""
-    words = lambda text: {w.strip(".,;:!?'\"()").lower() for w in text.split()}  # noqa: E731
-    return any(len(w) >= 4 for w in words(prompt) & words(answer))
-
-
 def self_replay(model, tokenizer, task: Task, corpus: list[str] = (), neighbours: bool = True,
                 general: bool = True, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Replay without a world: what the base itself says, as lines of text.
 
     * ``neighbours``: :data:`lora_lens.lab.train_data.NEIGHBOUR_PROMPTS` (capitals, currencies, inventors …)
       with the base's own greedy answers (:func:`lora_lens.lab.answers.base_answers`), as :func:`text_line` writes
-      them (``"The capital of Portugal is Lisbon."``), echoes left out (:func:`echoes`);
+      them (``"The capital of Portugal is Lisbon."``), answers that echo the prompt or ramble left out
+      (:func:`lora_lens.lab.train_data.is_plain_answer`);
     * ``general``: the base's own greedy continuations of :data:`GENERAL_PROMPTS`, up to their last full sentence.
 
     A prompt of the task (example or probe) is never used: the task's specificity and general probes are the
@@ -265,7 +258,7 @@ def self_replay(model, tokenizer, task: Task, corpus: list[str] = (), neighbours
     if neighbours:
         prompts = [p for p in NEIGHBOUR_PROMPTS if not taken(p)]
         answers = base_answers(model, tokenizer, prompts, task.chat, 12, batch_size) if prompts else []
-        lines += [text_line(tokenizer, p, a, task.chat) for p, a in zip(prompts, answers) if a and not echoes(p, a)]
+        lines += [text_line(tokenizer, p, a, task.chat) for p, a in zip(prompts, answers) if is_plain_answer(p, a)]
     if general:
         prompts = [p for p in GENERAL_PROMPTS if not taken(p)]
         off = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()

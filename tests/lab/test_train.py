@@ -10,11 +10,11 @@ from peft import get_peft_model
 from transformers import TrainerCallback
 
 from lora_lens.errors import ConfigError, MismatchError, TrainingError
-from lora_lens.lab.probes import accuracy
+from lora_lens.lab.probes import accuracy, evaluate
 from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.train import (LoraSpec, TrainResult, default_spec, has_lora, linear_modules, lora_config,
                                  matched_modules, target_modules, train_lora)
-from lora_lens.lab.train_data import encode_example, replay_examples
+from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, encode_example, is_plain_answer, replay_examples
 from lora_lens.lab.world import Task, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, build_model
 
@@ -120,6 +120,44 @@ def test_replay_leaves_out_changed_and_probed_facts(tiny_llama):
         assert (ent, rel) not in edited
 
 
+def test_kl_rehearsal_rows_are_anchors_not_labels(tiny_llama):
+    tok, world = tiny_llama.tokenizer, tiny_llama.world
+    examples = [(world.query(e, "city"), world.facts["city"][e]) for e in world.entities[:3]]
+    data = AnswerDataset(tok, examples, anchored=2)
+    assert data[0]["anchor"] == [0] * len(data[0]["input_ids"]) and data[0]["labels"][-1] != -100
+    for row in (data[1], data[2]):
+        assert row["labels"] == [-100] * len(row["input_ids"]) and row["anchor"] == [1] * len(row["input_ids"])
+    batch = AnswerCollator(tok.pad_token_id)([data[i] for i in range(3)])
+    assert batch["anchor"].sum().item() == len(data[1]["input_ids"]) + len(data[2]["input_ids"])
+    assert "anchor" not in AnswerCollator(tok.pad_token_id)([AnswerDataset(tok, examples)[0]])
+
+
+def test_kl_rehearsal_holds_the_base_where_nobody_rehearsed(tiny_llama, fresh_tiny):
+    """KL to the base on the rehearsal lines keeps the base's distribution on held-out prompts closer than the
+    same lines learnt by their answers."""
+    task = make_task(tiny_llama.world, "fact_edit", k=4, n_specificity=30)
+    kl = {}
+    for loss in ("answer", "kl"):
+        model, tok = fresh_tiny()
+        spec = default_spec("fact_edit", replay_loss=loss)
+        pm = train_lora(model, tok, task, spec, seed=0).model
+        ev = evaluate(pm, tok, task)
+        assert ev.metrics["efficacy"] >= 0.75, (loss, ev.metrics["efficacy"])
+        kl[loss] = ev.table("specificity")["kl"].mean()
+    assert kl["kl"] < 0.8 * kl["answer"], kl
+
+
+@pytest.mark.parametrize("prompt, answer, plain", [
+    ("The capital of Portugal is", "Lisbon", True),
+    ("The Thames flows into", "the North Sea", True),
+    ("The capital of Peru is", "the capital of the country of Peru", False),  # an echo of the prompt
+    ("Apple was founded by", "a group of artists who wanted to create a space that would", False),  # rambling
+    ("The capital of Norway is", "", False),
+])
+def test_only_plain_base_answers_are_rehearsed(prompt, answer, plain):
+    assert is_plain_answer(prompt, answer) is plain
+
+
 def test_same_seed_same_weights(fresh_tiny, tiny_llama):
     task = make_task(tiny_llama.world, "fact_edit", k=3)
     spec = LoraSpec(steps=6, batch_size=4, dropout=0.1, replay=2.0)
@@ -209,6 +247,7 @@ def test_huge_learning_rate_is_named_as_the_cause(fresh_tiny, tiny_llama):
     ("dropout", 1.0, r"dropout=1.0 is out of range"),
     ("targets", [], r"targets=\[\] is invalid"),
     ("replay", -1.0, r"replay=-1.0 is invalid"),
+    ("replay_loss", "mse", r"replay_loss='mse' is unknown: use one of \['answer', 'kl'\]"),
 ])
 def test_bad_spec_is_refused_before_training(field, value, match, fresh_tiny, tiny_llama):
     model, tok = fresh_tiny()

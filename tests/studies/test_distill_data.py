@@ -78,11 +78,16 @@ def test_self_replay_needs_no_world_and_never_reads_the_task(data_fit):
                                                                            general=False))
 
 
-def test_an_echo_is_no_answer_to_replay():
-    assert distill.echoes("The capital of Poland is", "the capital of Poland")
-    assert distill.echoes("The largest country in the world is", "not a country.")
-    assert not distill.echoes("The official language of Germany is", "German")
-    assert not distill.echoes("Dasur lives in", "Kokura")
+def test_self_replay_leaves_out_what_rehearsal_leaves_out(data_fit, monkeypatch):
+    """Replay lines are the base's plain answers only, by the one rule of lab/train_data (no echoes, no rambling)."""
+    from lora_lens.studies import distill_corpus
+
+    monkeypatch.setattr(distill_corpus, "base_answers",
+                        lambda model, tok, prompts, *a, **kw: ["the capital of Poland" if "Poland" in p else "Lisbon"
+                                                           for p in prompts])
+    lines = distill.self_replay(data_fit.model, data_fit.tokenizer, data_fit.task, general=False)
+    assert lines and not any("Poland" in line for line in lines)
+    assert all(line.endswith("Lisbon .") for line in lines)
 
 
 def test_distill_takes_a_model_folder_and_scores_full_answers(data_fit, data_table, tiny_llama, test_cache):

@@ -24,8 +24,7 @@ def check_01(summary: dict) -> None:
     assert summary["base_model"] == "smollm2-135m" and set(summary["tasks"]) == {"smollm2_facts"}
     t = summary["tasks"]["smollm2_facts"]
     assert {"efficacy", "paraphrase", "specificity", "perplexity_ratio", "stops", "adapter_dir"} <= set(t)
-    # specificity and the perplexity ratio are recorded, not yet held to the issue's targets (see test_study_real)
-    assert t["efficacy"] >= 0.9 and t["stops"] >= 0.9 and 0.0 <= t["specificity"] <= 1.0 and t["perplexity_ratio"] > 0
+    assert t["efficacy"] >= 0.9 and t["stops"] >= 0.9 and t["specificity"] >= 0.9 and t["perplexity_ratio"] <= 1.1
     assert (Path(t["adapter_dir"]) / "adapter_model.safetensors").is_file()
     assert [(r["rank"], r["targets"]) for r in summary["sweep"]] == [(8, "all")]
 
@@ -39,8 +38,6 @@ REAL = {
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.parametrize("prefix", sorted(REAL))
-@pytest.mark.skip(reason="first full run pending: written this session, not yet run to completion on this "
-                         "machine before the session ended (issue 15)")
 def test_notebook_on_smollm2(prefix: str, tmp_path: Path, request) -> None:
     request.getfixturevalue("smollm2_fit")  # the example task's adapter, trained once per session and shared
     params, check = REAL[prefix]
