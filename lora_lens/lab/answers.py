@@ -52,7 +52,7 @@ from lora_lens.lab.tokenizer import SPECIALS
 __all__ = ["AnswerIds", "AnswerScores", "EndOfAnswer", "GreedyMatch", "SENTENCE_END", "answer_ended", "answer_ids",
            "answer_logprobs", "base_answers", "cut_answer", "end_of_answer", "example_ids", "free_answers",
            "greedy_match", "has_chat_template", "is_boundary", "is_world_tokenizer", "render_prompt", "score_ids",
-           "token_texts"]
+           "stop_token_ids", "token_texts"]
 
 SENTENCE_END = ".!?"
 """An answer whose text already ends in one of these gets no plain-text end-of-answer token of its own."""
@@ -284,7 +284,9 @@ def _answers(tokenizer, prompts, answers, chat: bool) -> list[AnswerIds]:
 # the stop rule
 
 
-def _stop_ids(tokenizer, chat: bool) -> set[int]:
+def stop_token_ids(tokenizer, chat: bool = False) -> set[int]:
+    """The ids that end a continuation: every special token (eos, padding, the chat end of turn) and, for chat,
+    the end-of-answer ids (:func:`end_of_answer`)."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids |= set(end_of_answer(tokenizer, chat).ids) if chat else set()
     if tokenizer.eos_token_id is not None:
@@ -300,7 +302,7 @@ def is_boundary(tokenizer, before: Sequence[int], next_id: int, stop_ids: set[in
     SentencePiece ``▁word`` and a byte-level ``Ġword`` both begin with a space. A token that is part of a
     multi-byte character (text ``\\ufffd``) is taken as a continuation, not a stop.
     """
-    stop_ids = _stop_ids(tokenizer, False) if stop_ids is None else stop_ids
+    stop_ids = stop_token_ids(tokenizer, False) if stop_ids is None else stop_ids
     if int(next_id) in stop_ids:
         return True
     tail = list(before)[-4:]
@@ -420,7 +422,7 @@ def score_ids(model, tokenizer, items: Sequence[AnswerIds], chat: bool = False, 
                 target = torch.tensor(items[i].answer, device=lp.device)
                 lp_out[i] = lp[:-1].gather(-1, target[:, None])[:, 0].cpu()
                 arg_out[i] = lp.argmax(-1).cpu().tolist()
-    stop = _stop_ids(tokenizer, chat)
+    stop = stop_token_ids(tokenizer, chat)
     total = [float(x[0]) if len(x) == 1 else float(x.double().sum()) for x in lp_out]
     matched = [a[:-1] == list(it.answer) for a, it in zip(arg_out, items)]
     stopped = [is_boundary(tokenizer, it.ids, a[-1], stop) for a, it in zip(arg_out, items)]
@@ -485,14 +487,14 @@ def cut_answer(tokenizer, ids: Sequence[int], chat: bool = False) -> str:
     followed by more text is not an end ("St. Louis", "John F. Kennedy"); other abbreviations cannot be told from
     a sentence end here, so give such answers explicitly in the task file.
     """
-    return _cut(tokenizer, ids, _stop_ids(tokenizer, chat))[0]
+    return _cut(tokenizer, ids, stop_token_ids(tokenizer, chat))[0]
 
 
 def answer_ended(tokenizer, ids: Sequence[int], chat: bool = False) -> bool:
     """Whether the answer in the continuation ``ids`` is complete: no further token could change
     :func:`cut_answer` (a stop id, a newline, or clause punctuation already followed by whitespace). Free answers
     stop decoding there."""
-    return _cut(tokenizer, ids, _stop_ids(tokenizer, chat))[1]
+    return _cut(tokenizer, ids, stop_token_ids(tokenizer, chat))[1]
 
 
 def _cut(tokenizer, ids: Sequence[int], stop: set[int]) -> tuple[str, bool]:
@@ -553,7 +555,7 @@ def free_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, m
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer, e.g. 16")
     pad = _pad_id(tokenizer)
     seqs = [_encode(tokenizer, render_prompt(tokenizer, p, chat), chat) for p in prompts]
-    stop = _stop_ids(tokenizer, chat)
+    stop = stop_token_ids(tokenizer, chat)
     with inference(model):
         gen = greedy_continuations(model, seqs, pad, max_new_tokens, stop, lambda g: _cut(tokenizer, g, stop)[1],
                                    batch_size)

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,9 @@ import torch
 
 from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
-from lora_lens.lab.answers import SENTENCE_END, cut_answer, end_of_answer, is_world_tokenizer, render_prompt
+from lora_lens.lab.answers import (SENTENCE_END, cut_answer, end_of_answer, is_world_tokenizer, render_prompt,
+                                    stop_token_ids)
+from lora_lens.lab.decoding import cache_argument
 from lora_lens.lab.pair import check_base, inference, keeps_logits, model_device
 from lora_lens.lab.tokenizer import max_length, token_id
 from lora_lens.lab.world import Task, World
@@ -89,7 +90,7 @@ class _Stop:
         if self.world:  # the zoo, exactly as always: the eos or a one-token word
             self.ids = eos | ({token_id(tokenizer, stop)} if stop is not None else set())
         else:           # any special token (eos, the chat end of turn, padding) ends a continuation
-            self.ids = eos | set(getattr(tokenizer, "all_special_ids", []) or [])
+            self.ids = stop_token_ids(tokenizer, chat)
             if chat:
                 self.ids |= set(end_of_answer(tokenizer, chat=True).ids)
 
@@ -118,12 +119,6 @@ class _Stop:
             return cut_answer(self.tokenizer, ids, self.chat)
         text = self._decode(ids)
         return (text[:text.index(self.stop) + len(self.stop)] if self.stop in text else text).strip()
-
-
-def _cache_name(model) -> str:
-    """The KV-cache argument of the model's forward: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -195,7 +190,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
     gen = torch.Generator().manual_seed(seed)
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
     keep_b = keep if other is None else {"logits_to_keep": 1} if keeps_logits(other) else {}
-    cache_arg = {m: _cache_name(m) for m in (model, other) if m is not None}  # once, not per token
+    cache_arg = {m: cache_argument(m) for m in (model, other) if m is not None}  # once, not per token
     tokens, kls, stopped = [], [], []
     t0 = time.perf_counter()
 
