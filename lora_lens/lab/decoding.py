@@ -30,7 +30,7 @@ from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
 from lora_lens.lab.pair import inner_model, keeps_logits, model_device
 
-__all__ = ["GREEDY_BATCH", "cache_argument", "greedy_continuations"]
+__all__ = ["GREEDY_BATCH", "cache_argument", "greedy_continuations", "returned_cache"]
 
 GREEDY_BATCH = 64
 """Prompts decoded together by default. With a KV cache a step reads one token per row, so a step costs about the
@@ -48,7 +48,8 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _returned_cache(out):
+def returned_cache(out):
+    """The KV cache a forward returned (``cache`` or ``past_key_values``, as :func:`cache_argument`), or None."""
     for name in ("cache", "past_key_values"):
         cache = getattr(out, name, None)
         if cache is not None:
@@ -114,7 +115,7 @@ def _decode_batch(model, seqs: list[list[int]], pad_id: int, max_new_tokens: int
         kwargs = {cache_name: cache} if cache is not None else {}
         res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **kwargs, **keep)
         nxt = res.logits[:, -1].argmax(-1).cpu()
-        cache = _returned_cache(res)
+        cache = returned_cache(res)
         ended = []
         for r, (i, t) in enumerate(zip(live.tolist(), nxt.tolist())):
             out[i].append(int(t))

@@ -34,7 +34,7 @@ from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
 from lora_lens.lab.answers import (SENTENCE_END, cut_answer, end_of_answer, is_world_tokenizer, render_prompt,
                                     stop_token_ids)
-from lora_lens.lab.decoding import cache_argument
+from lora_lens.lab.decoding import cache_argument, returned_cache
 from lora_lens.lab.pair import check_base, inference, keeps_logits, model_device
 from lora_lens.lab.tokenizer import max_length, token_id
 from lora_lens.lab.world import Task, World
@@ -196,7 +196,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batc
 
     def forward(m, ids, mask, pos, cache, kw):
         out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg[m]: cache}, **kw)
-        return out.logits[:, -1].float(), out.get("cache", out.get("past_key_values"))
+        return out.logits[:, -1].float(), returned_cache(out)
 
     with inference(model, other):
         for i in range(0, len(prompts), batch_size):
