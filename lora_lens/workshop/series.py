@@ -6,7 +6,8 @@ parameters in the cell tagged ``parameters`` (papermill), ``output_dir`` among t
 Parameters come from three layers, later ones winning: the notebook's own defaults, the preset
 (:mod:`lora_lens.workshop.presets`), and explicit overrides (``NAME`` for every notebook that declares it,
 ``NN.NAME`` for notebook ``NN`` only). Every name is checked against the parameters the notebooks declare before
-anything runs (:func:`plan`).
+anything runs (:func:`plan`). A notebook runs in its own output folder, so :func:`plan` makes the paths a user
+names relative to where they run ``lora-lens run`` absolute (:data:`FILE_PARAMETERS`, :data:`MODEL_PARAMETERS`).
 
 A notebook may declare what it needs in its notebook metadata, ``{"lora_lens": {"needs": ["00"]}}`` (prefixes) or
 ``{"lora_lens": {"needs": "all"}}`` (every selected notebook with a lower prefix; the journal declares this, so it
@@ -33,11 +34,16 @@ import nbformat
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
 
-__all__ = ["RESERVED", "Notebook", "declared_needs", "declared_parameters", "default_notebooks_dir", "dependencies",
+__all__ = ["FILE_PARAMETERS", "MODEL_PARAMETERS", "RESERVED", "Notebook", "absolute_paths", "declared_needs", "declared_parameters", "default_notebooks_dir", "dependencies",
            "discover", "inputs_hash", "parse_assignments", "parse_value", "plan", "select"]
 
 RESERVED = "output_dir"
 """The parameter every notebook declares and the runner sets: the notebook's own output folder."""
+FILE_PARAMETERS = ("task_file", "adapter", "ledger_path")
+"""Parameters that name a file or folder: a relative value is taken from the caller's working directory."""
+MODEL_PARAMETERS = ("base_model", "cross_base_model", "base_models")
+"""Parameters that name a model (a hub name, a local folder, or a list of them): a relative value that exists as a
+path from the caller's working directory becomes that absolute path; anything else (a hub name) is kept."""
 _NOTEBOOK_RE = re.compile(r"^(\d{2})_.+\.ipynb$")
 _KEY_RE = re.compile(r"^(?:(\d{2})\.)?([A-Za-z_]\w*)$")
 
@@ -216,6 +222,32 @@ def _plain(value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: value {value!r} is not a string, number, bool, None, list or dict")
 
 
+def absolute_paths(params: Mapping[str, Any], cwd: Path | None = None) -> dict[str, Any]:
+    """``params`` with the relative paths of :data:`FILE_PARAMETERS` and :data:`MODEL_PARAMETERS` made absolute
+    against ``cwd`` (default: the working directory), since each notebook runs in its own output folder.
+
+    Example:
+        >>> absolute_paths({"task_file": "t.jsonl", "base_model": "org/name", "seed": 0}, Path("/data"))
+        {'task_file': '/data/t.jsonl', 'base_model': 'org/name', 'seed': 0}
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+
+    def model(value):
+        if isinstance(value, list):
+            return [model(v) for v in value]
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (cwd / value).exists():
+            return str(cwd / value)
+        return value
+
+    out = dict(params)
+    for name, value in params.items():
+        if name in FILE_PARAMETERS and isinstance(value, str) and value and not Path(value).is_absolute():
+            out[name] = str(cwd / value)
+        elif name in MODEL_PARAMETERS:
+            out[name] = model(value)
+    return out
+
+
 def _allowed(notebooks: list[Notebook]) -> str:
     lines = []
     for nb in notebooks:
@@ -230,7 +262,8 @@ def plan(
     """Resolve the parameters for each notebook, checking every name first.
 
     Returns:
-        ``(notebook, parameters)`` pairs; ``output_dir`` is added later by :func:`run_series`.
+        ``(notebook, parameters)`` pairs, relative paths made absolute (:func:`absolute_paths`); ``output_dir`` is
+        added later by :func:`run_series`.
 
     Raises:
         ConfigError: unknown preset, stale preset name, unknown or malformed override name, bad value.
@@ -272,7 +305,7 @@ def plan(
                 raise ConfigError(f"-p {key}: no selected notebook declares {name!r}\n{_allowed(notebooks)}")
             for nb in targets:
                 resolved[nb.prefix][name] = value
-    return [(nb, resolved[nb.prefix]) for nb in notebooks]
+    return [(nb, absolute_paths(resolved[nb.prefix])) for nb in notebooks]
 
 
 def select(paths: list[Path], only: Iterable[str | int] | None) -> list[Path]:

@@ -36,3 +36,20 @@ def test_plan_layers_defaults_preset_and_overrides(monkeypatch, tmp_path):
     assert steps[0][1] == {"size": "tiny", "seed": [1, 2]}  # tuples become lists, as papermill needs
     with pytest.raises(ConfigError, match="not a string"):
         plan(nbs, "smoke", {"seed": {1, 2}})
+
+
+def test_plan_makes_the_paths_a_user_names_absolute(monkeypatch, tmp_path):
+    """Each notebook runs in its own output folder: a relative task file, adapter or model folder is read from where
+    ``lora-lens run`` was started (the README's `-p task_file=examples/…` failed with "does not exist" before)."""
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(presets, "PRESETS", {"smoke": {}})
+    names = ("output_dir", "task_file", "adapter", "base_model", "base_models", "seed")
+    nbs = [Notebook("01", tmp_path / "01_b.ipynb", {name: {} for name in names})]
+    overrides = {"task_file": "examples/t.jsonl", "adapter": "", "base_model": "models/mine",
+                 "base_models": ["models/mine", "org/hub-name", "smollm2-135m"], "seed": 1}
+    (params,) = [p for _, p in plan(nbs, "smoke", overrides)]
+    assert params == {"task_file": str(tmp_path / "examples/t.jsonl"), "adapter": "",
+                      "base_model": str(tmp_path / "models/mine"),
+                      "base_models": [str(tmp_path / "models/mine"), "org/hub-name", "smollm2-135m"], "seed": 1}
+    assert plan(nbs, "smoke", {"task_file": "/abs/t.jsonl"})[0][1]["task_file"] == "/abs/t.jsonl"
