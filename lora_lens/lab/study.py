@@ -56,6 +56,11 @@ class Fit:
     evaluation: Evaluation
     train: dict
 
+    @property
+    def rank(self) -> int:
+        """The adapter's LoRA rank (as :class:`lora_lens.lens.inspect_adapter.OpenAdapter` has it)."""
+        return self.spec.rank
+
 
 def check_sources(base_model: str = "", family: str = "llama", adapter: str = "", task_file: str = "",
                   default_family: str = "llama") -> bool:

@@ -14,6 +14,7 @@ def test_fit_trains_saves_and_evaluates(tiny_fit):
     assert (f.adapter_dir / "lora_lens_manifest.json").is_file()
     assert f.evaluation.metrics["efficacy"] > f.evaluation.metrics["base_efficacy"]
     assert f.train["steps"] == TINY_FIT["steps"] and len(f.train["curve"]["loss"]) > 1
+    assert f.rank == f.spec.rank == 4  # as an opened adapter has it (notebook 03 reads edit.rank of either)
     table = results_table({("fact_edit", 4, "all"): f})
     assert list(table[["task", "rank", "targets"]].iloc[0]) == ["fact_edit", 4, "all"]
 
