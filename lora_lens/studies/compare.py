@@ -606,8 +606,9 @@ def _port_real(source, task: Task, spec: LoraSpec | None, seed: int, targets, ca
     return df
 
 
-def portability(pre, task: Task | str | Path, spec: LoraSpec | None = None, seed: int = 0, other_seed: int = 1,
-                continue_steps: int = 100, cache=None, device: str = "cpu", targets=()) -> pd.DataFrame:
+def portability(pre: Pretrained | str | Path, task: Task | str | Path, spec: LoraSpec | None = None, seed: int = 0,
+                other_seed: int = 1, continue_steps: int = 100, cache=None, device: str = "cpu",
+                targets=()) -> pd.DataFrame:
     """How much of an adapter's effect survives on another base of its family, against training it there anew.
 
     For a real base (a hub name, a folder, ``smollm2-135m``; ``task`` from data) the other bases are ``targets``:
