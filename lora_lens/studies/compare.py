@@ -22,6 +22,16 @@ the hypothesis ledger. The patterns, intervals and verdicts live in :mod:`lora_l
 re-exported here, so notebook 06 reads the whole study from ``compare``. :func:`portability` asks whether an
 adapter still works on another base of its family.
 
+**Real bases.** ``run_study(base_models=[...], task=FILE)`` runs the same study on your models (hub names, folders,
+``smollm2-135m``; or zoo family names with a zoo task) with a task from data: adapters fitted by
+:func:`lora_lens.lab.study.fit_adapter` with ``default_spec("data")``, every behaviour score on full answers, the
+module names of any architecture classified by :mod:`lora_lens.lab.modules`. Each base is loaded once before
+anything trains (the task is checked against its tokenizer; its architecture, parameter shapes and the token ids
+of the shared probes are noted). Input attributions are compared only between bases that read the probes as the
+same tokens; a statistic no run can measure is left out with its reason (:attr:`Study.skipped`, and
+``pattern_table(...).attrs["skipped"]`` for the patterns). :func:`portable_pairs` finds bases of one architecture
+and config shape, between which :func:`portability` carries an adapter.
+
 With three seeds a bootstrap interval is coarse (there are only ten distinct resamples): it shows the spread
 over seeds, not a precise coverage guarantee.
 
