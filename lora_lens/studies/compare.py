@@ -55,7 +55,7 @@ from peft import PeftModel
 
 from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
-from lora_lens.lab.modules import SHARED_TYPES, shared_type
+from lora_lens.lab.modules import SHARED_TYPES, hf_model, shared_type
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.study import base_label, check_sources, fit_adapter, spec_kind
 from lora_lens.lab.task_file import problem_message
@@ -377,7 +377,7 @@ def _token_key(tokenizer, task: Task, n_probes: int) -> str:
 
 def _shape_key(model) -> str:
     """The parameter names and shapes of a base (LoRA wrappers and factors ignored)."""
-    return stable_hash([(n.replace(".base_layer", ""), list(p.shape)) for n, p in model.named_parameters()
+    return stable_hash([(n.replace(".base_layer", ""), list(p.shape)) for n, p in hf_model(model).named_parameters()
                         if "lora_" not in n])
 
 
