@@ -269,3 +269,15 @@ def smollm2_fit(smollm2_path, test_cache):
     from lora_lens.lab.study import fit_adapter
 
     return fit_adapter("smollm2-135m", EXAMPLE_TASK, **REAL_FIT, cache=test_cache)
+
+
+@pytest.fixture(scope="session")
+def random_real_bases(smollm2_path, test_cache) -> dict:
+    """Small randomly initialised real-architecture bases with SmolLM2's tokenizer, in the session cache:
+    ``{"qwen2-a", "qwen2-b"`` (the same shapes, other initialisations: an adapter carries between them)``,
+    "mistral-c"}`` -> folder."""
+    from real_fixtures import random_base
+
+    root = Path(test_cache) / "random_bases"
+    return {name: random_base(root / name, smollm2_path, arch, seed)
+            for name, arch, seed in (("qwen2-a", "qwen2", 0), ("qwen2-b", "qwen2", 1), ("mistral-c", "mistral", 2))}

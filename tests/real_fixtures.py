@@ -56,3 +56,26 @@ def facts_adapter(cache: Path) -> Path:
         model, tok = load_model("smollm2-135m")
         train_facts(model, tok, Task.load(TASK)).save_pretrained(folder)
     return folder
+
+
+def random_base(folder: Path, tokenizer_folder: Path, arch: str = "qwen2", seed: int = 0, layers: int = 2,
+                hidden: int = 64) -> Path:
+    """A small randomly initialised real-architecture model (``qwen2`` or ``mistral``) with SmolLM2's tokenizer,
+    saved as an ordinary model folder: a second base for the cross-family study on real models (same tokenizer
+    as SmolLM2, so input attributions compare token by token; two of one ``arch`` and size share every shape)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    config = config_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -31,7 +31,7 @@ from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
 
-__all__ = ["Fit", "base_identity", "check_sources", "fit_adapter", "results_table"]
+__all__ = ["Fit", "base_identity", "base_label", "check_sources", "fit_adapter", "results_table", "spec_kind"]
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Fit:
 
 
 def check_sources(base_model: str = "", family: str = "llama", adapter: str = "", task_file: str = "",
-                  default_family: str = "llama") -> bool:
+                  default_family: str = "llama", family_name: str = "family") -> bool:
     """Check a notebook's model, adapter and task parameters before anything runs; True for a real (non-zoo) base.
 
     Args:
@@ -73,6 +73,7 @@ def check_sources(base_model: str = "", family: str = "llama", adapter: str = ""
         task_file: A JSONL task file; "" for the synthetic world's tasks.
         default_family: The notebook's default ``family`` (a non-default one together with ``base_model`` is an
             error: which model is meant?).
+        family_name: The notebook's name of the zoo parameter, for the messages (notebook 06: ``families``).
 
     Raises:
         ConfigError: ``base_model`` with a non-default ``family``; ``base_model`` or ``adapter`` without a
@@ -80,8 +81,9 @@ def check_sources(base_model: str = "", family: str = "llama", adapter: str = ""
         NotFoundError: A file or folder parameter that does not exist (named).
     """
     if base_model and family != default_family:
-        raise ConfigError(f"base_model={base_model!r} and family={family!r} are both given: set family back to "
-                          f"{default_family!r} (it is ignored with a base_model) or base_model=\"\" for the zoo")
+        raise ConfigError(f"base_model={base_model!r} and {family_name}={family!r} are both given: set {family_name} "
+                          f"back to {default_family!r} (it is ignored with a base_model) or base_model=\"\" for the "
+                          "zoo")
     looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
     for name, value, must in (("base_model", base_model, looks_local), ("adapter", adapter, bool(adapter)),
                               ("task_file", task_file, bool(task_file))):
@@ -114,7 +116,9 @@ def base_identity(base) -> dict:
     return {"hub": str(base)}
 
 
-def _base_label(base) -> str:
+def base_label(base) -> str:
+    """A short file-name-safe label of a base: ``family-size`` for a zoo model, else the folder or hub name's last
+    part (at most 40 characters), e.g. ``smollm2-135m``."""
     if isinstance(base, Pretrained):
         return f"{base.family}-{base.size}"
     name = Path(str(base)).name or str(base)
@@ -133,6 +137,14 @@ def _resolve_task(base, task, seed: int) -> Task:
                           f"base {base!r} pass a task file (e.g. examples/smollm2_facts.jsonl) or a Task")
     raise ConfigError(f"task={task!r} is neither a Task, a task file nor a zoo task kind {list(TASKS)}: pass a "
                       "JSONL task file path or a Task")
+
+
+def spec_kind(task: Task) -> str | None:
+    """The :func:`lora_lens.lab.train.default_spec` kind of a task: its zoo kind, ``data`` for a task from data (no
+    world), None for a world task of another name."""
+    if task.name in TASKS:
+        return task.name
+    return "data" if task.world_fingerprint is None else None
 
 
 def _check_data_task(task: Task, tokenizer) -> None:
@@ -179,8 +191,7 @@ def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | No
     """
     task = _resolve_task(pre, task, seed)
     data = task.world_fingerprint is None
-    kind = task.name if task.name in TASKS else "data" if data else None
-    spec = check_spec(spec) if spec is not None else default_spec(kind, **spec_overrides)
+    spec = check_spec(spec) if spec is not None else default_spec(spec_kind(task), **spec_overrides)
     source = pre.path if isinstance(pre, Pretrained) else pre
     world = pre.world if isinstance(pre, Pretrained) else None
     model, tokenizer = load_model(source, device=device)
@@ -199,7 +210,7 @@ def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | No
         fields |= {"records": stable_hash(task.records()), "chat": task.chat, "rehearsal": rehearsal}
     key = stable_hash(fields)
     root = cache_dir(cache)
-    folder = root / "adapters" / f"{_base_label(pre)}-{task.name}-r{spec.rank}-{key}"
+    folder = root / "adapters" / f"{base_label(pre)}-{task.name}-r{spec.rank}-{key}"
     with file_lock(root / "locks" / f"{folder.name}.lock"):
         peft_model = None
         if (folder / "lora_lens_train.json").is_file():

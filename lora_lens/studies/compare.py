@@ -22,6 +22,16 @@ the hypothesis ledger. The patterns, intervals and verdicts live in :mod:`lora_l
 re-exported here, so notebook 06 reads the whole study from ``compare``. :func:`portability` asks whether an
 adapter still works on another base of its family.
 
+**Real bases.** ``run_study(base_models=[...], task=FILE)`` runs the same study on your models (hub names, folders,
+``smollm2-135m``; or zoo family names with a zoo task) with a task from data: adapters fitted by
+:func:`lora_lens.lab.study.fit_adapter` with ``default_spec("data")``, every behaviour score on full answers, the
+module names of any architecture classified by :mod:`lora_lens.lab.modules`. Each base is loaded once before
+anything trains (the task is checked against its tokenizer; its architecture, parameter shapes and the token ids
+of the shared probes are noted). Input attributions are compared only between bases that read the probes as the
+same tokens; a statistic no run can measure is left out with its reason (:attr:`Study.skipped`, and
+``pattern_table(...).attrs["skipped"]`` for the patterns). :func:`portable_pairs` finds bases of one architecture
+and config shape, between which :func:`portability` carries an adapter.
+
 With three seeds a bootstrap interval is coarse (there are only ten distinct resamples): it shows the spread
 over seeds, not a precise coverage guarantee.
 
@@ -37,6 +47,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,24 +55,31 @@ from peft import PeftModel
 
 from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
-from lora_lens.lab.modules import SHARED_TYPES, shared_type
+from lora_lens.lab.modules import SHARED_TYPES, hf_model, shared_type
 from lora_lens.lab.probes import evaluate
-from lora_lens.lab.study import fit_adapter
+from lora_lens.lab.study import base_label, check_sources, fit_adapter, spec_kind
+from lora_lens.lab.task_file import problem_message
+from lora_lens.lab.tasks import check_task
 from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
-from lora_lens.lab.world import Task, World, make_task, make_world
+from lora_lens.lab.world import TASKS, Task, World, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrained, load_model, pretrain
 from lora_lens.lens import attribution as at
 from lora_lens.lens import delta
 from lora_lens.studies.nulls import SHUFFLED_STATS, shuffled_task, upper_weight, weight_nulls, weight_stats
 from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, null_id, pattern_prose,
                                         pattern_records, pattern_table, pooled_ci, record_patterns)
-from lora_lens.utils import progress_bar
+from lora_lens.utils import progress_bar, stable_hash
 
-__all__ = ["SHARED_TYPES", "Study", "attribution_agreement", "check_families", "check_seeds", "pair_matrix",
-           "portability", "portability_summary", "run_study", "shared_type",
+__all__ = ["DEFAULT_FAMILIES", "SHARED_TYPES", "Study", "attribution_agreement", "check_bases", "check_families",
+           "check_seeds", "pair_matrix", "portability", "portability_prose", "portability_summary", "portable_pairs",
+           "run_study", "shared_type",
            # re-exported from lora_lens.studies.patterns (notebook 06 reads the study's verdicts here)
            "PATTERNS", "Pattern", "bootstrap_ci", "declare_patterns", "null_id", "pattern_prose", "pattern_records",
            "pattern_table", "pooled_ci", "record_patterns"]
+
+DEFAULT_FAMILIES = list(FAMILIES)
+"""The families notebook 06 compares by default (every architecture of the zoo)."""
+
 
 def check_families(families) -> list[str]:
     """Validate a list of zoo families; return it as a list.
@@ -81,6 +99,63 @@ def check_families(families) -> list[str]:
     if dup:
         raise ConfigError(f"families={families!r} repeats {dup}: list each family once")
     return families
+
+
+def check_base_models(base_models) -> list[str]:
+    """Validate a list of bases (zoo family names or real models: hub names, folders, ``smollm2-135m``); return it
+    as a list.
+
+    Raises:
+        ConfigError: One string instead of a list, an empty list, an entry that is not a non-empty string, a base
+            listed twice or two bases with the same label (the last part of their name, which names their runs).
+    """
+    if isinstance(base_models, str):
+        raise ConfigError(f"base_models={base_models!r} is one string: pass a list, e.g. [{base_models!r}]")
+    if not isinstance(base_models, (list, tuple)) or not base_models:
+        raise ConfigError(f"base_models={base_models!r} is empty or not a list: pass e.g. [\"smollm2-135m\", "
+                          "\"path/to/another/model\"]")
+    for b in base_models:
+        if not isinstance(b, str) or not b.strip():
+            raise ConfigError(f"base {b!r} in base_models is not a model name: give a hub name, a folder or "
+                              "\"smollm2-135m\"")
+    labels = [b if b in FAMILIES else base_label(b) for b in base_models]
+    dup = sorted({f"{b!r}" for b, label in zip(base_models, labels) if labels.count(label) > 1})
+    if dup:
+        raise ConfigError(f"base_models={list(base_models)!r}: {', '.join(dup)} have the same name "
+                          f"{[x for x in labels if labels.count(x) > 1][0]!r}: list each base once (rename a folder "
+                          "whose last part repeats another's)")
+    return list(base_models)
+
+
+def check_bases(families=None, base_models=(), task_file: str = "", default_families=None) -> bool:
+    """Check notebook 06's model parameters before anything runs; True when the study is on your models.
+
+    Args:
+        families: The zoo families parameter.
+        base_models: Your models (hub names, folders, ``smollm2-135m``); empty for the zoo ``families``.
+        task_file: The JSONL task of your models; "" for the synthetic world's fact-edit task.
+        default_families: The notebook's default ``families`` (default :data:`DEFAULT_FAMILIES`).
+
+    Raises:
+        ConfigError: Both ``base_models`` and a non-default ``families``; ``base_models`` without a ``task_file``
+            or ``task_file`` without ``base_models``; a zoo family in ``base_models``; bad lists
+            (:func:`check_base_models`, :func:`check_families`).
+        NotFoundError: A model folder or the task file does not exist (named).
+    """
+    default = DEFAULT_FAMILIES if default_families is None else default_families
+    if not base_models and not isinstance(base_models, str):
+        if task_file:
+            raise ConfigError(f"task_file={task_file!r} needs base_models: a zoo model reads only its world's "
+                              "words; give the models the task is for (e.g. base_models=[\"smollm2-135m\"])")
+        check_families(families)
+        return False
+    for b in check_base_models(base_models):
+        if b in FAMILIES:
+            raise ConfigError(f"base {b!r} in base_models is a zoo family, which cannot read the words of a task "
+                              "file: list it in families (with base_models=[]) or give real models")
+        check_sources(base_model=b, family=families, task_file=task_file, default_family=default,
+                      family_name="families")
+    return True
 
 
 def check_seeds(seeds) -> list[int]:
@@ -113,12 +188,14 @@ class Study:
     """Everything :func:`run_study` measured.
 
     Attributes:
-        families: Families studied, in order.
+        families: The bases studied, in order, by label: a zoo family's name, or a real model's short name
+            (:func:`lora_lens.lab.study.base_label`, e.g. ``smollm2-135m``). The ``family`` column of every table.
         seeds: Adapter seeds (the base of each family is the same for all seeds).
-        size: Size preset of the bases.
-        task: The task (the same planted truth for every run).
+        size: Size preset of the zoo bases (None for a study of real models).
+        task: The task (the same planted truth for every run, or the same task from data).
         spec: The adapter spec (the same for every run).
-        runs: One row per (family, seed): behaviour (``efficacy``, ``paraphrase``, ``specificity``), weight space
+        runs: One row per (family, seed): behaviour (``efficacy``, ``paraphrase``, ``specificity``: full answers
+            for a task from data), weight space
             (``upper_share``, ``mlp_share``, ``eff_rank_ratio``, ``stable_rank_ratio``) and their nulls
             (:data:`lora_lens.studies.nulls.NULL_COLUMNS`, the parameter shares ``upper_param_share`` and
             ``mlp_param_share``), φ with the other seeds (``phi_seeds`` output side, ``phi_seeds_right`` input side,
@@ -136,11 +213,19 @@ class Study:
         attributions: ``{(family, seed): [difference attribution per shared probe]}``.
         probes: The shared efficacy probe prompts the attributions are about.
         seconds: Wall time of the study.
+        bases: ``{family: what it is}``: the zoo family name, or the hub name / folder / ``smollm2-135m`` given.
+        architectures: ``{family: model_type}`` of each base's config (``llama``, ``qwen2`` …).
+        shapes: ``{family: key}``: bases with the same key have the same parameter names and shapes (an adapter of
+            one loads onto the other; :func:`portable_pairs`).
+        tokenizers: ``{family: key}``: bases with the same key read the shared probes as the same token ids (their
+            input attributions compare token by token).
+        skipped: ``{statistic or section: reason}`` for what this study could not measure (e.g. ``token_agreement``
+            when no two bases share a tokenizer, ``entity_top1`` when the task's probes name no entity).
     """
 
     families: list[str]
     seeds: list[int]
-    size: str
+    size: str | None
     task: Task
     spec: LoraSpec
     runs: pd.DataFrame
@@ -151,6 +236,11 @@ class Study:
     attributions: dict = field(repr=False)
     probes: list[str] = field(repr=False)
     seconds: float = 0.0
+    bases: dict = field(default_factory=dict)
+    architectures: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)
+    tokenizers: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
 
 
 def _first(task: Task, n: int) -> Task:
@@ -179,14 +269,22 @@ def _measure(fit, task: Task, n_probes: int, ig_steps: int, top_tokens: int, see
     row["top_component"] = a_types[attr.idxmax()]
     row["top_component_depth"] = float(depth[attr.idxmax()])
     # input attribution of the change on the shared probes against a blank token (every token gets a value, so
-    # runs compare token by token); hit = the edited entity ranks first
-    rec = at.entity_recovery(fit.model, fit.tokenizer, _first(task, n_probes), n_steps=ig_steps, references=None)
-    row["entity_top1"] = float(rec.score)
+    # runs compare token by token); hit = the edited entity ranks first (only where the probes name an entity)
+    first = _first(task, n_probes)
+    if any(p.entity for p in first.probes["efficacy"]):
+        rec = at.entity_recovery(fit.model, fit.tokenizer, first, n_steps=ig_steps, references=None)
+        row["entity_top1"], attributions = float(rec.score), rec.attributions
+    else:
+        probes = first.probes["efficacy"]
+        attributions = at.batch_token_attributions(fit.model, fit.tokenizer, [p.prompt for p in probes],
+                                                   [p.answer for p in probes], n_steps=ig_steps, output="prob",
+                                                   chat=task.chat)
+        row["entity_top1"] = math.nan
     # the leading write-side direction of the last layer's modules, read as tokens (both signs)
     dirs = delta.directions_table(fit.model, fit.tokenizer, k=1, top=top_tokens, role="write", sign="both")
     last = dirs[dirs["layer"] == dirs["layer"].max()]
     extra = {"summary": summ, "tokens": set(last["token"].astype(str)),
-             "attributions": [ta.difference.numpy() for ta in rec.attributions], "modules": mods,
+             "attributions": [ta.difference.numpy() for ta in attributions], "modules": mods,
              "random": random}
     return row, extra
 
@@ -235,22 +333,84 @@ def _phi_rows(family: str, mods: dict, random: dict) -> list[dict]:
     return rows
 
 
-def run_study(families, seeds=3, size: str = "small", world: World | None = None, task: str | Task = "fact_edit",
-              task_seed: int = 0, spec: LoraSpec | None = None, n_probes: int = 16, ig_steps: int = 16,
-              top_tokens: int = 10, null_samples: int = 32, shuffled: bool = False, cache=None,
-              device: str = "cpu", **spec_overrides) -> Study:
-    """Train and measure the same adapter on every family × seed (bases and adapters come from the cache).
+def _resolve_bases(families, base_models, task, world: World | None, task_seed: int, size: str):
+    """``(bases, task, world)``: ``[(label, source, is_zoo)]`` and the task resolved, checked before any training."""
+    if base_models is not None and (not isinstance(base_models, (list, tuple)) or len(base_models)):
+        if families:
+            raise ConfigError(f"families={families!r} and base_models={base_models!r} are both given: study the "
+                              "zoo (families) or your models (base_models), not both")
+        names = check_base_models(base_models)
+    else:
+        names = check_families(families)
+    zoo = [n in FAMILIES for n in names]
+    if isinstance(task, Path) or (isinstance(task, str) and task not in TASKS):
+        task = Task.load(task)
+    elif isinstance(task, str):
+        if not all(zoo):
+            raise ConfigError(f"task={task!r} is a zoo task kind, which only zoo families can read; for "
+                              f"{[n for n, z in zip(names, zoo) if not z]} pass a task file or a Task from data "
+                              "(e.g. examples/smollm2_facts.jsonl)")
+        world = world or make_world(seed=0)
+        task = make_task(world, task, seed=task_seed)
+    elif not isinstance(task, Task):
+        raise ConfigError(f"task={task!r} must be a zoo task kind, a task file or a Task")
+    data = task.world_fingerprint is None
+    if data and any(zoo):
+        raise ConfigError(f"zoo families {[n for n, z in zip(names, zoo) if z]} cannot read the task from data "
+                          f"{task.name!r} (a zoo model knows only its world's words): give real models in base_models")
+    if not data and not all(zoo):
+        raise ConfigError(f"the world task {task.name!r} belongs to the zoo; real bases "
+                          f"{[n for n, z in zip(names, zoo) if not z]} need a task from data (a task file)")
+    if any(zoo):
+        if size not in SIZES:
+            raise ConfigError(f"size={size!r} is unknown; use one of {list(SIZES)}")
+        world = world or make_world(seed=0)
+    bases = [(n if z else base_label(n), n, z) for n, z in zip(names, zoo)]
+    return bases, task, world
+
+
+def _token_key(tokenizer, task: Task, n_probes: int) -> str:
+    """Which token ids a tokenizer reads the shared probes as (prompt and prompt + answer)."""
+    return stable_hash([[tokenizer(p.prompt)["input_ids"], tokenizer(f"{p.prompt} {p.answer}")["input_ids"]]
+                        for p in task.probes.get("efficacy", [])[:n_probes]])
+
+
+def _shape_key(model) -> str:
+    """The parameter names and shapes of a base (LoRA wrappers and factors ignored)."""
+    return stable_hash([(n.replace(".base_layer", ""), list(p.shape)) for n, p in hf_model(model).named_parameters()
+                        if "lora_" not in n])
+
+
+def _check_real_base(source: str, task: Task, n_probes: int, device: str) -> dict:
+    """Load a real base once before anything trains: the task must suit its tokenizer; its architecture, shape and
+    token keys."""
+    model, tokenizer = load_model(source, device=device)
+    problems = check_task(task, tokenizer)
+    if problems:
+        raise ConfigError(problem_message(f"task {task.name!r} on base {source!r}", problems))
+    facts = {"architecture": model.config.model_type, "shape": _shape_key(model),
+             "tokens": _token_key(tokenizer, task, n_probes)}
+    del model
+    return facts
+
+
+def run_study(families=None, seeds=3, size: str = "small", world: World | None = None,
+              task: str | Path | Task = "fact_edit", task_seed: int = 0, spec: LoraSpec | None = None,
+              n_probes: int = 16, ig_steps: int = 16, top_tokens: int = 10, null_samples: int = 32,
+              shuffled: bool = False, cache=None, device: str = "cpu", base_models=None, **spec_overrides) -> Study:
+    """Train and measure the same adapter on every base × seed (bases and adapters come from the cache).
 
     Args:
         families: Zoo families, e.g. ``["llama", "qwen2", "mistral", "yi", "phi3", "gpt2", "gpt_neox"]``.
         seeds: Number of adapter seeds (≥ 2; seeds 0 … n−1) or a list of seeds. The base is seed 0 for all.
-        size: Size preset of the bases.
+        size: Size preset of the zoo bases.
         world: The world (default ``make_world(seed=0)``); every family is pretrained on the same world, so all
             share its tokenizer.
-        task: Task name (built once from ``world`` with ``task_seed``: the same planted truth for every run) or a
-            :class:`Task`.
+        task: Task name (built once from ``world`` with ``task_seed``: the same planted truth for every run), a
+            :class:`Task`, or a JSONL task file (a task from data, for real bases).
         task_seed: Seed of the task when ``task`` is a name.
-        spec: Adapter spec (default ``default_spec(task name, **spec_overrides)``).
+        spec: Adapter spec (default ``default_spec(task kind, **spec_overrides)``; kind ``data`` for a task from
+            data: :func:`lora_lens.lab.study.spec_kind`).
         n_probes: Efficacy probes used for component and input attribution.
         ig_steps: Integration steps of the input attribution.
         top_tokens: Tokens read per leading direction and sign.
@@ -260,35 +420,42 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
             add its weight statistics as ``shuffled_…`` columns and its ``shuffled_efficacy``.
         cache: Cache root (default as :func:`lora_lens.lab.zoo.cache_dir`).
         device: Torch device.
+        base_models: Instead of ``families``: a list of bases, each a zoo family name or a real model (a hub name,
+            a local folder, ``"smollm2-135m"``; with a task from data). Real bases are loaded once first: the task
+            is checked against each tokenizer before anything trains. Input attributions are compared only between
+            bases that read the probes as the same tokens (:attr:`Study.tokenizers`).
         **spec_overrides: :class:`LoraSpec` fields (``rank``, ``steps`` …).
 
     Returns:
         A :class:`Study`.
 
     Raises:
-        ConfigError: Unknown family or size, fewer than two seeds, a bad spec or count — all before any training.
+        ConfigError: Unknown family or size, both ``families`` and ``base_models``, a zoo task for a real base or a
+            task from data for a zoo family, a task with problems for a base's tokenizer, fewer than two seeds, a
+            bad spec or count — all before any training.
+        NotFoundError: A base or task file that does not exist.
     """
     t0 = time.perf_counter()
-    families, seeds = check_families(families), check_seeds(seeds)
-    if size not in SIZES:
-        raise ConfigError(f"size={size!r} is unknown; use one of {list(SIZES)}")
+    seeds = check_seeds(seeds)
     for name, value in (("n_probes", n_probes), ("ig_steps", ig_steps), ("top_tokens", top_tokens),
                         ("null_samples", null_samples)):
         check_positive(name, value)
     if not isinstance(shuffled, bool):
         raise ConfigError(f"shuffled={shuffled!r} must be True or False (train a shuffled-answers adapter per run)")
-    world = world or make_world(seed=0)
-    task = make_task(world, task, seed=task_seed) if isinstance(task, str) else task
-    spec = check_spec(spec) if spec is not None else default_spec(task.name, **spec_overrides)
+    bases, task, world = _resolve_bases(families, base_models, task, world, task_seed, size)
+    spec = check_spec(spec) if spec is not None else default_spec(spec_kind(task), **spec_overrides)
+    facts = {label: (_check_real_base(source, task, n_probes, device) if not is_zoo else
+                     {"architecture": source, "shape": stable_hash([source, size]), "tokens": "world"})
+             for label, source, is_zoo in bases}
     rows, energy, types, phis, tokens, attrs = [], [], [], [], {}, {}
-    bar = progress_bar(total=len(families) * len(seeds), desc="runs")
-    for family in families:
-        pre = get_pretrained(family, size, world=world, cache=cache, device=device)
+    bar = progress_bar(total=len(bases) * len(seeds), desc="runs")
+    for family, source, is_zoo in bases:
+        pre = get_pretrained(source, size, world=world, cache=cache, device=device) if is_zoo else source
         mods, random = {}, {}
         for seed in seeds:
             fit = fit_adapter(pre, task, seed=seed, spec=spec, cache=cache, device=device)
             m = fit.evaluation.metrics
-            row, extra = _measure(fit, task, n_probes, ig_steps, top_tokens, seed, null_samples)
+            row, extra = _measure(fit, fit.task, n_probes, ig_steps, top_tokens, seed, null_samples)
             rows.append({"family": family, "seed": seed, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
                          "specificity": m["specificity"], "perplexity_ratio": m["perplexity_ratio"], **row,
                          "train_seconds": fit.train["train_seconds"], "adapter_dir": str(fit.adapter_dir)})
@@ -316,15 +483,39 @@ def run_study(families, seeds=3, size: str = "small", world: World | None = None
     bar.close()
     runs = pd.DataFrame(rows)
     phi = pd.DataFrame(phis)
-    _cross_run_columns(runs, phi, tokens, attrs)
+    token_keys = {label: f["tokens"] for label, f in facts.items()}
+    _cross_run_columns(runs, phi, tokens, attrs, token_keys)
     probes = [p.prompt for p in task.probes["efficacy"][:n_probes]]
-    return Study(families, seeds, size, task, spec, runs, pd.DataFrame(energy), pd.DataFrame(types), phi, tokens,
-                 attrs, probes, time.perf_counter() - t0)
+    labels = [label for label, _, _ in bases]
+    return Study(labels, seeds, size if any(z for _, _, z in bases) else None, task, spec, runs, pd.DataFrame(energy),
+                 pd.DataFrame(types), phi, tokens, attrs, probes, time.perf_counter() - t0,
+                 bases={label: source for label, source, _ in bases},
+                 architectures={label: f["architecture"] for label, f in facts.items()},
+                 shapes={label: f["shape"] for label, f in facts.items()}, tokenizers=token_keys,
+                 skipped=_skipped(runs, labels, token_keys, task, n_probes))
 
 
-def _cross_run_columns(runs: pd.DataFrame, phi: pd.DataFrame, tokens: dict, attrs: dict) -> None:
+def _skipped(runs: pd.DataFrame, labels: list[str], token_keys: dict, task: Task, n_probes: int) -> dict:
+    """Why a per-run statistic is missing from this study (NaN in every run)."""
+    out = {}
+    if runs["token_agreement"].isna().all():
+        out["token_agreement"] = (
+            "one base only: agreement with the other bases' input attributions needs two" if len(labels) < 2 else
+            "no two bases read the shared probes as the same tokens (different tokenizers), so their input "
+            "attributions cannot be compared token by token")
+    if runs["entity_top1"].isna().all():
+        out["entity_top1"] = (f"the task's first {n_probes} efficacy probes name no entity" if not any(
+            p.entity for p in task.probes.get("efficacy", [])[:n_probes]) else
+            "no probe's answer was changed by the adapter, so no entity ranking was scored")
+    return out
+
+
+def _cross_run_columns(runs: pd.DataFrame, phi: pd.DataFrame, tokens: dict, attrs: dict,
+                       token_keys: dict | None = None) -> None:
     """Add the per-run columns that compare a run with others: φ with its family's other seeds, input-attribution
-    agreement and top-token overlap with the runs of the *other* families (NaN with a single family)."""
+    agreement and top-token overlap with the runs of the *other* families (NaN with a single family; agreement
+    only with families whose tokenizer reads the probes as the same tokens, ``token_keys``)."""
+    token_keys = token_keys or {}
     for col, side in (("phi_seeds", "phi_left"), ("phi_seeds_right", "phi_right"), ("null_phi_seeds",
                                                                                       "null_phi_left")):
         runs[col] = [float(phi.loc[(phi["family"] == f) & ((phi["seed_a"] == s) | (phi["seed_b"] == s)), side].mean())
@@ -334,8 +525,9 @@ def _cross_run_columns(runs: pd.DataFrame, phi: pd.DataFrame, tokens: dict, attr
     agree, overlap = [], []
     for f, s in keys:
         others = [k for k in keys if k[0] != f]
-        agree.append(float(np.nanmean([attribution_agreement(attrs[(f, s)], attrs[k]) for k in others]))
-                     if others else math.nan)
+        same = [k for k in others if token_keys.get(k[0]) == token_keys.get(f)]
+        agree.append(float(np.nanmean([attribution_agreement(attrs[(f, s)], attrs[k]) for k in same]))
+                     if same else math.nan)
         overlap.append(float(np.mean([_jaccard(tokens[(f, s)], tokens[k]) for k in others])) if others else math.nan)
     runs["token_agreement"] = agree
     runs["vocab_overlap"] = overlap
@@ -346,7 +538,8 @@ def pair_matrix(study: Study, what: str = "attribution") -> pd.DataFrame:
     ``"vocabulary"`` (Jaccard overlap of the top tokens of the last layer's leading directions).
 
     The diagonal compares a family's runs of *different* seeds (NaN with one seed); off-diagonal cells average
-    every pair of runs of the two families.
+    every pair of runs of the two families (attribution: NaN for two bases whose tokenizers read the probes as
+    different tokens).
 
     Raises:
         ConfigError: Unknown ``what``.
@@ -358,6 +551,8 @@ def pair_matrix(study: Study, what: str = "attribution") -> pd.DataFrame:
     fams = study.families
     out = pd.DataFrame(np.nan, index=pd.Index(fams, name="family"), columns=fams)
     for fa, fb in itertools.product(fams, fams):
+        if what == "attribution" and study.tokenizers.get(fa) != study.tokenizers.get(fb):
+            continue
         vals = [fn((fa, sa), (fb, sb)) for sa in study.seeds for sb in study.seeds if fa != fb or sa != sb]
         vals = [v for v in vals if not math.isnan(v)]
         out.loc[fa, fb] = float(np.mean(vals)) if vals else math.nan
@@ -381,9 +576,56 @@ def _port(adapter_dir, model, tokenizer, task: Task):
     return _evaluate_on(ported, tokenizer, task), ported.unload()
 
 
-def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed: int = 0, other_seed: int = 1,
-                continue_steps: int = 100, cache=None, device: str = "cpu") -> pd.DataFrame:
+def portable_pairs(study: Study) -> dict[str, list[str]]:
+    """``{source: [targets]}``: among a study of real bases, each group of bases with the same parameter names and
+    shapes (:attr:`Study.shapes`) as its first base and the others, in study order (an adapter of the first loads
+    unchanged onto the others). Zoo families are left out (their portability is :func:`portability` on a
+    :class:`Pretrained`: another seed, continued pretraining). Empty when no two real bases share a shape."""
+    groups: dict[str, list[str]] = {}
+    for label in study.families:
+        if study.bases.get(label, label) in FAMILIES:
+            continue
+        groups.setdefault(study.shapes[label], []).append(label)
+    return {g[0]: g[1:] for g in groups.values() if len(g) > 1}
+
+
+def _port_real(source, task: Task, spec: LoraSpec | None, seed: int, targets, cache, device: str) -> pd.DataFrame:
+    """:func:`portability` for a real base: the adapter carried to ``targets`` of the same shapes."""
+    targets = check_base_models(targets) if targets else []
+    if not targets:
+        raise ConfigError(f"the base {source!r} is not a zoo model: give targets, other bases of its architecture "
+                          "and shapes to carry its adapter to (e.g. targets=[\"path/to/another/checkpoint\"])")
+    fit = fit_adapter(source, task, seed=seed, spec=spec, cache=cache, device=device)
+    shape = _shape_key(fit.model)
+    rows = [{"target": "same base", "how": "original", **_evaluate_on(fit.model, fit.tokenizer, fit.task)}]
+    for target in targets:
+        model, tok = load_model(target, device=device)
+        if _shape_key(model) != shape:
+            raise ConfigError(f"target {target!r} has other parameter names or shapes than {source!r} "
+                              f"({model.config.model_type}): an adapter carries only to a base of the same "
+                              "architecture and config shape")
+        refit = fit_adapter(target, task, seed=seed, spec=spec, cache=cache, device=device)  # its own base answers
+        label = base_label(target)
+        rows.append({"target": label, "how": "ported", **_port(fit.adapter_dir, model, tok, refit.task)[0]})
+        rows.append({"target": label, "how": "retrained", **_evaluate_on(refit.model, refit.tokenizer, refit.task)})
+        del model, refit
+    df = pd.DataFrame(rows)
+    df.insert(0, "family", base_label(source))
+    df["efficacy_ratio"] = df["efficacy"] / rows[0]["efficacy"] if rows[0]["efficacy"] > 0 else math.nan
+    df["drift"] = math.nan
+    return df
+
+
+def portability(pre: Pretrained | str | Path, task: Task | str | Path, spec: LoraSpec | None = None, seed: int = 0,
+                other_seed: int = 1, continue_steps: int = 100, cache=None, device: str = "cpu",
+                targets=()) -> pd.DataFrame:
     """How much of an adapter's effect survives on another base of its family, against training it there anew.
+
+    For a real base (a hub name, a folder, ``smollm2-135m``; ``task`` from data) the other bases are ``targets``:
+    other checkpoints of the same architecture and config shape (e.g. :func:`portable_pairs` of a study); each gets
+    a ``ported`` and a ``retrained`` row (target = its label), scored with its own base answers as specificity;
+    there is no ``continued`` row (continued pretraining needs the zoo's world corpus), ``drift`` is NaN.
+    ``other_seed`` and ``continue_steps`` are then unused.
 
     The adapter (``task``, ``spec``, ``seed``; from the adapter cache) is loaded unchanged onto two other bases:
 
@@ -402,8 +644,11 @@ def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed:
         continued pretraining moved the weights, ‖θ' − θ‖ / ‖θ‖ over all parameters).
 
     Raises:
-        ConfigError: ``continue_steps`` < 1 or ``other_seed`` equal to the base's seed.
+        ConfigError: ``continue_steps`` < 1 or ``other_seed`` equal to the base's seed; for a real base, no
+            ``targets`` or a target of other shapes.
     """
+    if isinstance(pre, (str, Path)):
+        return _port_real(pre, task, spec, seed, targets, cache, device)
     check_positive("continue_steps", continue_steps)
     base_seed = pre.manifest["spec"]["seed"]
     if other_seed == base_seed:
@@ -438,18 +683,72 @@ def portability(pre: Pretrained, task: Task, spec: LoraSpec | None = None, seed:
 
 def portability_summary(table: pd.DataFrame) -> dict:
     """``{family: {"original_efficacy", "<target>": {"ported_efficacy", "efficacy_ratio", "retrained_efficacy",
-    "ported_specificity"}, "continued_drift"}}`` from :func:`portability` tables (concatenated)."""
+    "ported_specificity"}, "continued_drift"}}`` from :func:`portability` tables (concatenated); ``<target>`` is
+    each target of the table with spaces as underscores (``other_seed``, ``continued`` on the zoo, a base's label
+    for real bases); ``continued_drift`` only where there is a continued base."""
     out = {}
     for fam, t in table.groupby("family", sort=False):
         t = t.set_index(["target", "how"])
         entry = {"original_efficacy": float(t.loc[("same base", "original"), "efficacy"])}
-        for target in ("other seed", "continued"):
+        for target in dict.fromkeys(t.index.get_level_values("target")):
+            if target == "same base":
+                continue
             entry[target.replace(" ", "_")] = {
                 "ported_efficacy": float(t.loc[(target, "ported"), "efficacy"]),
                 "efficacy_ratio": float(t.loc[(target, "ported"), "efficacy_ratio"]),
                 "ported_specificity": float(t.loc[(target, "ported"), "specificity"]),
                 "retrained_efficacy": float(t.loc[(target, "retrained"), "efficacy"])}
-        if "drift" in t.columns:
+        if "drift" in t.columns and t["drift"].notna().any():
             entry["continued_drift"] = float(t["drift"].dropna().iloc[0])
         out[fam] = entry
     return out
+
+
+_TARGETS = {"other seed": "a base of the same family pretrained from another seed",
+            "continued": "the same base pretrained further"}
+
+
+def portability_prose(table: pd.DataFrame | None, continue_steps: int | None = None,
+                      skipped: str | None = None) -> str:
+    """What a :func:`portability` table (concatenated) shows, in words (Markdown), every number read from it.
+
+    Args:
+        table: The table, or None when the section was skipped.
+        continue_steps: The continued pretraining steps (for the sentence about the ``continued`` base).
+        skipped: Why there is no table (rendered when ``table`` is None).
+    """
+    if table is None or table.empty:
+        return f"**Portability was not measured in this run**: {skipped or 'no table'}."
+    paras, kept, lost = [], set(), set()
+    for fam, t in table.groupby("family", sort=False):
+        t = t.set_index(["target", "how"])
+        orig = float(t.loc[("same base", "original"), "efficacy"])
+        parts = [f"**{fam}**: the adapter reaches efficacy {orig:.2f} on its own base."]
+        for target in dict.fromkeys(t.index.get_level_values("target")):
+            if target == "same base":
+                continue
+            ported, retrained = t.loc[(target, "ported")], t.loc[(target, "retrained")]
+            where = _TARGETS.get(target, f"`{target}` (same architecture and config shape)")
+            if target == "continued":
+                steps = f"{continue_steps} steps further" if continue_steps else "further"
+                where = f"the same base pretrained {steps} (weights moved by {float(ported['drift']):.0%})"
+            ratio = float(ported["efficacy_ratio"])
+            (kept if ratio >= 0.5 else lost).add(target)
+            parts.append(f"On {where} the unchanged adapter reaches {float(ported['efficacy']):.2f} "
+                         f"({ratio:.2f} of it; specificity {float(ported['specificity']):.2f}), against "
+                         f"{float(retrained['efficacy']):.2f} for an adapter trained anew there through the same data.")
+        paras.append(" ".join(parts))
+    if lost and not kept:
+        end = ("The adapter keeps less than half of its effect on every other base: it is tied to the *weights* it "
+               "was trained on. To move a change to another model, go through data (distillation, notebook 04), not "
+               "through weights.")
+    elif kept and not lost:
+        end = "The adapter keeps at least half of its effect on every other base here."
+    elif "continued" in kept and "other seed" in lost:
+        end = ("An adapter is tied to the *weights* it was trained on, not to the architecture: it survives a base "
+               "that drifts a little, not a base that learned the same facts from another start. To move a change "
+               "to another model, go through data (distillation), not through weights.")
+    else:
+        end = (f"It keeps half or more of its effect on {', '.join(sorted(kept))} and less on "
+               f"{', '.join(sorted(lost))}.")
+    return "\n\n".join(paras + [end])

@@ -165,7 +165,8 @@ def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: fl
     and carries the overall verdict: ``universal`` (holds *and* clears its null in every family), ``explained by
     null`` (holds in every family, but does not clear its null in all), ``none`` (fails in every family), ``some
     families`` (holds in some) or ``unclear``. A pattern without values (e.g. agreement with other families in a
-    one-family study) is left out.
+    one-family study, or between bases whose tokenizers differ) is left out, with its reason in
+    ``table.attrs["skipped"]`` (``{pattern id: {"name", "reason"}}``, the reason from ``study.skipped``).
 
     Returns:
         DataFrame ``pattern, name, family, statistic, ci_low, ci_high, threshold, comparator, verdict, n, null,
@@ -177,7 +178,7 @@ def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: fl
     Raises:
         ConfigError: A pattern's column, or one of its null columns, is missing from ``study.runs``.
     """
-    rows = []
+    rows, skipped = [], {}
     for p in patterns:
         cols = [p.column] + [src for _, src in p.nulls if isinstance(src, str)]
         for c in cols:
@@ -188,6 +189,8 @@ def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: fl
         groups = {f: g.dropna(subset=cols) for f, g in study.runs.groupby("family", sort=False)}
         groups = {f: g for f, g in groups.items() if len(g)}
         if not groups:
+            skipped[p.id] = {"name": p.name, "reason": getattr(study, "skipped", {}).get(
+                p.column, f"no run has a value of {p.column!r}")}
             continue
         base = {"pattern": p.id, "name": p.name, "threshold": p.threshold, "comparator": p.comparator}
         fam_rows, nulls, margins = [], {}, {}
@@ -224,7 +227,9 @@ def pattern_table(study: Study, patterns=PATTERNS, n_boot: int = 2000, level: fl
                           vs_shuffled=next((v for v in ("beyond", "not beyond") if all(x == v for x in vs)),
                                            "some families" if "beyond" in vs else "unclear"))
         rows += fam_rows + [pooled]
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["skipped"] = skipped
+    return table
 
 
 def _null_entry(p: Pattern, g: pd.DataFrame | None, n_boot: int, level: float, seed: int) -> dict:
@@ -350,7 +355,8 @@ def _names(rows) -> str:
 
 def pattern_prose(table: pd.DataFrame) -> str:
     """The verdicts of a pattern table in words (Markdown), every number read from ``table``: which patterns are
-    universal against their null, which hold but are explained by it, and one line per pattern with its null.
+    universal against their null, which hold but are explained by it, one line per pattern with its null, and one
+    line per pattern this run could not measure (``table.attrs["skipped"]``) with the reason.
 
     Returns:
         Markdown text (a lead paragraph and a bullet per pattern).
@@ -389,4 +395,6 @@ def pattern_prose(table: pd.DataFrame) -> str:
         else:
             line += "; no null."
         lines.append(line)
+    for pid, s in table.attrs.get("skipped", {}).items():
+        lines.append(f"- **{s['name']}** (`{pid}`): not measured in this run — {s['reason']}.")
     return "\n".join(lines)

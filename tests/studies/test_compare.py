@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lora_lens.errors import ConfigError
+from conftest import EXAMPLE_TASK
+from lora_lens.errors import ConfigError, NotFoundError
 from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.train import matched_modules
 from lora_lens.lab.zoo import FAMILIES, build_model, load_model
@@ -71,6 +72,57 @@ def test_run_study_rejects_bad_input_before_anything_is_written(kwargs, needles,
     assert not cache.exists()
 
 
+@pytest.mark.parametrize("kwargs, needles", [
+    ({"families": ["llama"], "base_models": ["smollm2-135m"]}, ["both given", "not both"]),
+    ({"families": None, "base_models": ["smollm2-135m"], "task": "fact_edit"}, ["zoo task kind", "smollm2-135m"]),
+    ({"families": None, "base_models": ["llama"], "task": str(EXAMPLE_TASK)}, ["['llama']", "cannot read"]),
+    ({"families": None, "base_models": "smollm2-135m", "task": str(EXAMPLE_TASK)}, ["one string", "list"]),
+    ({"families": None, "base_models": ["a/b/c", "x/c"], "task": str(EXAMPLE_TASK)}, ["same name 'c'", "once"]),
+])
+def test_run_study_on_base_models_rejects_bad_input_before_anything_is_written(kwargs, needles, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError) as err:
+        compare.run_study(seeds=2, size="tiny", cache=cache, **kwargs)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    assert not cache.exists()
+
+
+def test_check_bases_reuses_the_notebook_checks(tmp_path):
+    task = str(EXAMPLE_TASK)
+    assert compare.check_bases(compare.DEFAULT_FAMILIES, [], "") is False
+    assert compare.check_bases(["llama", "gpt2"], [], "") is False
+    assert compare.check_bases(compare.DEFAULT_FAMILIES, ["smollm2-135m"], task) is True
+    with pytest.raises(ConfigError, match=r"families=\['llama'\] are both given: set families back"):
+        compare.check_bases(["llama"], ["smollm2-135m"], task)
+    with pytest.raises(ConfigError, match="needs a task_file"):
+        compare.check_bases(compare.DEFAULT_FAMILIES, ["smollm2-135m"], "")
+    with pytest.raises(ConfigError, match="task_file=.* needs base_models"):
+        compare.check_bases(compare.DEFAULT_FAMILIES, [], task)
+    with pytest.raises(ConfigError, match="'gpt2' in base_models is a zoo family"):
+        compare.check_bases(compare.DEFAULT_FAMILIES, ["gpt2"], task)
+    with pytest.raises(NotFoundError, match="base_model=.*does not exist"):
+        compare.check_bases(compare.DEFAULT_FAMILIES, [str(tmp_path / "nowhere")], task)
+    with pytest.raises(NotFoundError, match="task_file='nope.jsonl' does not exist"):
+        compare.check_bases(compare.DEFAULT_FAMILIES, ["smollm2-135m"], "nope.jsonl")
+    with pytest.raises(ConfigError, match="repeats"):
+        compare.check_bases(["llama", "llama"], [], "")
+
+
+def test_portable_pairs_groups_real_bases_by_shape():
+    study = SimpleNamespace(families=["a", "b", "c", "d", "llama"], shapes={"a": "s1", "b": "s2", "c": "s1",
+                                                                            "d": "s2", "llama": "s1"},
+                            bases={"a": "/m/a", "b": "/m/b", "c": "/m/c", "d": "/m/d", "llama": "llama"})
+    assert compare.portable_pairs(study) == {"a": ["c"], "b": ["d"]}
+    study.shapes = {"a": "s1", "b": "s2", "c": "s3", "d": "s4", "llama": "s1"}
+    assert compare.portable_pairs(study) == {}
+
+
+def test_portability_of_a_real_base_needs_targets():
+    with pytest.raises(ConfigError, match="give targets"):
+        compare.portability("smollm2-135m", task=str(EXAMPLE_TASK))
+
+
 def test_portability_rejects_the_base_seed_before_anything_is_written():
     pre = SimpleNamespace(manifest={"spec": {"seed": 0}})
     with pytest.raises(ConfigError, match="other_seed=0 is the base's own"):
@@ -98,6 +150,31 @@ def test_portability_summary_reads_the_table():
     assert s["other_seed"] == {"ported_efficacy": 0.1, "efficacy_ratio": 0.1, "ported_specificity": 0.9,
                                "retrained_efficacy": 0.9}
     assert s["continued"]["ported_efficacy"] == 0.8
+    # real bases: one target per other checkpoint of the same shapes, no continued base (no drift)
+    real = pd.DataFrame([{"family": "m-a", "target": t, "how": h, "efficacy": e, "specificity": 0.95,
+                          "efficacy_ratio": e / 0.8, "drift": float("nan")}
+                         for t, h, e in [("same base", "original", 0.8), ("m-b", "ported", 0.2),
+                                         ("m-b", "retrained", 0.9)]])
+    s = compare.portability_summary(real)["m-a"]
+    assert set(s) == {"original_efficacy", "m-b"} and s["m-b"]["ported_efficacy"] == 0.2
+
+
+def test_portability_prose_is_rendered_from_the_table():
+    rows = [("same base", "original", 1.0, float("nan")), ("other seed", "ported", 0.0, float("nan")),
+            ("other seed", "retrained", 1.0, float("nan")), ("continued", "ported", 0.9, 0.23),
+            ("continued", "retrained", 1.0, 0.23)]
+    table = pd.DataFrame([{"family": "gpt_neox", "target": t, "how": h, "efficacy": e, "specificity": 0.95,
+                           "efficacy_ratio": e / 1.0, "drift": d} for t, h, e, d in rows])
+    text = compare.portability_prose(table, continue_steps=100)
+    assert "**gpt_neox**: the adapter reaches efficacy 1.00 on its own base." in text
+    assert ("On a base of the same family pretrained from another seed the unchanged adapter reaches 0.00 (0.00 of "
+            "it; specificity 0.95), against 1.00 for an adapter trained anew there") in text
+    assert "pretrained 100 steps further (weights moved by 23%) the unchanged adapter reaches 0.90 (0.90 of" in text
+    assert "it survives a base that drifts a little, not a base that learned the same facts" in text
+    table.loc[table["target"] == "continued", ["efficacy", "efficacy_ratio"]] = 0.1
+    assert "less than half of its effect on every other base" in compare.portability_prose(table, 100)
+    assert compare.portability_prose(None, skipped="no two bases share a shape") == (
+        "**Portability was not measured in this run**: no two bases share a shape.")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

@@ -153,3 +153,22 @@ def test_the_shuffled_answers_reference_stands_beside_the_null():
                                          mlp_param_share=0.4), [MLP])
     assert (bare["vs_shuffled"] == "").all()
     assert patterns.pattern_records(bare, [MLP])[0]["null"]["shuffled"] is None
+
+
+def test_a_pattern_without_values_is_listed_with_its_reason():
+    """A statistic no run could measure (e.g. attribution agreement between bases of different tokenizers) leaves
+    its pattern out of the table and names it, with the study's reason, in the table and the prose."""
+    same_tokens = next(p for p in patterns.PATTERNS if p.id == "xf-same-input-tokens")
+    study = _study({"a": [0.80, 0.82, 0.81], "b": [0.62, 0.64, 0.63]}, column="mlp_share", null_mlp_share=0.3,
+                   mlp_param_share=0.4, token_agreement=math.nan)
+    study.skipped = {"token_agreement": "no two bases read the shared probes as the same tokens"}
+    table = patterns.pattern_table(study, [MLP, same_tokens])
+    assert set(table["pattern"]) == {MLP.id}
+    assert table.attrs["skipped"] == {same_tokens.id: {"name": same_tokens.name,
+                                                       "reason": study.skipped["token_agreement"]}}
+    text = patterns.pattern_prose(table)
+    assert (f"- **{same_tokens.name}** (`{same_tokens.id}`): not measured in this run — no two bases read the "
+            "shared probes as the same tokens.") in text
+    study.skipped = {}
+    assert "no run has a value of 'token_agreement'" in patterns.pattern_table(study, [same_tokens]).attrs[
+        "skipped"][same_tokens.id]["reason"]

@@ -81,3 +81,42 @@ def test_notebook_04_on_smollm2(tmp_path: Path, request) -> None:
     run_dir = run_series(preset="smoke", only=["04"], overrides=REAL_04, out=tmp_path / "run", notebooks_dir=NOTEBOOKS)
     print(f"notebook 04 on smollm2-135m: {time.perf_counter() - t0:.0f} s")
     check_04(json.loads(next(run_dir.glob("04_*/summary.json")).read_text()))
+
+
+# notebook 06: three small random real-architecture bases with SmolLM2's tokenizer (two of one shape, so the
+# portability section runs), two seeds, a short schedule; families back to the default (the smoke preset lists two)
+def real_06(bases: dict) -> dict:
+    from lora_lens.studies.compare import DEFAULT_FAMILIES
+
+    return {"families": DEFAULT_FAMILIES, "base_models": [str(bases[n]) for n in ("qwen2-a", "qwen2-b", "mistral-c")],
+            "task_file": str(EXAMPLE_TASK), "seeds": 2, "steps": 8, "n_probes": 4, "ig_steps": 4, "n_boot": 200,
+            "shuffled": False}
+
+
+def check_06(summary: dict) -> None:
+    """Notebook 06 on real architectures: the zoo's summary keys, patterns per base with their nulls, the
+    portability section carried between the two bases of one shape, its prose rendered from the run."""
+    assert summary["families"] == ["qwen2-a", "qwen2-b", "mistral-c"] and summary["n_runs"] == 6
+    assert summary["size"] is None and summary["steps"] == 8 and summary["task_file"] == str(EXAMPLE_TASK)
+    assert summary["architectures"] == {"qwen2-a": "qwen2", "qwen2-b": "qwen2", "mistral-c": "mistral"}
+    for p in summary["patterns"]:
+        assert set(p["by_family"]) <= set(summary["families"]) and p["null"] is not None, p
+        assert p["ci_low"] <= p["statistic"] <= p["ci_high"], p
+    ids = {p["id"] for p in summary["patterns"]} | set(summary["not_measured"])
+    assert {"xf-upper-half", "xf-mlp-over-attention", "xf-same-input-tokens"} <= ids
+    port = summary["portability"]["qwen2-a"]
+    assert set(port) == {"original_efficacy", "qwen2-b"}
+    assert f"against {port['qwen2-b']['retrained_efficacy']:.2f} for an adapter trained anew" in \
+        summary["portability_prose"]
+    assert {"energy_by_depth.png", "shared_space.png", "patterns.png", "portability.png"} <= {
+        Path(p).name for p in summary["figures"]}
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_notebook_06_on_real_architectures(tmp_path: Path, random_real_bases) -> None:
+    t0 = time.perf_counter()
+    run_dir = run_series(preset="smoke", only=["06"], overrides=real_06(random_real_bases), out=tmp_path / "run",
+                         notebooks_dir=NOTEBOOKS)
+    print(f"notebook 06 on random qwen2 / mistral bases: {time.perf_counter() - t0:.0f} s")
+    check_06(json.loads(next(run_dir.glob("06_*/summary.json")).read_text()))
