@@ -31,7 +31,10 @@ from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
 
-__all__ = ["Fit", "base_identity", "check_sources", "fit_adapter", "results_table"]
+__all__ = ["DEFAULT_SEEDS", "Fit", "base_identity", "check_sources", "fit_adapter", "results_table", "seed_list"]
+
+DEFAULT_SEEDS = 3
+"""Seeds of a notebook's headline numbers on the zoo when its ``seeds`` parameter is ``None``."""
 
 
 @dataclass
@@ -88,6 +91,39 @@ def check_sources(base_model: str = "", family: str = "llama", adapter: str = ""
             raise ConfigError(f"{name}={value!r} needs a task_file (a JSONL task, e.g. examples/smollm2_facts.jsonl): "
                               "the synthetic world's tasks belong to the zoo models")
     return bool(base_model)
+
+
+def seed_list(seeds, seed: int = 0, base_model: str = "", adapter: str = "") -> list[int]:
+    """The seeds a notebook measures its headline numbers over: ``seed, seed + 1, …`` (``seeds`` of them).
+
+    On the zoo, seed s is the world's seed, the base's pretraining seed and the adapter's seed. With your own
+    ``base_model`` and no ``adapter`` it is the adapter's seed only (the base is fixed); with a given ``adapter``
+    there is one adapter, so one seed.
+
+    Args:
+        seeds: Number of seeds (an integer >= 1), or ``None``: :data:`DEFAULT_SEEDS` on the zoo, 1 with your own
+            model (a real adapter takes minutes to train, so more seeds are asked for explicitly).
+        seed: The first seed.
+        base_model, adapter: The notebook's parameters of the same names.
+
+    Raises:
+        ConfigError: ``seeds`` not a positive integer, or more than one seed with a given ``adapter``.
+
+    Example:
+        >>> seed_list(3, seed=0)
+        [0, 1, 2]
+    """
+    if seeds is None:
+        seeds = 1 if base_model or adapter else DEFAULT_SEEDS
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"seeds={seeds!r} must be a positive integer (the number of seeds, e.g. 3) or None for "
+                          f"the default ({DEFAULT_SEEDS} on the zoo, 1 with your own model)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} must be an integer, e.g. 0")
+    if adapter and seeds > 1:
+        raise ConfigError(f"seeds={seeds} with adapter={adapter!r}: a given adapter is one adapter, so one seed; "
+                          "pass seeds=1, or adapter=\"\" to train one adapter per seed")
+    return list(range(seed, seed + seeds))
 
 
 def base_identity(base) -> dict:
