@@ -98,7 +98,7 @@ def seed_list(seeds, seed: int = 0, base_model: str = "", adapter: str = "") -> 
 
     On the zoo, seed s is the world's seed, the base's pretraining seed and the adapter's seed. With your own
     ``base_model`` and no ``adapter`` it is the adapter's seed only (the base is fixed); with a given ``adapter``
-    there is one adapter, so one seed.
+    there is one adapter, so one seed whatever ``seeds`` says (the notebooks print so).
 
     Args:
         seeds: Number of seeds (an integer >= 1), or ``None``: :data:`DEFAULT_SEEDS` on the zoo, 1 with your own
@@ -107,7 +107,7 @@ def seed_list(seeds, seed: int = 0, base_model: str = "", adapter: str = "") -> 
         base_model, adapter: The notebook's parameters of the same names.
 
     Raises:
-        ConfigError: ``seeds`` not a positive integer, or more than one seed with a given ``adapter``.
+        ConfigError: ``seeds`` or ``seed`` not an integer, or ``seeds`` below 1.
 
     Example:
         >>> seed_list(3, seed=0)
@@ -120,10 +120,7 @@ def seed_list(seeds, seed: int = 0, base_model: str = "", adapter: str = "") -> 
                           f"the default ({DEFAULT_SEEDS} on the zoo, 1 with your own model)")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed={seed!r} must be an integer, e.g. 0")
-    if adapter and seeds > 1:
-        raise ConfigError(f"seeds={seeds} with adapter={adapter!r}: a given adapter is one adapter, so one seed; "
-                          "pass seeds=1, or adapter=\"\" to train one adapter per seed")
-    return list(range(seed, seed + seeds))
+    return [seed] if adapter else list(range(seed, seed + seeds))
 
 
 def base_identity(base) -> dict:

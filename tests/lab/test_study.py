@@ -122,7 +122,7 @@ def test_cli_task_check(tiny_llama, capsys, tmp_path):
     assert main(["task", "check", str(tmp_path / "missing.jsonl"), "--base", str(tiny_llama.path)]) == 2
 
 
-def test_seed_list_counts_from_the_first_seed_and_refuses_seeds_of_one_given_adapter():
+def test_seed_list_counts_from_the_first_seed_and_a_given_adapter_is_one_seed():
     from lora_lens.errors import ConfigError
     assert study.seed_list(3, seed=2) == [2, 3, 4]
     assert study.seed_list(None) == list(range(study.DEFAULT_SEEDS))
@@ -132,5 +132,6 @@ def test_seed_list_counts_from_the_first_seed_and_refuses_seeds_of_one_given_ada
     for bad in (0, -1, 2.0, True, "3"):
         with pytest.raises(ConfigError, match="must be a positive integer"):
             study.seed_list(bad)
-    with pytest.raises(ConfigError, match="one adapter, so one seed"):
-        study.seed_list(3, 0, base_model="smollm2-135m", adapter="some/adapter")
+    assert study.seed_list(3, 4, base_model="smollm2-135m", adapter="some/adapter") == [4]
+    with pytest.raises(ConfigError, match="seed=0.5 must be an integer"):
+        study.seed_list(2, 0.5)
