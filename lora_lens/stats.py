@@ -3,7 +3,12 @@
 One home for the intervals every headline claim carries: :func:`bootstrap_ci` (a percentile bootstrap of the mean
 of one number per run, e.g. per seed) and :func:`pooled_ci` (a stratified bootstrap of the mean of group means,
 e.g. seeds within families). Both are seeded, so the same input gives the same interval on every machine; the
-ledger's ``rule="interval"`` and the cross-family patterns read them here.
+ledger's ``rule="interval"`` and the cross-family patterns read them here. :func:`over_seeds` and :func:`headline`
+turn a notebook's per-seed values of a headline number into what its ``summary.json`` records.
+
+Convention of a headline number over seeds in ``summary.json`` (notebooks 01-03): the number keeps its key and holds
+the mean; beside it ``<key>_ci_low`` and ``<key>_ci_high`` (the 95 % interval of :func:`bootstrap_ci`) and
+``<key>_values`` (one value per seed, in the order of the summary's ``seeds``).
 
 Example:
     >>> m, lo, hi = bootstrap_ci([0.2, 0.4, 0.6])
@@ -17,7 +22,7 @@ import numpy as np
 
 from lora_lens.errors import ConfigError
 
-__all__ = ["bootstrap_ci", "pooled_ci"]
+__all__ = ["bootstrap_ci", "headline", "over_seeds", "pooled_ci"]
 
 
 def _finite(values, what: str) -> np.ndarray:
@@ -82,3 +87,43 @@ def pooled_ci(groups: dict, n_boot: int = 2000, level: float = 0.95, seed: int =
     boot = np.mean([x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1) for x in xs], axis=0)
     lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(np.mean([x.mean() for x in xs])), float(lo), float(hi)
+
+
+def over_seeds(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """A headline number over seeds: ``{"mean", "ci_low", "ci_high", "values"}`` (the interval of
+    :func:`bootstrap_ci`).
+
+    Args:
+        values: One value per seed; ``None`` for a seed that has no value (e.g. a model without middle layers): it
+            is kept in ``values`` and left out of the mean. All ``None`` gives ``None`` for the mean and interval.
+        n_boot, level, seed: As in :func:`bootstrap_ci`.
+
+    Raises:
+        ConfigError: No values, a NaN or inf, a bad ``n_boot`` or ``level``.
+
+    Example:
+        >>> over_seeds([1.0, None, 0.5])["mean"]
+        0.75
+    """
+    values = list(values)
+    if not values:
+        raise ConfigError("values is empty: pass one value per seed")
+    given = [v for v in values if v is not None]
+    if not given:
+        return {"mean": None, "ci_low": None, "ci_high": None, "values": values}
+    mean, lo, hi = bootstrap_ci(given, n_boot=n_boot, level=level, seed=seed)
+    return {"mean": mean, "ci_low": lo, "ci_high": hi, "values": [None if v is None else float(v) for v in values]}
+
+
+def headline(key: str, values, **kw) -> dict:
+    """The ``summary.json`` entries of a headline number over seeds: ``{key: mean, key_ci_low, key_ci_high,
+    key_values}`` (see the module docstring; ``kw`` go to :func:`over_seeds`).
+
+    Example:
+        >>> sorted(headline("recall", [1.0, 0.9, 1.0]))
+        ['recall', 'recall_ci_high', 'recall_ci_low', 'recall_values']
+    """
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"key={key!r} must be a non-empty string naming the summary entry")
+    r = over_seeds(values, **kw)
+    return {key: r["mean"], f"{key}_ci_low": r["ci_low"], f"{key}_ci_high": r["ci_high"], f"{key}_values": r["values"]}

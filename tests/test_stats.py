@@ -53,3 +53,23 @@ def test_pooled_ci_weighs_families_equally_and_is_deterministic():
     assert stats.pooled_ci(groups, seed=0) == (m, lo, hi)
     with pytest.raises(ConfigError, match="groups is empty"):
         stats.pooled_ci({})
+
+
+def test_over_seeds_is_the_mean_and_interval_of_the_values_and_keeps_a_missing_seed():
+    r = stats.over_seeds([0.2, None, 0.6])
+    assert r["values"] == [0.2, None, 0.6]
+    assert (r["mean"], r["ci_low"], r["ci_high"]) == stats.bootstrap_ci([0.2, 0.6])
+    assert stats.over_seeds([None, None]) == {"mean": None, "ci_low": None, "ci_high": None, "values": [None, None]}
+    with pytest.raises(ConfigError, match="one value per seed"):
+        stats.over_seeds([])
+    with pytest.raises(ConfigError, match="NaN"):
+        stats.over_seeds([0.1, float("nan")])
+
+
+def test_headline_writes_the_summary_convention_beside_the_key():
+    h = stats.headline("recall", [1.0, 0.8, 0.9])
+    mean, lo, hi = stats.bootstrap_ci([1.0, 0.8, 0.9])
+    assert h == {"recall": mean, "recall_ci_low": lo, "recall_ci_high": hi, "recall_values": [1.0, 0.8, 0.9]}
+    assert lo < mean < hi
+    with pytest.raises(ConfigError, match="key=''"):
+        stats.headline("", [1.0])

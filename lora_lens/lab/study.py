@@ -31,7 +31,11 @@ from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
 
-__all__ = ["Fit", "base_identity", "base_label", "check_sources", "fit_adapter", "results_table", "spec_kind"]
+__all__ = ["DEFAULT_SEEDS", "Fit", "base_identity", "base_label", "check_sources", "fit_adapter", "results_table",
+           "seed_list", "spec_kind"]
+
+DEFAULT_SEEDS = 3
+"""Seeds of a notebook's headline numbers on the zoo when its ``seeds`` parameter is ``None``."""
 
 
 @dataclass
@@ -95,6 +99,36 @@ def check_sources(base_model: str = "", family: str = "llama", adapter: str = ""
             raise ConfigError(f"{name}={value!r} needs a task_file (a JSONL task, e.g. examples/smollm2_facts.jsonl): "
                               "the synthetic world's tasks belong to the zoo models")
     return bool(base_model)
+
+
+def seed_list(seeds, seed: int = 0, base_model: str = "", adapter: str = "") -> list[int]:
+    """The seeds a notebook measures its headline numbers over: ``seed, seed + 1, …`` (``seeds`` of them).
+
+    On the zoo, seed s is the world's seed, the base's pretraining seed and the adapter's seed. With your own
+    ``base_model`` and no ``adapter`` it is the adapter's seed only (the base is fixed); with a given ``adapter``
+    there is one adapter, so one seed whatever ``seeds`` says (the notebooks print so).
+
+    Args:
+        seeds: Number of seeds (an integer >= 1), or ``None``: :data:`DEFAULT_SEEDS` on the zoo, 1 with your own
+            model (a real adapter takes minutes to train, so more seeds are asked for explicitly).
+        seed: The first seed.
+        base_model, adapter: The notebook's parameters of the same names.
+
+    Raises:
+        ConfigError: ``seeds`` or ``seed`` not an integer, or ``seeds`` below 1.
+
+    Example:
+        >>> seed_list(3, seed=0)
+        [0, 1, 2]
+    """
+    if seeds is None:
+        seeds = 1 if base_model or adapter else DEFAULT_SEEDS
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"seeds={seeds!r} must be a positive integer (the number of seeds, e.g. 3) or None for "
+                          f"the default ({DEFAULT_SEEDS} on the zoo, 1 with your own model)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} must be an integer, e.g. 0")
+    return [seed] if adapter else list(range(seed, seed + seeds))
 
 
 def base_identity(base) -> dict:

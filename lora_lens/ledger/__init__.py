@@ -60,7 +60,8 @@ import FILE``) and :mod:`~.journal` (what notebook 07 shows). This package re-ex
 """
 
 
-from lora_lens.ledger.api import VERDICTS, declare, evidence, history, hypotheses, hypothesis, record, retract, verdict
+from lora_lens.ledger.api import (VERDICTS, declare, evidence, history, hypotheses, hypothesis, record, retract,
+                                  verdict, verdict_text)
 from lora_lens.ledger.export import export, export_hypothesis, import_jsonl
 from lora_lens.ledger.plots import plot_evidence, plot_timeline
 from lora_lens.ledger.store import (COMPARATORS, RULES, SCHEMA_VERSION, Evidence, Hypothesis, RunContext, git_commit,
@@ -69,4 +70,4 @@ from lora_lens.ledger.store import (COMPARATORS, RULES, SCHEMA_VERSION, Evidence
 __all__ = ["COMPARATORS", "RULES", "SCHEMA_VERSION", "VERDICTS", "Evidence", "Hypothesis", "RunContext", "declare",
            "evidence", "export", "export_hypothesis", "git_commit", "history", "hypotheses", "hypothesis",
            "import_jsonl", "ledger_path", "machine", "plot_evidence", "plot_timeline", "record", "retract",
-           "run_context", "thread_count", "verdict"]
+           "run_context", "thread_count", "verdict", "verdict_text"]

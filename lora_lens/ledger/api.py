@@ -30,7 +30,7 @@ from lora_lens.stats import bootstrap_ci
 
 __all__ = ["DEFAULT_LEVEL", "VERDICTS", "Tally", "as_number", "decide", "declare", "evidence", "history",
            "hypotheses", "hypothesis", "insert_evidence", "insert_hypothesis", "make_hypothesis", "record", "retract",
-           "tally", "verdict"]
+           "tally", "verdict", "verdict_text"]
 
 VERDICTS = ("supported", "refuted", "inconclusive")
 DEFAULT_LEVEL = 0.95
@@ -348,6 +348,28 @@ def verdict(id: str, path=None) -> str:
     with open_ledger(path) as db:
         h = get_hypothesis(db, id)
         return decide(h, tally(db, h, interval=False))
+
+
+def verdict_text(id: str, path=None) -> str:
+    """One markdown sentence for a notebook's prose: the verdict of ``id``, its prediction, and the mean and
+    interval of the live evidence it was decided on (so the prose is rendered from the ledger, never typed).
+
+    Example: ``"`edit-generalises-seeds`: **supported** (paraphrase >= 0.5; mean 0.93, 95 % interval [0.9, 0.97] over
+    3 records)"``.
+    """
+    with open_ledger(path) as db:
+        h = get_hypothesis(db, id)
+        t = tally(db, h)
+    v = decide(h, t)
+    if t.n == 0:
+        return f"`{id}`: **{v}** ({h.prediction}; no evidence yet)"
+    level = round(100 * (h.level or DEFAULT_LEVEL))
+    why = ""
+    if v == "inconclusive":
+        why = (f"; needs {h.min_runs} records" if t.n < h.min_runs else
+               "; the interval straddles the threshold" if h.rule == "interval" else "")
+    return (f"`{id}`: **{v}** ({h.prediction}; mean {t.mean:.3g}, {level} % interval [{t.ci_low:.3g}, {t.ci_high:.3g}] "
+            f"over {t.n} record{'s' if t.n != 1 else ''}{why})")
 
 
 _H_COLS = ["id", "verdict", "n_evidence", "n_pass", "mean", "ci_low", "ci_high", "prediction", "claim", "falsifier",

@@ -28,8 +28,10 @@ __all__ = ["PRETRAIN_SECONDS", "REFERENCE_GFLOPS", "REFERENCE_MINUTES", "cached_
 
 REFERENCE_GFLOPS = 100.0
 """Matmul peak of the reference machine (fp32, 2048², the README's 79–119 GFLOP/s)."""
-REFERENCE_MINUTES = {"00": 0.5, "01": 2.0, "02": 1.0, "03": 2.5, "04": 1.5, "05": 1.5, "06": 1.3, "07": 0.3}
-"""Estimated minutes per notebook at the workshop preset with every base cached (sum: the measured 10.6 min)."""
+REFERENCE_MINUTES = {"00": 0.5, "01": 4.6, "02": 2.3, "03": 4.4, "04": 1.5, "05": 1.5, "06": 1.3, "07": 0.3}
+"""Estimated minutes per notebook at the workshop preset with every base cached (sum 16.4 min: the measured 10.6 min
+of the series with one seed, with 01-03 scaled by their measured ratio three seeds / one seed on a shared 2-core
+machine, 2026-12-01: 01 639 / 278 s = 2.30, 02 147 / 63 s = 2.33, 03 313 / 176 s = 1.78)."""
 PRETRAIN_SECONDS = (53, 135)
 """Measured range for pretraining one ``small`` family on the reference machine (README)."""
 
@@ -65,7 +67,7 @@ def cached_families(families: list[str], size: str, n_entities: int, seed: int,
 
 
 def cost_note(prefix: str, families: list[str] | None = None, size: str = "small", n_entities: int = 200,
-              seed: int = 0, cache: str | Path | None = None) -> str:
+              seed: int = 0, cache: str | Path | None = None, seeds: list[int] | None = None) -> str:
     """A few lines for a notebook's first cell: expected minutes here, and which bases are cached or trained now.
 
     Args:
@@ -73,6 +75,8 @@ def cost_note(prefix: str, families: list[str] | None = None, size: str = "small
         families: The zoo families it loads (none for the journal).
         size, n_entities, seed: The notebook's parameters of the same names.
         cache: Model cache (default ``$LORA_LENS_CACHE`` or the user cache dir).
+        seeds: The seeds whose bases it loads (one world and base per seed, see
+            :func:`lora_lens.lab.study.seed_list`); default ``[seed]``.
     """
     speed = machine_gflops()
     scale = REFERENCE_GFLOPS / max(speed, 1e-3)
@@ -81,9 +85,12 @@ def cost_note(prefix: str, families: list[str] | None = None, size: str = "small
              f"{minutes:.1f} min for this notebook with its bases cached"
              + ("" if size == "small" else f" (the reference is size 'small'; this is {size!r})") + "."]
     if families:
-        cached = cached_families(list(families), size, n_entities, seed, cache)
-        have = [f for f, ok in cached.items() if ok]
-        missing = [f for f, ok in cached.items() if not ok]
+        seeds = [seed] if seeds is None else list(seeds)
+        have, missing = [], []
+        for s in seeds:
+            tag = "" if len(seeds) == 1 else f" seed {s}"
+            for f, ok in cached_families(list(families), size, n_entities, s, cache).items():
+                (have if ok else missing).append(f + tag)
         if have:
             lines.append(f"From the cache: {', '.join(have)} ({size}).")
         if missing:

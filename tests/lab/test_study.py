@@ -121,3 +121,18 @@ def test_cli_task_check(tiny_llama, capsys, tmp_path):
                     + tiny_llama.world.facts["city"][tiny_llama.world.entities[0]] + '"}\n')
     assert main(["task", "check", str(good), "--base", str(tiny_llama.path)]) == 0
     assert main(["task", "check", str(tmp_path / "missing.jsonl"), "--base", str(tiny_llama.path)]) == 2
+
+
+def test_seed_list_counts_from_the_first_seed_and_a_given_adapter_is_one_seed():
+    from lora_lens.errors import ConfigError
+    assert study.seed_list(3, seed=2) == [2, 3, 4]
+    assert study.seed_list(None) == list(range(study.DEFAULT_SEEDS))
+    assert study.seed_list(None, 5, base_model="smollm2-135m") == [5]  # your own model: one seed unless asked
+    assert study.seed_list(2, 0, base_model="smollm2-135m") == [0, 1]
+    assert study.seed_list(1, 0, base_model="smollm2-135m", adapter="some/adapter") == [0]
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(ConfigError, match="must be a positive integer"):
+            study.seed_list(bad)
+    assert study.seed_list(3, 4, base_model="smollm2-135m", adapter="some/adapter") == [4]
+    with pytest.raises(ConfigError, match="seed=0.5 must be an integer"):
+        study.seed_list(2, 0.5)

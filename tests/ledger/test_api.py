@@ -166,6 +166,24 @@ def test_every_rule_shows_the_mean_and_its_interval(db):
     assert row["mean"] == pytest.approx(0.95) and 0.9 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0
 
 
+def test_verdict_text_renders_the_verdict_and_interval_the_ledger_decides_on(db):
+    ledger.declare("h", "claim", "acc", ">=", 0.9, rule="interval", path=db)
+    assert ledger.verdict_text("h", path=db) == "`h`: **inconclusive** (acc >= 0.9; no evidence yet)"
+    ledger.record("h", 0.95, path=db)
+    assert ledger.verdict_text("h", path=db).endswith("over 1 record; needs 3 records)")
+    for v in (0.97, 0.93):
+        ledger.record("h", v, path=db)
+    row = ledger.hypotheses(db).iloc[0]
+    interval = f"[{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+    assert ledger.verdict_text("h", path=db) == (f"`h`: **supported** (acc >= 0.9; mean {row['mean']:.3g}, 95 % "
+                                                 f"interval {interval} over 3 records)")
+    ledger.record("h", 0.5, path=db)
+    assert ledger.verdict_text("h", path=db).startswith("`h`: **inconclusive**")
+    assert ledger.verdict_text("h", path=db).endswith("; the interval straddles the threshold)")
+    with pytest.raises(NotFoundError):
+        ledger.verdict_text("nope", path=db)
+
+
 def test_no_evidence_is_inconclusive(db):
     declare_acc(db)
     assert ledger.verdict("acc-high", path=db) == "inconclusive"

@@ -14,10 +14,34 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import assert_same_float
 from lora_lens.workshop.runner import run_series
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 SERIES = sorted(p for p in NOTEBOOKS.glob("*.ipynb") if re.match(r"^\d{2}_", p.name))
+
+
+SMOKE_SEEDS = [0, 1]
+"""The seeds of the smoke preset's headline numbers in notebooks 01-03."""
+
+
+def check_over_seeds(d: dict, key: str, n: int = len(SMOKE_SEEDS)) -> None:
+    """A headline number over seeds: the mean of its per-seed values, inside its interval (lora_lens.stats.headline)."""
+    values = d[f"{key}_values"]
+    assert len(values) == n, (key, values)
+    given = [v for v in values if v is not None]
+    assert_same_float(d[key], sum(given) / len(given))
+    assert d[f"{key}_ci_low"] <= d[key] <= d[f"{key}_ci_high"], key
+    assert min(given) <= d[f"{key}_ci_low"] and d[f"{key}_ci_high"] <= max(given), key
+
+
+def check_ledger_prose(summary: dict, ids: list[str]) -> None:
+    """The verdicts of the interval hypotheses, rendered into the prose from the ledger (two seeds: inconclusive)."""
+    assert summary["seeds"] == SMOKE_SEEDS
+    assert set(summary["ledger_verdicts"]) == set(ids)
+    for hid in ids:
+        assert f"`{hid}`: **{summary['ledger_verdicts'][hid]}**" in summary["prose"], hid
+    assert summary["prose"].startswith(f"Over {len(SMOKE_SEEDS)} seeds (0, 1), mean [95 % interval]")
 
 
 def check_00(summary: dict) -> None:
@@ -50,6 +74,12 @@ def check_01(summary: dict) -> None:
     assert tasks["fact_edit"]["efficacy"] >= 0.8 and tasks["trigger"]["efficacy"] >= 0.8
     sweep = {(r["rank"], r["targets"]) for r in summary["sweep"]}
     assert sweep == {(1, "all"), (4, "all"), (4, "attn")}
+    for name, t in tasks.items():
+        for key in ("efficacy", "paraphrase", "specificity", "perplexity_ratio"):
+            check_over_seeds(t, key)
+    check_over_seeds(tasks["trigger"], "false_trigger_rate")
+    check_over_seeds(summary, "specificity_drop")
+    check_ledger_prose(summary, ["edit-generalises-seeds", "higher-rank-forgets-more-seeds", "trigger-is-clean-seeds"])
 
 
 def check_02(summary: dict) -> None:
@@ -78,6 +108,15 @@ def check_02(summary: dict) -> None:
     # the report says it in words, and scores itself against the planted truth
     assert any(" (was " in line for line in summary["semantic_report"])
     assert any(line.startswith("Against the planted truth (fact_edit)") for line in summary["semantic_report"])
+    for key in ("precision", "recall"):
+        check_over_seeds(found, key)
+    check_over_seeds(summary, "phi_top1_r8_r64")
+    check_over_seeds(summary, "effective_rank_ratio")
+    for key in ("r4", "r8", "r64"):
+        check_over_seeds(summary["amplification"], key)
+    assert summary["energy"]["mid_mlp_energy_ratio_values"] == [None] * len(SMOKE_SEEDS)
+    check_ledger_prose(summary, ["top-direction-shared-seeds", "edits-in-middle-mlps-seeds", "effective-rank-low-seeds",
+                                 "diff-finds-edits-seeds", "diff-precise-seeds"])
     names = {Path(p).name for p in summary["figures"]}
     assert {"energy.png", "phi_grid.png", "phi_modules.png", "rank_profile.png", "directions_match.png"} <= names
     assert all(Path(p).stat().st_size > 0 for p in summary["figures"])
@@ -96,17 +135,25 @@ def check_03(summary: dict) -> None:
     assert summary["recovery_method"] == "ablation"
     refs = summary["recovery_by_reference"]
     assert set(refs) == {"blank token", "background", "counterfactual"}
-    assert refs["counterfactual"]["trigger_recovery"] == summary["trigger_recovery"]
-    assert refs["counterfactual"]["entity_top1"] == summary["entity_top1"]
+    # the counterfactual reference is the headline; the first seed's value opens the values over seeds
+    assert refs["counterfactual"]["trigger_recovery"] == summary["trigger_recovery_values"][0]
+    assert refs["counterfactual"]["entity_top1"] == summary["entity_top1_values"][0]
+    for key in ("trigger_recovery", "entity_top1"):
+        check_over_seeds(summary, key)
     # the edit belongs to the edited people: against the same prompt about others, the name wins
     assert summary["entity_top1"] >= 0.75
     d = summary["deletion"]
     assert d["grain"] == "rank" and 1 <= d["k"] <= 30 and d["n_components"] == summary["n_components"]["rank"]
+    assert d["k_values"][0] == d["k"] and len(d["k_values"]) == len(SMOKE_SEEDS)
+    for key in ("topk_removed", "random_removed"):
+        check_over_seeds(d, key)
     # the top-attributed rank-1 components remove more of the edit than as many random ones
     assert d["topk_removed"] > d["random_removed"]
     assert summary["module_deletion"]["topk_removed"] > summary["module_deletion"]["random_removed"]
     assert summary["n_components"]["rank"] == 4 * summary["n_components"]["module"]
     assert summary["n_components"]["layer"] >= 1
+    check_ledger_prose(summary, ["trigger-found-by-attribution-seeds", "entity-found-by-attribution-seeds",
+                                 "few-rank-components-carry-edit-seeds"])
 
 
 def check_04(summary: dict) -> None:

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.skipif(
 def check_02(s: dict) -> None:
     assert s["base_model"] == "smollm2-135m" and s["rank"] == 8
     assert s["phi_top1_r8_r64"] is None and s["amplification"]["r8"] > 0      # one adapter: its own rank only
+    assert s["seeds"] == [0] and s["amplification"]["r8_values"] == [s["amplification"]["r8"]]  # and one seed
     found = s["edit_discovery"]
     assert found["recall"] >= 0.9 and found["precision"] >= 0.9 and found["value_accuracy"] >= 0.9
     assert any(line.strip() == "Zorvania:" for line in s["semantic_report"])
@@ -32,6 +33,7 @@ def check_03(s: dict) -> None:
     assert set(s["recovery_by_reference"]) == {"blank token", "background", "counterfactual"}
     assert s["deletion"]["grain"] == "layer" and s["deletion"]["n_components"] == 30
     assert s["deletion"]["topk_removed"] > s["deletion"]["random_removed"]
+    assert s["seeds"] == [0] and s["entity_top1_values"] == [s["entity_top1"]]  # a given adapter: one seed
 
 
 SMALL = {"02": {}, "03": {"n_probes": 8, "ig_steps": 4, "n_references": 4, "deletion_k": 6}}
