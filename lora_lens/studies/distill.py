@@ -52,13 +52,14 @@ from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.world import check_task_world
 from lora_lens.lab.zoo import Pretrained, load_model
-from lora_lens.studies.distill_corpus import (GENERAL_PROMPTS, check_unit, fact_changes, replay_corpus,
-                                              self_replay, semantic_corpus, task_corpus)
+from lora_lens.studies.distill_corpus import (GENERAL_PROMPTS, check_unit, fact_changes, replay_corpus, self_replay,
+                                              semantic_corpus, task_corpus)
 from lora_lens.studies.generation import (ANSWER, Generation, contrastive_corpus, generate, task_prompts, text_line,
                                           world_prompts)
 from lora_lens.utils import set_seed
 
-__all__ = ["DISTILL_DEFAULTS", "Transfer", "appends_eos", "check_replay_choice", "continue_pretraining", "distill",
+__all__ = ["DISTILL_DEFAULTS", "REPLAY_LOSSES", "Transfer", "appends_eos", "check_replay_choice", "check_replay_loss",
+           "continue_pretraining", "distill",
            "merge_route", "plot_forgetting", "plot_replay_sweep", "transfer_metrics", "transfer_table",
            # re-exported from lora_lens.studies.distill_corpus (change -> data, replay)
            "GENERAL_PROMPTS", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus",
@@ -67,9 +68,9 @@ __all__ = ["DISTILL_DEFAULTS", "Transfer", "appends_eos", "check_replay_choice",
            "ANSWER", "Generation", "contrastive_corpus", "generate", "task_prompts", "text_line", "world_prompts"]
 
 DISTILL_DEFAULTS = {
-    "zoo": dict(steps=150, batch_size=32, lr=1e-3),
+    "zoo": dict(steps=150, batch_size=32, lr=1e-3, replay_loss="text"),
     # a pretrained model's full weights move far at the zoo's rate: measured on SmolLM2-135M + the example task
-    "data": dict(steps=60, batch_size=8, lr=2e-5),
+    "data": dict(steps=60, batch_size=8, lr=2e-5, replay_loss="text"),
 }
 """The continued-pretraining schedule :func:`distill` uses where ``steps`` / ``batch_size`` / ``lr`` are None: ``zoo``
 for a zoo target, ``data`` for any other base (a task from data)."""
@@ -111,7 +112,8 @@ def appends_eos(tokenizer) -> bool:
 
 
 def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list[str] = (), replay: float = 0.5,
-                         steps: int = 150, batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> dict:
+                         steps: int = 150, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                         replay_loss: str = "text", reference=None) -> dict:
     """Train every weight of ``model`` (in place) on ``corpus`` mixed with replay; full-sequence causal LM loss.
 
     Each batch holds ``round(replay × batch_size)`` lines drawn from ``replay_lines`` and the rest from ``corpus``
@@ -130,17 +132,29 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
         batch_size: Lines per step.
         lr: Learning rate.
         seed: Data order and seed.
+        replay_loss: How a replay line is learnt (:data:`REPLAY_LOSSES`): ``text`` (its tokens, like the corpus)
+            or ``kl`` (the KL of the model's next-token distributions to ``reference``'s at every position,
+            :func:`lora_lens.lab.lm_training.kl_to_reference`: the base's whole distribution stays, not only
+            the text it wrote).
+        reference: The frozen base the ``kl`` replay is kept close to (e.g. the adapter's model with its
+            adapter off); needed for ``replay_loss="kl"``.
 
     Returns:
-        ``{"step": [...], "loss": [...], "steps", "seconds", "tokens", "corpus_lines", "replay_share", "eos"}``.
+        ``{"step": [...], "loss": [...], "steps", "seconds", "tokens", "corpus_lines", "replay_share", "eos",
+        "replay_loss"}``.
 
     Raises:
-        ConfigError: An empty corpus, ``replay`` outside [0, 1], replay without replay lines, bad schedule.
+        ConfigError: An empty corpus, ``replay`` outside [0, 1], replay without replay lines, bad schedule, an
+            unknown ``replay_loss`` or ``kl`` without a reference.
         TrainingError: The loss became non-finite (the step is named).
     """
     corpus = _check_corpus(corpus)
     replay = check_unit("replay", replay)
     _check_schedule(steps, batch_size, lr)
+    check_replay_loss(replay_loss)
+    if replay_loss == "kl" and reference is None:
+        raise ConfigError("replay_loss='kl' keeps the replay lines close to a reference model: pass reference=base "
+                          "(a frozen copy of the model before training), or use replay_loss='text'")
     n_replay = round(replay * batch_size)
     if n_replay and not replay_lines:
         raise ConfigError(f"replay={replay} needs replay_lines (e.g. replay_corpus(world, corpus) or "
@@ -149,20 +163,33 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
     rng = random.Random(seed)
     lines, old = LineCycle(corpus, rng), LineCycle(replay_lines, rng)
     eos = appends_eos(tokenizer)
-    trainer = LMTrainer(model, tokenizer, lr, steps, schedule="constant", guard="continued pretraining", eos=eos)
+    trainer = LMTrainer(model, tokenizer, lr, steps, schedule="constant", guard="continued pretraining", eos=eos,
+                        reference=reference if replay_loss == "kl" else None)
     curve = {"step": [], "loss": []}
     tokens = 0
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        loss, n = trainer.step(lines.take(batch_size - n_replay) + (old.take(n_replay) if n_replay else []))
+        new, kept = lines.take(batch_size - n_replay), old.take(n_replay) if n_replay else []
+        loss, n = trainer.step(new, kept) if replay_loss == "kl" else trainer.step(new + kept)
         tokens += n
         if step % 5 == 0 or step + 1 == steps:
             curve["step"].append(step)
             curve["loss"].append(round(loss.item(), 5))
     model.eval()
     return {**curve, "steps": steps, "seconds": time.perf_counter() - t0, "tokens": tokens,
-            "corpus_lines": len(corpus), "replay_share": n_replay / batch_size, "eos": eos}
+            "corpus_lines": len(corpus), "replay_share": n_replay / batch_size, "eos": eos, "replay_loss": replay_loss}
+
+
+REPLAY_LOSSES = ("text", "kl")
+"""How :func:`continue_pretraining` learns a replay line: by its tokens, or by its KL to the base."""
+
+
+def check_replay_loss(replay_loss) -> str:
+    """``replay_loss`` when it is one of :data:`REPLAY_LOSSES`; :class:`ConfigError` naming it otherwise."""
+    if replay_loss not in REPLAY_LOSSES:
+        raise ConfigError(f"replay_loss={replay_loss!r} is unknown: use one of {list(REPLAY_LOSSES)}")
+    return replay_loss
 
 
 def transfer_metrics(evaluation, adapter_metrics: dict) -> dict:
@@ -238,7 +265,7 @@ def _folder(model) -> str:
 
 def distill(target, fit, corpus: list[str], replay: float = 0.5, steps: int | None = None,
             batch_size: int | None = None, lr: float | None = None, seed: int = 0, route: str = "semantic",
-            device: str = "cpu", replay_lines: list[str] | None = None) -> Transfer:
+            device: str = "cpu", replay_lines: list[str] | None = None, replay_loss: str | None = None) -> Transfer:
     """Continued pretraining of a fresh copy of ``target`` on ``corpus`` + replay, scored against ``fit``'s adapter.
 
     Args:
@@ -258,6 +285,8 @@ def distill(target, fit, corpus: list[str], replay: float = 0.5, steps: int | No
         device: Torch device.
         replay_lines: The replay lines to use instead of the default ones (e.g. one :func:`self_replay` computed
             once for several runs).
+        replay_loss: See :func:`continue_pretraining` (``kl``: the reference is the base the result is scored
+            against); None: :data:`DISTILL_DEFAULTS`.
 
     Returns:
         A :class:`Transfer`; ``target.model`` (or the adapter's model) is left untouched.
@@ -275,14 +304,16 @@ def distill(target, fit, corpus: list[str], replay: float = 0.5, steps: int | No
     steps = kind["steps"] if steps is None else steps
     batch_size = kind["batch_size"] if batch_size is None else batch_size
     lr = kind["lr"] if lr is None else lr
+    replay_loss = check_replay_loss(kind["replay_loss"] if replay_loss is None else replay_loss)
     _check_schedule(steps, batch_size, lr)
     model, tokenizer = load_model(source, device=device)
     folder = _folder(model)  # before training (the config keeps it)
     if replay_lines is None:
         replay_lines = replay_corpus(world, corpus) if world is not None else (
             self_replay(model, tokenizer, fit.task, corpus) if replay else [])
-    record = continue_pretraining(model, tokenizer, corpus, replay_lines, replay, steps, batch_size, lr, seed)
     with _base_of(target, source, folder, fit, device) as base:
+        record = continue_pretraining(model, tokenizer, corpus, replay_lines, replay, steps, batch_size, lr, seed,
+                                      replay_loss=replay_loss, reference=base)
         ev = evaluate(model, tokenizer, fit.task, base=base)
     return Transfer(route, label, model, tokenizer, transfer_metrics(ev, fit.evaluation.metrics), record)
 
