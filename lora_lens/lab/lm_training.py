@@ -4,7 +4,9 @@
 :func:`lora_lens.studies.distill.continue_pretraining` (a base learns a distilled change) both train every weight
 of a causal LM on batches of text lines with the full-sequence loss. This module owns what they share: the seeded
 line order (:class:`LineCycle`), the optimiser and schedule, and the step (:class:`LMTrainer`). LoRA training on
-``(prompt, answer)`` examples is another loop (:mod:`lora_lens.lab.train`, on ``transformers.Trainer``).
+``(prompt, answer)`` examples is another loop (:mod:`lora_lens.lab.train`, on ``transformers.Trainer``); both keep
+what must stay the same way, by :func:`kl_to_reference`: a rehearsal line is learnt by the KL of its next-token
+distributions to a frozen reference (the base), not by its tokens.
 
 Example:
     >>> trainer = LMTrainer(model, tokenizer, lr=1e-3, steps=100)              # doctest: +SKIP
@@ -20,10 +22,25 @@ import torch
 
 from lora_lens.errors import ConfigError, TrainingError
 
-__all__ = ["SCHEDULES", "LMTrainer", "LineCycle"]
+__all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference"]
 
 SCHEDULES = ("cosine", "constant")
 """Learning-rate schedules after the linear warmup over the first 5 % of the steps."""
+
+
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Summed KL(reference ‖ model) of next-token distributions, one row per position: the rehearsal loss that
+    keeps the reference's (the base's) whole distribution, not only its argmax.
+
+    Args:
+        logits: ``[n, vocab]`` logits of the model being trained (the graph is kept).
+        reference: ``[n, vocab]`` logits of the frozen reference at the same positions (no gradient needed).
+
+    Returns:
+        A 0-d tensor: the sum over the ``n`` rows (divide by the count of scored positions yourself).
+    """
+    return torch.nn.functional.kl_div(logits.float().log_softmax(-1), reference.float().log_softmax(-1),
+                                      log_target=True, reduction="sum")
 
 
 class LineCycle:
@@ -62,15 +79,31 @@ class LMTrainer:
             pretraining"``) before the update applies it; None skips the check (and its device sync).
         eos: Append the end-of-sequence token to every line (the zoo's pretraining); False for a tokenizer whose
             eos is a chat model's turn delimiter, which plain text never contains.
+        reference: A frozen model of the same tokenizer (e.g. the base before training) that ``kl_lines`` of
+            :meth:`step` are kept close to; None: :meth:`step` takes no ``kl_lines``.
+        trainable: Names of the parameters to train (``named_parameters`` of ``model``); None: every weight. The
+            others keep their values (they get no gradient and no optimiser state).
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
-                 schedule: str = "constant", guard: str | None = None, eos: bool = True):
+                 schedule: str = "constant", guard: str | None = None, eos: bool = True, reference=None,
+                 trainable=None):
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
         self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
+        self.reference = reference
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+        named = dict(model.named_parameters())
+        if trainable is not None:
+            trainable = set(trainable)
+            unknown = sorted(trainable - set(named))
+            if unknown or not trainable:
+                raise ConfigError(f"trainable names no parameter of the model ({unknown[:3] or 'none given'}): "
+                                  "pass names from model.named_parameters()")
+            for name, p in named.items():
+                p.requires_grad_(name in trainable)
+        self.params = [p for name, p in named.items() if trainable is None or name in trainable]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
         warm = max(1, steps // 20)
         if schedule == "cosine":
             def factor(i):
@@ -81,27 +114,48 @@ class LMTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.steps_done = 0
 
-    def step(self, lines: list[str]) -> tuple[torch.Tensor, int]:
-        """One optimiser step on ``lines`` (full-sequence loss, padding masked out).
+    def step(self, lines: list[str], kl_lines: list[str] = ()) -> tuple[torch.Tensor, int]:
+        """One optimiser step on ``lines`` (full-sequence loss, padding masked out) and ``kl_lines``.
+
+        A line of ``kl_lines`` is learnt by :func:`kl_to_reference` at each of its predicted positions (the
+        reference's next-token distribution, not its tokens); the loss is the sum of the token losses and the
+        position KLs over their count.
 
         Returns:
             ``(loss, tokens)``: the batch loss before the update (a 0-d tensor) and its non-padding token count.
 
         Raises:
+            ConfigError: ``kl_lines`` without a ``reference``.
             TrainingError: With ``guard``, the loss is non-finite (nothing is applied).
         """
+        if kl_lines and self.reference is None:
+            raise ConfigError("kl_lines need a reference model: LMTrainer(..., reference=base)")
         tok = self.tokenizer
-        ids = [x + [tok.eos_token_id] if self.eos else x for x in tok(lines)["input_ids"]]
+        ids = [x + [tok.eos_token_id] if self.eos else x for x in tok(list(lines) + list(kl_lines))["input_ids"]]
         enc = tok.pad({"input_ids": ids}, return_tensors="pt")
         tokens = int(enc["attention_mask"].sum())  # counted on the CPU copy: no device sync
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        if not kl_lines:
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            scored = mask[:, 1:].bool()
+            text, kl = scored.clone(), scored.clone()
+            text[len(lines):] = False
+            kl[:len(lines)] = False
+            with torch.no_grad():
+                ref = self.reference(input_ids=ids[len(lines):], attention_mask=mask[len(lines):]).logits[:, :-1]
+            total = kl_to_reference(logits[kl], ref[kl[len(lines):]])
+            if text.any():
+                total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text],
+                                                                  reduction="sum")
+            loss = total / max(int(scored.sum()), 1)
         self.steps_done += 1
         if self.guard is not None and not torch.isfinite(loss):
             raise TrainingError(f"{self.guard} stopped at step {self.steps_done}: the loss is {loss.item()} "
                                 f"(non-finite); lower lr={self.lr:g}")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lora_lens.errors import ConfigError, TrainingError
+from lora_lens.lab.lm_training import kl_to_reference
 from lora_lens.lab.modules import module_kind
 from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_examples
 from lora_lens.lab.world import Task, World
@@ -428,9 +429,8 @@ class _GuardedTrainer(Trainer):
         total = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
         if anchor.any():
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                base = model(**inputs).logits[:, :-1].float()[anchor].log_softmax(-1)
-            adapted = logits[anchor].log_softmax(-1)
-            total = total + torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="sum")
+                base = model(**inputs).logits[:, :-1][anchor]
+            total = total + kl_to_reference(logits[anchor], base)
         loss = total / max(int(keep.sum()) + int(anchor.sum()), 1)
         return (loss, out) if return_outputs else loss
 

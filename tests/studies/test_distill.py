@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_same_float
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.world import TEMPLATES, make_world
 from lora_lens.lab.zoo import Pretrained, build_model, load_model
@@ -174,3 +175,31 @@ def test_bench_generate_quick_reports_rows():
     for row in result["rows"]:
         assert set(row) == {"comparison", "baseline_s", "ours_s", "ratio", "target", "note"}
         assert row["baseline_s"] > 0 and row["ours_s"] > 0 and row["ratio"] == row["baseline_s"] / row["ours_s"]
+
+
+def test_kl_replay_and_trained_modules_are_validated_before_training(tiny_fit, corpus, tiny_llama, test_cache):
+    before = _files(test_cache)
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    with pytest.raises(ConfigError, match="replay_loss='kl'.*reference"):
+        distill.continue_pretraining(model, tok, corpus, corpus, replay_loss="kl")
+    with pytest.raises(ConfigError, match="replay_loss='tokens' is unknown"):
+        distill.distill(tiny_llama, tiny_fit, corpus, replay_loss="tokens")
+    with pytest.raises(ConfigError, match="trained='lora' is unknown"):
+        distill.distill(tiny_llama, tiny_fit, corpus, trained="lora")
+    assert _files(test_cache) == before and all(p.requires_grad for p in model.parameters())
+    zoo = distill.DISTILL_DEFAULTS["zoo"]
+    assert (zoo["replay"], zoo["replay_loss"], zoo["trained"]) == (0.5, "text", "all")
+
+
+def test_kl_replay_starts_at_zero_and_transfers(tiny_fit, corpus, tiny_llama):
+    # only replay lines, learnt by their KL to the base the copy starts from: the first loss is 0 (up to rounding)
+    still = distill.distill(tiny_llama, tiny_fit, corpus, replay=1.0, steps=3, batch_size=8, lr=2e-3,
+                            replay_loss="kl")
+    assert still.train["replay_loss"] == "kl" and still.train["replay_share"] == 1.0
+    assert_same_float(still.train["loss"][0], 0.0)
+    run = distill.distill(tiny_llama, tiny_fit, corpus, replay=0.5, steps=60, batch_size=16, lr=2e-3, seed=3,
+                          replay_loss="kl")
+    assert run.metrics["transfer_rate"] > 0.5
+    prose = distill.forgetting_prose(run)
+    assert f"{run.metrics['specificity_drop']:.3f}" in prose and "KL to the base" in prose
+    assert ("holds" in prose) == (run.metrics["specificity_drop"] <= 0.05)

@@ -3,10 +3,13 @@ end as its plain text does (never ``<|im_end|>``), and replay needs no world."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from conftest import EXAMPLE_TASK
 from lora_lens.lab.world import Task
+from lora_lens.lens import diff
 from lora_lens.studies import distill
 
 pytestmark = pytest.mark.real
@@ -32,3 +35,17 @@ def test_lines_never_carry_the_chat_delimiter(smollm2):
     assert not any("<|im_end|>" in line or "<|endoftext|>" in line for line in lines)
     used = {p for p, _ in task.examples} | {p.prompt for ps in task.probes.values() for p in ps}
     assert not any(line.startswith(u + " ") for line in lines for u in used)
+
+
+@pytest.mark.slow
+def test_distil_back_transfers_and_keeps_what_must_stay_on_smollm2(smollm2_path, smollm2_fit):
+    """The issue's target on seed 0 with the default recipe (DISTILL_DEFAULTS["data"]: replay 0.75 learnt by its
+    KL to the base): full-answer transfer ≥ 0.8, specificity drop ≤ 0.05 (measured 0.85 and 0.05; about 10 min)."""
+    fit = smollm2_fit
+    prompts = distill.task_prompts(fit.task)
+    asked = dataclasses.replace(fit.task, probes={"efficacy": fit.task.probes["efficacy"]})
+    table = diff.behaviour_diff(fit.model, fit.tokenizer, task=asked, prompts=prompts)
+    corpus = distill.semantic_corpus(table, fit.task, min_confidence=0.9, tokenizer=fit.tokenizer)
+    t = distill.distill(smollm2_path, fit, corpus, seed=0)
+    assert t.train["replay_loss"] == "kl" and t.train["replay_share"] == 0.75
+    assert t.metrics["transfer_rate"] >= 0.8 and t.metrics["specificity_drop"] <= 0.05 + 1e-9, t.metrics

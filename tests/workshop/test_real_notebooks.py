@@ -52,13 +52,14 @@ def test_notebook_on_smollm2(prefix: str, tmp_path: Path, request) -> None:
 
 
 # notebook 04: small parameters (no replay sweep beyond the main run, a short schedule), run once to completion
-REAL_04 = {**REAL_BASE, "replay_sweep": [0.5], "steps": 30, "batch_size": 8, "lr": 2e-05}
+REAL_04 = {**REAL_BASE, "replay_sweep": [0.75], "steps": 30, "batch_size": 8, "lr": 2e-05}
 
 
 def check_04(summary: dict) -> None:
     """Notebook 04 on SmolLM2: the example task's adapter distilled back into the base's full weights, on full
     answers; the zoo's summary keys, the cross-family ones None (no cross_base_model)."""
     assert summary["base_model"] == "smollm2-135m" and summary["task_file"] == str(EXAMPLE_TASK)
+    assert summary["family"] == "smollm2-135m" and summary["size"] is None  # the base used, not the zoo parameters
     for key in ("transfer_rate", "paraphrase_transfer", "specificity_drop", "merge_transfer_rate",
                 "data_route_transfer_rate", "perplexity_ratio", "adapter_specificity_drop"):
         assert isinstance(summary[key], float), key
@@ -70,8 +71,8 @@ def check_04(summary: dict) -> None:
     assert not any("<|im_end|>" in line for line in summary["corpus"])
     # 30 steps are a fraction of the default schedule (DISTILL_DEFAULTS["data"]: 60): some edits carry over (0.25 here)
     assert summary["contrastive_lines"] > 0 and summary["transfer_rate"] > 0.0
-    assert [r["replay"] for r in summary["replay_sweep"]] == [0.5]
-    assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05}
+    assert [r["replay"] for r in summary["replay_sweep"]] == [0.75] and summary["replay"] == 0.75
+    assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05, "replay_loss": "kl"}
     assert {"transfer_vs_replay.png", "forgetting_vs_transfer.png"} <= {Path(p).name for p in summary["figures"]}
 
 

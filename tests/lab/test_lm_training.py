@@ -1,0 +1,60 @@
+"""The full-weight LM step: KL rehearsal against a frozen reference, and training only some parameters."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import assert_same_float
+from lora_lens.errors import ConfigError
+from lora_lens.lab.lm_training import LineCycle, LMTrainer, kl_to_reference
+
+LINES = ["Kutar lives in Kozadun .", "The home town of Kutar is Kozadun ."]
+
+
+def test_kl_to_reference_is_the_summed_kl_of_the_reference_distribution():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 7), torch.randn(3, 7)
+    p, q = b.softmax(-1), a.softmax(-1)
+    assert_same_float(kl_to_reference(a, b).item(), float((p * (p.log() - q.log())).sum()))
+    assert_same_float(kl_to_reference(b, b).item(), 0.0)
+
+
+def test_kl_lines_of_an_identical_reference_cost_nothing(fresh_tiny, tiny_world):
+    model, tok = fresh_tiny()
+    reference, _ = fresh_tiny()
+    replay = LineCycle(tiny_world.corpus(), random.Random(0)).take(4)
+    trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference)
+    only_kl, _ = trainer.step([], replay)
+    assert_same_float(only_kl.item(), 0.0)
+    model2, _ = fresh_tiny()
+    text = LMTrainer(model2, tok, lr=1e-3, steps=10).step(LINES)[0].item()
+    model3, _ = fresh_tiny()
+    mixed, tokens = LMTrainer(model3, tok, lr=1e-3, steps=10, reference=reference).step(LINES, replay)
+    # the text lines' token loss over all scored positions: the replay positions add 0 to the sum, 1 each to the count
+    n_text = sum(len(x) for x in tok(LINES)["input_ids"])  # + eos, - the first token: one prediction per token
+    n_kl = sum(len(x) for x in tok(replay)["input_ids"])
+    assert tokens == n_text + n_kl + len(LINES) + len(replay)
+    assert_same_float(mixed.item(), text * n_text / (n_text + n_kl), ulps=256)
+
+
+def test_kl_lines_need_a_reference(fresh_tiny):
+    model, tok = fresh_tiny()
+    with pytest.raises(ConfigError, match="reference"):
+        LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, LINES)
+
+
+def test_only_the_trainable_parameters_move(fresh_tiny):
+    model, tok = fresh_tiny()
+    names = [n for n, _ in model.named_parameters() if ".mlp." in n]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = LMTrainer(model, tok, lr=1e-2, steps=4, trainable=names)
+    model.train()
+    for _ in range(2):
+        trainer.step(LINES)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= set(names)
+    with pytest.raises(ConfigError, match="no.such"):
+        LMTrainer(model, tok, lr=1e-3, steps=4, trainable=["no.such"])
