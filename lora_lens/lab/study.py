@@ -31,7 +31,7 @@ from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
 
-__all__ = ["Fit", "base_identity", "check_sources", "fit_adapter", "results_table"]
+__all__ = ["Fit", "base_identity", "check_data_task", "check_sources", "fit_adapter", "results_table"]
 
 
 @dataclass
@@ -130,7 +130,9 @@ def _resolve_task(base, task, seed: int) -> Task:
                       "JSONL task file path or a Task")
 
 
-def _check_data_task(task: Task, tokenizer) -> None:
+def check_data_task(task: Task, tokenizer) -> None:
+    """Refuse a task from data with problems for this tokenizer (:func:`lora_lens.lab.tasks.check_task`), every
+    problem listed in one :class:`ConfigError`."""
     problems = check_task(task, tokenizer)
     if problems:
         raise ConfigError(problem_message(f"task {task.name!r}", problems))
@@ -180,7 +182,7 @@ def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | No
     world = pre.world if isinstance(pre, Pretrained) else None
     model, tokenizer = load_model(source, device=device)
     if data:
-        _check_data_task(task, tokenizer)
+        check_data_task(task, tokenizer)
         task = fill_base_answers(task, model, tokenizer, sets=("specificity",))
     if adapter is not None:
         peft_model = load_adapter(model, adapter)
