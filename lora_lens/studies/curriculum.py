@@ -54,7 +54,8 @@ __all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "STRATEGIES", "LoopResult", "
            "fact_groups", "fact_key", "initial_layer", "mined_prompts", "next_layer", "plot_rounds", "random_layer",
            "run_loop"]
 
-LOOP_DEFAULTS = {"zoo": {"steps": 120, "max_rounds": 5}, "data": {"steps": 16, "batch_size": 32, "max_rounds": 3}}
+LOOP_DEFAULTS = {"zoo": {"steps": 120, "max_rounds": 5},
+                 "data": {"steps": 16, "batch_size": 32, "max_rounds": 3}}
 """Notebook 05's defaults per kind of task: the zoo's (fact-edit spec, 120 steps a round) and a task from data's
 (``default_spec("data")`` with fewer, smaller steps a round, fewer rounds: notebook 05 on SmolLM2 with the example
 task in a few minutes on one CPU thread)."""

@@ -84,7 +84,7 @@ def test_notebook_04_on_smollm2(tmp_path: Path, request) -> None:
 
 
 # notebook 05: the loop's general form (the task's examples as the pool, mined prompts for collateral), two rounds
-REAL_05 = {**REAL_BASE, "rank": 8, "loop_steps": None, "max_rounds": 2}
+REAL_05 = {**REAL_BASE, "rank": 8, "loop_steps": 8, "loop_batch_size": 16, "max_rounds": 2}
 
 
 def check_05(summary: dict) -> None:
