@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE_TASK
-from lora_lens.workshop.runner import run_series
+from lora_lens.workshop.runner import NotebookFailed, run_series
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 REAL_BASE = {"base_model": "smollm2-135m", "task_file": str(EXAMPLE_TASK)}
@@ -118,3 +118,16 @@ def test_notebook_05_on_smollm2(tmp_path: Path, request) -> None:
     run_dir = run_series(preset="smoke", only=["05"], overrides=REAL_05, out=tmp_path / "run", notebooks_dir=NOTEBOOKS)
     print(f"notebook 05 on smollm2-135m: {time.perf_counter() - t0:.0f} s")
     check_05(json.loads(next(run_dir.glob("05_*/summary.json")).read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params, words", [
+    ({**REAL_BASE, "family": "gpt2"}, ["base_model='smollm2-135m'", "family='gpt2'"]),
+    ({**REAL_BASE, "adapter": "/no/such/adapter"}, ["adapter='/no/such/adapter'", "does not exist"]),
+    ({"base_model": "smollm2-135m"}, ["needs a task_file"]),
+])
+def test_notebook_05_refuses_bad_sources_before_anything_runs(params: dict, words: list, tmp_path: Path) -> None:
+    """The checks of notebooks 01–04 (``study.check_sources``), before a model is loaded."""
+    with pytest.raises(NotebookFailed) as err:
+        run_series(preset="smoke", only=["05"], overrides=params, out=tmp_path / "run", notebooks_dir=NOTEBOOKS)
+    assert all(w in str(err.value) for w in words), str(err.value)[-800:]
