@@ -102,8 +102,8 @@ def check_05(summary: dict) -> None:
             assert 0.0 <= r["efficacy"] <= 1.0 and 0.0 <= r["specificity"] <= 1.0
             assert r["failing"] == round((1 - r["efficacy"]) * 20)  # the twenty efficacy probes
     assert all(isinstance(r["collateral"], int) and r["collateral"] >= 0 for r in loop)
-    if len(loop) == 2:  # the same tokens in both runs, round by round
-        assert [r["tokens"] for r in rand] == [r["tokens"] for r in loop][:len(rand)]
+    if len(loop) == 2 and len(rand) == 2:  # the baseline adds at most the tokens the loop added (random examples
+        assert 0 < rand[1]["tokens"] - rand[0]["tokens"] <= loop[1]["tokens"] - loop[0]["tokens"]  # fill the budget)
     for key, rounds in (("tokens_to_target", loop), ("random_tokens_to_target", rand)):
         reached = [r["tokens"] for r in rounds if r["efficacy"] >= 0.95]
         assert summary[key] == (reached[0] if reached else None)
