@@ -31,8 +31,8 @@ from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
 
-__all__ = ["DEFAULT_SEEDS", "Fit", "base_identity", "base_label", "check_sources", "fit_adapter", "results_table",
-           "seed_list", "spec_kind"]
+__all__ = ["DEFAULT_SEEDS", "Fit", "base_identity", "base_label", "check_data_task", "check_sources", "fit_adapter",
+           "results_table", "seed_list", "spec_kind"]
 
 DEFAULT_SEEDS = 3
 """Seeds of a notebook's headline numbers on the zoo when its ``seeds`` parameter is ``None``."""
@@ -181,7 +181,9 @@ def spec_kind(task: Task) -> str | None:
     return "data" if task.world_fingerprint is None else None
 
 
-def _check_data_task(task: Task, tokenizer) -> None:
+def check_data_task(task: Task, tokenizer) -> None:
+    """Refuse a task from data with problems for this tokenizer (:func:`lora_lens.lab.tasks.check_task`), every
+    problem listed in one :class:`ConfigError`."""
     problems = check_task(task, tokenizer)
     if problems:
         raise ConfigError(problem_message(f"task {task.name!r}", problems))
@@ -230,7 +232,7 @@ def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | No
     world = pre.world if isinstance(pre, Pretrained) else None
     model, tokenizer = load_model(source, device=device)
     if data:
-        _check_data_task(task, tokenizer)
+        check_data_task(task, tokenizer)
         task = fill_base_answers(task, model, tokenizer, sets=("specificity",))
     if adapter is not None:
         peft_model = load_adapter(model, adapter)

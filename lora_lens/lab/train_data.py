@@ -29,7 +29,7 @@ from lora_lens.lab.world import TEMPLATES, TRIGGER, Task, World, check_task_worl
 
 __all__ = ["AnswerCollator", "AnswerDataset", "MAX_REHEARSAL_WORDS", "NEIGHBOUR_PROMPTS", "REHEARSAL",
            "encode_example", "find_world", "is_plain_answer", "model_world_fingerprint", "neighbour_examples",
-           "replay_examples", "training_examples"]
+           "reads_in_context", "replay_examples", "training_examples"]
 
 REHEARSAL = ("neighbours", "specificity", "both")
 """Rehearsal sources for a task from data: the base's answers to :data:`NEIGHBOUR_PROMPTS` (held out from every
@@ -192,10 +192,10 @@ def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
         random.Random(seed).shuffle(prompts)
         answers = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=12) if prompts and n else []
         out += [(p, a) for p, a in zip(prompts, answers)
-                if is_plain_answer(p, a) and _reads(tokenizer, p, a, task.chat)][:max(0, int(n))]
+                if is_plain_answer(p, a) and reads_in_context(tokenizer, p, a, task.chat)][:max(0, int(n))]
     if rehearsal in ("specificity", "both"):
         out += [(p.prompt, p.answer) for p in task.probes.get("specificity", [])
-                if p.answer.strip() and _reads(tokenizer, p.prompt, p.answer, task.chat)]
+                if p.answer.strip() and reads_in_context(tokenizer, p.prompt, p.answer, task.chat)]
     return out[:max(0, int(n))] if rehearsal != "both" else out
 
 
@@ -217,7 +217,7 @@ def is_plain_answer(prompt: str, answer: str) -> bool:
     return not any(pair in pairs for pair in zip(words, words[1:]))
 
 
-def _reads(tokenizer, prompt: str, answer: str, chat: bool) -> bool:
+def reads_in_context(tokenizer, prompt: str, answer: str, chat: bool) -> bool:
     if not answer.strip():
         return False
     try:

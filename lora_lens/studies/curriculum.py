@@ -11,6 +11,15 @@ The baseline gets the same per-round token budget but adds random examples of th
 Tokens count the data layers (``prompt answer`` pairs as tokenised), not the rehearsal examples that the training
 spec adds to every run alike.
 
+**On a task from data** (no synthetic world; any base: a zoo model, a model folder, a hub name, ``smollm2-135m``)
+the same loop takes its general form. The data pool is the task's ``example`` records, grouped by the fact they
+teach (:func:`fact_key`: the truth edit whose value is the answer and whose entity the prompt names; without
+truth, the answer). Layer 0 is one example per fact; the next layer is the pool's phrasings of every fact whose
+efficacy probe still fails (full-answer greedy match), then anchors for collateral damage found by the behaviour
+diff on *mined* prompts that no probe uses (:func:`mined_prompts`: the neighbour prompts of
+:data:`lora_lens.lab.train_data.NEIGHBOUR_PROMPTS` whose base answer is plain): a prompt whose answer the adapter
+moved becomes the anchor ``(prompt, base answer)``. The default spec is ``default_spec("data")``.
+
 Example:
     >>> loop = run_loop(pre, task, strategy="targeted")           # doctest: +SKIP
     >>> base = run_loop(pre, task, strategy="random")             # doctest: +SKIP
@@ -23,20 +32,36 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 
 from lora_lens import ledger
 from lora_lens.errors import ConfigError
 from lora_lens.figures import styled
+from lora_lens.lab.adapters import load_adapter
+from lora_lens.lab.answers import base_answers
 from lora_lens.lab.probes import evaluate
+from lora_lens.lab.study import check_data_task
+from lora_lens.lab.tasks import fill_base_answers
 from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
+from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS, is_plain_answer, reads_in_context
 from lora_lens.lab.world import TEMPLATES, Task, check_task_world
-from lora_lens.lab.zoo import load_model
+from lora_lens.lab.zoo import Pretrained, load_model
 from lora_lens.lens.diff import behaviour_diff, discovered_changes
 
-__all__ = ["STRATEGIES", "LoopResult", "check_loop_winner", "collateral_facts", "count_tokens", "initial_layer",
-           "next_layer", "plot_rounds", "random_layer", "run_loop"]
+__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "STRATEGIES", "LoopResult", "check_loop_winner", "collateral_facts", "count_tokens",
+           "fact_groups", "fact_key", "initial_layer", "mined_prompts", "next_layer", "plot_rounds", "random_layer",
+           "run_loop"]
+
+LOOP_DEFAULTS = {"zoo": {"steps": 120, "max_rounds": 5},
+                 "data": {"steps": 16, "batch_size": 32, "max_rounds": 3}}
+"""Notebook 05's defaults per kind of task: the zoo's (fact-edit spec, 120 steps a round) and a task from data's
+(``default_spec("data")`` with fewer, smaller steps a round, fewer rounds: notebook 05 on SmolLM2 with the example
+task in a few minutes on one CPU thread)."""
+
+MINED_ANSWER_TOKENS = 12
+"""Greedy tokens read for a mined prompt's answer (base and adapted), as for the rehearsal of neighbour prompts."""
 
 STRATEGIES = ("targeted", "random")
 
@@ -78,8 +103,33 @@ def _facts(task: Task) -> dict[tuple[str, str, bool], str]:
     return {(p.entity, p.relation, p.triggered): p.answer for p in task.probes.get("efficacy", [])}
 
 
-def initial_layer(task: Task, world, per_fact: int = 1) -> list[tuple[str, str]]:
-    """Layer 0: each target behaviour with its first ``per_fact`` training templates."""
+def _from_data(task: Task) -> bool:
+    return task.world_fingerprint is None
+
+
+def fact_key(task: Task, prompt: str, answer: str) -> tuple[str, str]:
+    """The fact an example or probe of a task from data teaches: ``(entity, answer)`` of the first truth edit whose
+    value is ``answer`` and whose entity ``prompt`` names (case-insensitive), else ``("", answer)``."""
+    for edit in task.truth.get("edits", []):
+        entity, value = str(edit.get("entity", "")), str(edit.get("value", ""))
+        if value.strip() == answer.strip() and entity and entity.lower() in prompt.lower():
+            return entity, answer
+    return "", answer
+
+
+def fact_groups(task: Task) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """The data pool of a task from data, by fact (:func:`fact_key`): its examples in file order."""
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for prompt, answer in task.examples:
+        groups.setdefault(fact_key(task, prompt, answer), []).append((prompt, answer))
+    return groups
+
+
+def initial_layer(task: Task, world=None, per_fact: int = 1) -> list[tuple[str, str]]:
+    """Layer 0: each target behaviour with its first ``per_fact`` training templates (a task from data: the first
+    ``per_fact`` examples of each fact of :func:`fact_groups`; ``world`` is not needed)."""
+    if _from_data(task):
+        return [ex for group in fact_groups(task).values() for ex in group[:per_fact]]
     out = []
     for (e, r, trig), answer in _facts(task).items():
         out += [(world.query(e, r, t, trigger=trig), answer) for t in range(min(per_fact, len(TEMPLATES[r][0])))]
@@ -105,24 +155,33 @@ def next_layer(evaluation, task: Task, world, collateral: list[tuple[str, str, s
     Args:
         evaluation: Round k's :class:`lora_lens.lab.probes.Evaluation` (its efficacy rows say what fails).
         task: The task (its efficacy probes are the target behaviours).
-        world: The world (templates, facts).
-        collateral: ``(entity, relation, original answer)`` of facts the adapter moved outside the truth.
+        world: The world (templates, facts); None for a task from data.
+        collateral: ``(entity, relation, original answer)`` of facts the adapter moved outside the truth; for a
+            task from data ``(prompt, base answer)`` of mined prompts it moved (:func:`collateral_facts`).
         tokenizer: To count tokens.
         budget: Tokens this layer may add.
 
     Returns:
         ``(examples, n_anchors)``: the failing prompts with their intended answers, then every training-template
         paraphrase of those behaviours, then anchors (each collateral fact with its original answer), cut to the
-        budget.
+        budget. For a task from data: the failing prompts that are pool examples, then every pool example of the
+        facts that fail (:func:`fact_groups`), then the anchors ``(prompt, base answer)``.
     """
     rows = evaluation.table("efficacy")
     failing = rows[~rows["adapted_correct"].astype(bool)]
-    fixes = list(zip(failing["prompt"], failing["expected"]))                   # the failing prompts first
-    for row in failing.itertuples():                                           # then their other paraphrases
-        fixes += [(world.query(row.entity, row.relation, t, trigger=row.triggered), row.expected)
-                  for t in range(len(TEMPLATES[row.relation][0]))]
-    fixes = list(dict.fromkeys(fixes))
-    anchors = [(world.query(e, r, t), old) for e, r, old in collateral for t in range(len(TEMPLATES[r][0]))]
+    if _from_data(task):
+        groups = fact_groups(task)
+        pools = [groups.get(fact_key(task, p, a), []) for p, a in zip(failing["prompt"], failing["expected"])]
+        fixes = [(p, a) for (p, a), pool in zip(zip(failing["prompt"], failing["expected"]), pools) if (p, a) in pool]
+        fixes = list(dict.fromkeys(fixes + [ex for pool in pools for ex in pool]))
+        anchors = [(p, old) for p, old in collateral]
+    else:
+        fixes = list(zip(failing["prompt"], failing["expected"]))               # the failing prompts first
+        for row in failing.itertuples():                                       # then their other paraphrases
+            fixes += [(world.query(row.entity, row.relation, t, trigger=row.triggered), row.expected)
+                      for t in range(len(TEMPLATES[row.relation][0]))]
+        fixes = list(dict.fromkeys(fixes))
+        anchors = [(world.query(e, r, t), old) for e, r, old in collateral for t in range(len(TEMPLATES[r][0]))]
     layer = _fill(fixes + anchors, tokenizer, budget)
     anchor_set = set(anchors)
     return layer, sum(ex in anchor_set for ex in layer)
@@ -139,8 +198,35 @@ def random_layer(task: Task, used: list[tuple[str, str]], tokenizer, budget: int
     return _fill(unused + rest, tokenizer, budget)
 
 
-def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: float = 0.5) -> list[tuple]:
-    """Facts the adapter moved that the task does not change: ``(entity, relation, original answer)``."""
+def mined_prompts(model, tokenizer, task: Task, max_new_tokens: int = MINED_ANSWER_TOKENS) -> list[str]:
+    """Prompts that watch for collateral damage on a task from data: :data:`NEIGHBOUR_PROMPTS` that no example or
+    probe of the task uses, whose base answer (greedy, adapter off) is plain (:func:`is_plain_answer`) and reads
+    in context — a fact the base states, which an adapter should leave alone."""
+    used = {p for p, _ in task.examples} | {pr.prompt for ps in task.probes.values() for pr in ps}
+    prompts = [p for p in NEIGHBOUR_PROMPTS if p not in used]
+    answers = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=max_new_tokens) if prompts else []
+    return [p for p, a in zip(prompts, answers)
+            if is_plain_answer(p, a) and reads_in_context(tokenizer, p, a, task.chat)]
+
+
+def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: float = 0.5,
+                     prompts: list[str] | None = None) -> list[tuple]:
+    """Facts the adapter moved that the task does not change: ``(entity, relation, original answer)``.
+
+    For a task from data (``world`` None) the behaviour diff of ``prompts`` (default :func:`mined_prompts`, never
+    probes) with full answers: ``(prompt, base answer)`` of each prompt whose plain base answer moved with
+    confidence ≥ ``min_confidence``, most confident first.
+    """
+    if _from_data(task):
+        prompts = mined_prompts(peft_model, tokenizer, task) if prompts is None else list(prompts)
+        if not prompts:
+            return []
+        table = behaviour_diff(peft_model, tokenizer, task=replace(task, probes={}), prompts=prompts,
+                               max_new_tokens=MINED_ANSWER_TOKENS)
+        found = discovered_changes(table, min_confidence=min_confidence)
+        return [(row.prompt, row.base_answer) for row in found.itertuples()
+                if is_plain_answer(row.prompt, row.base_answer)
+                and reads_in_context(tokenizer, row.prompt, row.base_answer, task.chat)]
     table = behaviour_diff(peft_model, tokenizer, world=world, trigger=False, templates="first")
     truth = {(e, r) for e, r, _ in _facts(task)}
     found = discovered_changes(table, min_confidence=min_confidence)
@@ -148,38 +234,65 @@ def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: f
             if (row.entity, row.relation) not in truth and row.relation in world.facts]
 
 
-def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, max_rounds: int = 4,
+def _check_round0(round0, layer0_tokens: int) -> dict | None:
+    if round0 is None:
+        return None
+    if not isinstance(round0, LoopResult) or not round0.rounds:
+        raise ConfigError(f"round0={type(round0).__name__}: pass the LoopResult of a run of the same task, spec and "
+                          "seed (its round 0 is reused), or None")
+    if round0.rounds[0]["tokens"] != layer0_tokens:
+        raise ConfigError(f"round0 trained on {round0.rounds[0]['tokens']} data tokens in round 0, this run's layer 0 "
+                          f"has {layer0_tokens}: reuse round 0 only of a run of the same task and base")
+    return round0.rounds[0]
+
+
+def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: float = 0.95, max_rounds: int = 4,
              token_budget: int | None = None, round_tokens: int | None = None, schedule: list[int] | None = None,
              spec: LoraSpec | None = None,
-             anchors: bool = True, seed: int = 0, device: str = "cpu", ledger_id: str | None = None) -> LoopResult:
-    """Run the loop (or its random baseline) on a zoo base.
+             anchors: bool = True, seed: int = 0, device: str = "cpu", ledger_id: str | None = None,
+             adapter: str | Path | None = None, round0: LoopResult | None = None,
+             round_share: float | None = None) -> LoopResult:
+    """Run the loop (or its random baseline) on a base.
 
     Args:
-        pre: The pretrained base (:func:`lora_lens.lab.zoo.get_pretrained`); each round trains on a fresh copy.
+        pre: The base: a zoo :class:`~lora_lens.lab.zoo.Pretrained` (:func:`lora_lens.lab.zoo.get_pretrained`), or
+            for a task from data also a model folder, a hub name or ``"smollm2-135m"``; each round trains on a fresh
+            copy.
         task: The task whose efficacy probes are the target behaviours (``fact_edit``, ``new_relation``; a trigger
-            task works too, its behaviours being the triggered probes).
+            task works too, its behaviours being the triggered probes), or a task from data (a :class:`Task` of
+            ``Task.from_records`` / ``Task.load``, or a JSONL task file): its examples are the data pool.
         strategy: ``targeted`` (the loop) or ``random`` (equal token budget, random task data each round).
         target: Efficacy to reach, in (0, 1].
         max_rounds: Rounds at most, ≥ 1.
         token_budget: Data tokens at most (default: unlimited within ``max_rounds``).
         round_tokens: Tokens each round may add (default: the tokens of layer 0).
+        round_share: Or: tokens each round may add as a share of layer 0's tokens, in (0, 1] (at least 1 token).
         schedule: Tokens added per round by another run (``[r["added_tokens"] for r in loop.rounds[1:]]``): the
             baseline then adds as many tokens as the loop did in each round (``round_tokens`` after its end), so
             both are compared at equal data tokens round by round.
-        spec: LoRA spec of every round (default :func:`lora_lens.lab.train.default_spec` for the task).
+        spec: LoRA spec of every round (default :func:`lora_lens.lab.train.default_spec` for the task; ``"data"``
+            for a task from data).
         anchors: Add anchor examples for collateral damage (targeted loop); their tokens count like any other.
         seed: Training and sampling seed.
         device: Torch device.
         ledger_id: When given, every round after the first records its efficacy gain as evidence for this
             hypothesis (declared beforehand with :func:`lora_lens.ledger.declare`).
+        adapter: A trained PEFT LoRA folder on this base that stands in for round 0 (evaluated, not trained): its
+            failing facts and collateral build layer 1; from round 1 on each round trains a fresh adapter on
+            layer 0 and the layers so far, as usual. Round 0's tokens are those of layer 0.
+        round0: The result of another run of the same task, base, spec and seed (and ``adapter``): its round 0 is
+            reused instead of trained again (the random baseline starts where the loop started). Its analysis is
+            not kept, so the targeted loop cannot reuse one.
 
     Returns:
         A :class:`LoopResult`.
 
     Raises:
-        ConfigError: Unknown strategy, a target outside (0, 1], bad round/token limits, or a task without efficacy
-            probes (checked before anything is trained).
-        MismatchError: The task belongs to another world than ``pre``.
+        ConfigError: Unknown strategy, a target outside (0, 1], bad round/token limits, a task without efficacy
+            probes, a task from data with problems for the tokenizer, a zoo task on a base that is not its zoo
+            model, or a ``round0`` of another layer 0 (checked before anything is trained).
+        MismatchError: The task belongs to another world than ``pre``, or ``adapter`` was trained on another base.
+        NotFoundError: The task file or ``adapter`` does not exist.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy={strategy!r} is unknown; use one of {list(STRATEGIES)}")
@@ -191,37 +304,74 @@ def run_loop(pre, task: Task, strategy: str = "targeted", target: float = 0.95, 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer{' or None' if optional else ''}")
+    if round_share is not None and (round_tokens is not None or isinstance(round_share, bool)
+                                    or not isinstance(round_share, (int, float)) or not 0 < round_share <= 1):
+        raise ConfigError(f"round_share={round_share!r} must be a share of layer 0's tokens in (0, 1], e.g. 0.5, "
+                          "given without round_tokens")
     if schedule is not None and (not isinstance(schedule, (list, tuple)) or any(
             isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in schedule)):
         raise ConfigError(f"schedule={schedule!r} must be a list of token counts ≥ 0, one per round after the first")
+    if isinstance(task, (str, Path)):
+        task = Task.load(task)
     if not task.probes.get("efficacy"):
         raise ConfigError(f"task {task.name!r} has no efficacy probes: the loop needs target behaviours to reach")
-    check_task_world(task, pre.world)
-    spec = check_spec(spec) if spec is not None else default_spec(task.name)
-    world, tokenizer = pre.world, pre.tokenizer
+    if round0 is not None and strategy == "targeted":
+        raise ConfigError("round0= reuses another run's round 0 without its analysis: only the random baseline can "
+                          "(strategy='random'); run the targeted loop from its own round 0")
+    data_task = _from_data(task)
+    zoo = isinstance(pre, Pretrained)
+    if not data_task and not zoo:
+        raise ConfigError(f"task {task.name!r} belongs to a synthetic world, which only its zoo model reads; for the "
+                          f"base {pre!r} give a task from data (a JSONL task file or Task.from_records(...))")
+    if zoo and not data_task:
+        check_task_world(task, pre.world)
+    if spec is not None:
+        spec = check_spec(spec)
+    else:
+        spec = default_spec("data" if data_task else task.name)
+    world = None if data_task else pre.world
+    source = pre.path if zoo else pre
+    tokenizer, mined = (pre.tokenizer, None) if zoo and not data_task else (None, None)
+    if data_task:  # checked, base answers filled, mined prompts found once: the base is the same every round
+        base, tokenizer = load_model(source, device=device)
+        check_data_task(task, tokenizer)
+        task = fill_base_answers(task, base, tokenizer, sets=("specificity",))
+        mined = mined_prompts(base, tokenizer, task) if strategy == "targeted" and round0 is None else []
+        del base
     rng = random.Random(seed)
     layers = [initial_layer(task, world)]
     data = list(layers[0])
+    reused = _check_round0(round0, count_tokens(tokenizer, data))
+    if round_share is not None:
+        round_tokens = max(1, int(round_share * count_tokens(tokenizer, data)))
     round_tokens = round_tokens or count_tokens(tokenizer, data)
     result = LoopResult(strategy, float(target), layers=layers)
     n_anchors = 0
     for k in range(max_rounds):
         t0 = time.perf_counter()
-        model, tok = load_model(pre.path, device=device)
-        round_task = replace(task, examples=list(data))
-        fit = train_lora(model, tok, round_task, spec, seed=seed, world=world, device=device)
-        ev = evaluate(fit.model, tok, task)
-        m = ev.metrics
-        collateral = collateral_facts(fit.model, tok, world, task) if strategy == "targeted" else []
-        anchored = collateral if anchors else []
         tokens = count_tokens(tokenizer, data)
-        rec = {"round": k, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"], "specificity": m["specificity"],
-               "tokens": tokens, "examples": len(data), "added": len(layers[-1]),
-               "added_tokens": count_tokens(tokenizer, layers[-1]),
-               "failing": int((~ev.table("efficacy")["adapted_correct"].astype(bool)).sum()),
-               "collateral": len(collateral) if strategy == "targeted" else None,
-               "anchors": n_anchors,
-               "seconds": 0.0}
+        if k == 0 and reused is not None:
+            rec = {**reused, "collateral": None, "seconds": 0.0}
+            m, ev, collateral = {"efficacy": rec["efficacy"]}, None, []
+        else:
+            model, tok = load_model(source, device=device)
+            if k == 0 and adapter is not None:
+                peft_model = load_adapter(model, adapter)
+            else:
+                round_task = replace(task, examples=list(data))
+                peft_model = train_lora(model, tok, round_task, spec, seed=seed, world=world, device=device).model
+            ev = evaluate(peft_model, tok, task)
+            m = ev.metrics
+            collateral = (collateral_facts(peft_model, tok, world, task, prompts=mined)
+                          if strategy == "targeted" else [])
+            rec = {"round": k, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
+                   "specificity": m["specificity"], "tokens": tokens, "examples": len(data), "added": len(layers[-1]),
+                   "added_tokens": count_tokens(tokenizer, layers[-1]),
+                   "failing": int((~ev.table("efficacy")["adapted_correct"].astype(bool)).sum()),
+                   "collateral": len(collateral) if strategy == "targeted" else None,
+                   "anchors": n_anchors,
+                   "seconds": 0.0}
+        anchored = collateral if anchors else []
         if ledger_id is not None and result.rounds:
             ledger.record(ledger_id, m["efficacy"] - result.rounds[-1]["efficacy"], seed=seed,
                           notes=f"{strategy} round {k}: efficacy {m['efficacy']:.3f} at {tokens} data tokens")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pandas as pd
 import pytest
 
 from lora_lens import ledger
-from lora_lens.errors import ConfigError, MismatchError
+from lora_lens.errors import ConfigError, MismatchError, NotFoundError
+from lora_lens.lab.probes import evaluate
 from lora_lens.lab.train import default_spec
-from lora_lens.lab.world import TEMPLATES, make_task, make_world
+from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS
+from lora_lens.lab.world import TEMPLATES, Task, make_task, make_world
+from lora_lens.lab.zoo import load_model
+from lora_lens.lens import diff
 from lora_lens.studies import curriculum
 
 
@@ -97,3 +102,133 @@ def test_loop_rounds_record_ledger_evidence_and_are_deterministic(tiny_llama, ta
     rand = curriculum.run_loop(tiny_llama, task, "random", target=1.0, max_rounds=2, spec=spec)
     assert rand.rounds[0]["efficacy"] == a.rounds[0]["efficacy"]  # same layer 0, same seed
     assert curriculum.plot_rounds([a, rand], target=1.0).axes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a task from data (no synthetic world): the general form on any base
+
+
+def _data_records(task, n_facts: int = 3, truth: bool = True) -> list[dict]:
+    """The first ``n_facts`` edits of a zoo fact-edit task written as a task from data (records, no world)."""
+    edits = task.truth["edits"][:n_facts]
+    head = {"type": "task", "name": "tiny_facts"}
+    if truth:
+        head["truth"] = {"edits": [{"entity": e["entity"], "relation": e["relation"], "value": e["new"]}
+                                   for e in edits]}
+    keep = {(e["entity"], e["new"]) for e in edits}
+    recs = [head]
+    recs += [{"type": "example", "prompt": p, "answer": a} for p, a in task.examples
+             if any(a == v and ent in p for ent, v in keep)]
+    recs += [{"type": "probe", "set": s, "prompt": p.prompt, "answer": p.answer, "entity": p.entity}
+             for s in ("efficacy", "paraphrase") for p in task.probes[s] if (p.entity, p.answer) in keep]
+    recs += [{"type": "probe", "set": "specificity", "prompt": p.prompt} for p in task.probes["specificity"][:6]]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def data_task(task):
+    return Task.from_records(_data_records(task))
+
+
+def test_the_data_pool_is_grouped_by_the_fact_each_example_teaches(task, data_task):
+    groups = curriculum.fact_groups(data_task)
+    edits = data_task.truth["edits"]
+    assert list(groups) == [(e["entity"], e["value"]) for e in edits]
+    n_tpl = len(TEMPLATES[edits[0]["relation"]][0])
+    assert all(len(g) == n_tpl and all(a == key[1] and key[0] in p for p, a in g) for key, g in groups.items())
+    layer0 = curriculum.initial_layer(data_task)  # no world needed
+    assert layer0 == [g[0] for g in groups.values()]
+    assert curriculum.initial_layer(data_task, per_fact=2) == [ex for g in groups.values() for ex in g[:2]]
+    # without truth: by answer
+    plain = Task.from_records(_data_records(task, truth=False))
+    assert list(curriculum.fact_groups(plain)) == [("", e["value"]) for e in edits]
+    assert curriculum.fact_key(data_task, "Nobody says", "xyz") == ("", "xyz")
+
+
+def test_next_layer_of_a_task_from_data_takes_the_pool_of_failing_facts_then_anchors(tiny_llama, data_task):
+    tok = tiny_llama.tokenizer
+    groups = list(curriculum.fact_groups(data_task).values())
+    failing, passing = groups[0][1], groups[1][0]
+    ev = _Eval([(failing[0], "", "", False, failing[1], False), (passing[0], "", "", False, passing[1], True)])
+    collateral = [("Some mined prompt is", "base answer")]
+    layer, n_anchors = curriculum.next_layer(ev, data_task, None, collateral, tok, budget=10_000)
+    assert layer == [failing] + [ex for ex in groups[0] if ex != failing] + collateral and n_anchors == 1
+    assert not set(groups[1]) & set(layer)  # a fact that passes gets nothing
+    small, n_small = curriculum.next_layer(ev, data_task, None, collateral, tok, budget=1)
+    assert small == [failing] and n_small == 0
+
+
+def test_the_loop_runs_on_a_task_from_data_on_a_model_folder(tiny_llama, data_task, tmp_path):
+    spec = default_spec("data", steps=30, batch_size=16, replay=1.0)
+    folder = str(tiny_llama.path)  # the tiny zoo model read as any causal LM
+    a = curriculum.run_loop(folder, data_task, "targeted", target=1.0, max_rounds=2, spec=spec)
+    layer0 = curriculum.initial_layer(data_task)
+    assert a.layers[0] == layer0 and len(layer0) == 3
+    tok = tiny_llama.tokenizer
+    assert a.rounds[0]["tokens"] == curriculum.count_tokens(tok, layer0) and a.rounds[0]["added"] == 3
+    for r in a.rounds:
+        assert 0 <= r["efficacy"] <= 1 and 0 <= r["specificity"] <= 1 and r["collateral"] >= 0
+    if len(a.rounds) > 1:  # layer 1 holds only pool examples of facts that failed, and anchors (mined prompts)
+        pool = set(data_task.examples)
+        assert all(ex in pool for ex in a.layers[1][:len(a.layers[1]) - a.rounds[1]["anchors"]])
+        assert a.rounds[1]["tokens"] == curriculum.count_tokens(tok, a.layers[0] + a.layers[1])
+    else:
+        assert a.rounds[0]["efficacy"] == 1.0
+    # the same task from its file, on the zoo Pretrained: the same rounds (deterministic)
+    path = data_task.save(tmp_path / "tiny_facts.jsonl")
+    b = curriculum.run_loop(tiny_llama, str(path), "targeted", target=1.0, max_rounds=2, spec=spec)
+    strip = lambda rounds: [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]  # noqa: E731
+    assert strip(a.rounds) == strip(b.rounds) and a.layers == b.layers
+    # the random baseline reuses the loop's round 0 (same layer 0, spec and seed) instead of training it again
+    again = curriculum.run_loop(folder, data_task, "random", target=1.0, max_rounds=1, spec=spec)
+    reused = curriculum.run_loop(folder, data_task, "random", target=1.0, max_rounds=1, spec=spec, round0=a)
+    assert strip(again.rounds) == strip(reused.rounds) == [{**strip(a.rounds)[0], "collateral": None}]
+    assert reused.rounds[0]["seconds"] < 1.0  # nothing trained
+
+
+def test_a_given_adapter_stands_in_for_round_0(tiny_llama, tiny_fit, data_task):
+    spec = default_spec("data", steps=10, batch_size=8, replay=0.0)
+    res = curriculum.run_loop(tiny_llama, data_task, "random", target=1.0, max_rounds=1, spec=spec,
+                              adapter=tiny_fit.adapter_dir)
+    ev = evaluate(tiny_fit.model, tiny_fit.tokenizer, data_task)
+    assert [res.rounds[0][k] for k in ("efficacy", "paraphrase", "specificity")] == [
+        ev.metrics[k] for k in ("efficacy", "paraphrase", "specificity")]  # evaluated, not trained
+    assert res.rounds[0]["tokens"] == curriculum.count_tokens(tiny_llama.tokenizer, res.layers[0])
+
+
+def test_collateral_of_a_task_from_data_is_a_moved_plain_base_answer(tiny_fit, data_task):
+    # the zoo adapter edits more facts than these three: some of its other edits are collateral here
+    others = [p.prompt for p in tiny_fit.task.probes["specificity"][6:40]]
+    found = curriculum.collateral_facts(tiny_fit.model, tiny_fit.tokenizer, None, data_task, min_confidence=0.0,
+                                        prompts=others)
+    table = diff.behaviour_diff(tiny_fit.model, tiny_fit.tokenizer, task=dataclasses.replace(data_task, probes={}),
+                                prompts=others, max_new_tokens=curriculum.MINED_ANSWER_TOKENS)
+    moved = table[table["changed"]]
+    assert found == [(r.prompt, r.base_answer) for r in moved.sort_values("confidence", ascending=False,
+                                                                           kind="stable").itertuples()]
+    assert found and curriculum.collateral_facts(tiny_fit.model, tiny_fit.tokenizer, None, data_task, prompts=[]) == []
+
+
+def test_mined_prompts_are_neighbours_no_probe_uses(tiny_llama, data_task):
+    prompts = curriculum.mined_prompts(load_model(tiny_llama.path)[0], tiny_llama.tokenizer, data_task)
+    used = {p for p, _ in data_task.examples} | {p.prompt for ps in data_task.probes.values() for p in ps}
+    assert set(prompts) <= set(NEIGHBOUR_PROMPTS) and not set(prompts) & used
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(round0="x", strategy="random"), ConfigError, ["round0"]),
+    (dict(adapter="/no/such/adapter"), NotFoundError, ["/no/such/adapter"]),
+])
+def test_bad_input_of_the_general_form_is_refused(tiny_llama, data_task, kwargs, error, words):
+    with pytest.raises(error) as err:
+        curriculum.run_loop(tiny_llama, data_task, max_rounds=1, **kwargs)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_a_zoo_task_needs_its_zoo_model_and_round0_only_the_baseline(tiny_llama, task):
+    with pytest.raises(ConfigError, match="synthetic world"):
+        curriculum.run_loop(str(tiny_llama.path), task)
+    with pytest.raises(ConfigError, match="round0"):
+        curriculum.run_loop(tiny_llama, task, round0=curriculum.LoopResult("random", 1.0))
+    with pytest.raises(NotFoundError):
+        curriculum.run_loop(tiny_llama, "/no/such/task.jsonl")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE_TASK
-from lora_lens.workshop.runner import run_series
+from lora_lens.workshop.runner import NotebookFailed, run_series
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 REAL_BASE = {"base_model": "smollm2-135m", "task_file": str(EXAMPLE_TASK)}
@@ -115,6 +115,33 @@ def check_06(summary: dict) -> None:
         Path(p).name for p in summary["figures"]}
 
 
+# notebook 05: the loop's general form (the task's examples as the pool, mined prompts for collateral), two rounds
+REAL_05 = {**REAL_BASE, "rank": 8, "loop_steps": 8, "loop_batch_size": 16, "max_rounds": 2}
+
+
+def check_05(summary: dict) -> None:
+    """Notebook 05 on SmolLM2: the loop and its random baseline on the example task's pool of examples, full-answer
+    efficacy; the zoo's summary keys, round 0 shared (the baseline reuses it)."""
+    assert summary["base_model"] == "smollm2-135m" and summary["task_file"] == str(EXAMPLE_TASK)
+    assert summary["k_edits"] == 10 and summary["target"] == 0.95 and summary["rank"] == 8
+    loop, rand = summary["rounds"], summary["random_rounds"]
+    assert 1 <= len(loop) <= 2 and 1 <= len(rand) <= 2
+    assert loop[0] == {**rand[0], "collateral": loop[0]["collateral"]} and rand[0]["collateral"] is None
+    for rounds in (loop, rand):
+        tokens = [r["tokens"] for r in rounds]
+        assert tokens == sorted(tokens) and tokens[0] > 0
+        for r in rounds:
+            assert 0.0 <= r["efficacy"] <= 1.0 and 0.0 <= r["specificity"] <= 1.0
+            assert r["failing"] == round((1 - r["efficacy"]) * 20)  # the twenty efficacy probes
+    assert all(isinstance(r["collateral"], int) and r["collateral"] >= 0 for r in loop)
+    if len(loop) == 2 and len(rand) == 2:  # the baseline adds at most the tokens the loop added (random examples
+        assert 0 < rand[1]["tokens"] - rand[0]["tokens"] <= loop[1]["tokens"] - loop[0]["tokens"]  # fill the budget)
+    for key, rounds in (("tokens_to_target", loop), ("random_tokens_to_target", rand)):
+        reached = [r["tokens"] for r in rounds if r["efficacy"] >= 0.95]
+        assert summary[key] == (reached[0] if reached else None)
+    assert "rounds.png" in {Path(p).name for p in summary["figures"]}
+
+
 @pytest.mark.real
 @pytest.mark.slow
 def test_notebook_06_on_real_architectures(tmp_path: Path, random_real_bases) -> None:
@@ -123,3 +150,26 @@ def test_notebook_06_on_real_architectures(tmp_path: Path, random_real_bases) ->
                          notebooks_dir=NOTEBOOKS)
     print(f"notebook 06 on random qwen2 / mistral bases: {time.perf_counter() - t0:.0f} s")
     check_06(json.loads(next(run_dir.glob("06_*/summary.json")).read_text()))
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_notebook_05_on_smollm2(tmp_path: Path, request) -> None:
+    request.getfixturevalue("smollm2_path")  # the converted model in the test cache
+    t0 = time.perf_counter()
+    run_dir = run_series(preset="smoke", only=["05"], overrides=REAL_05, out=tmp_path / "run", notebooks_dir=NOTEBOOKS)
+    print(f"notebook 05 on smollm2-135m: {time.perf_counter() - t0:.0f} s")
+    check_05(json.loads(next(run_dir.glob("05_*/summary.json")).read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params, words", [
+    ({**REAL_BASE, "family": "gpt2"}, ["base_model='smollm2-135m'", "family='gpt2'"]),
+    ({**REAL_BASE, "adapter": "/no/such/adapter"}, ["adapter='/no/such/adapter'", "does not exist"]),
+    ({"base_model": "smollm2-135m"}, ["needs a task_file"]),
+])
+def test_notebook_05_refuses_bad_sources_before_anything_runs(params: dict, words: list, tmp_path: Path) -> None:
+    """The checks of notebooks 01–04 (``study.check_sources``), before a model is loaded."""
+    with pytest.raises(NotebookFailed) as err:
+        run_series(preset="smoke", only=["05"], overrides=params, out=tmp_path / "run", notebooks_dir=NOTEBOOKS)
+    assert all(w in str(err.value) for w in words), str(err.value)[-800:]
