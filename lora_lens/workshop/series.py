@@ -5,7 +5,8 @@ parameters in the cell tagged ``parameters`` (papermill), ``output_dir`` among t
 
 Parameters come from three layers, later ones winning: the notebook's own defaults, the preset
 (:mod:`lora_lens.workshop.presets`), and explicit overrides (``NAME`` for every notebook that declares it,
-``NN.NAME`` for notebook ``NN`` only). Every name is checked against the parameters the notebooks declare before
+``NN.NAME`` for notebook ``NN`` only); a preset's zoo ``family``/``families`` gives way when an override names
+your own ``base_model``/``base_models`` (:data:`ZOO_CHOICES`). Every name is checked against the parameters the notebooks declare before
 anything runs (:func:`plan`). A notebook runs in its own output folder, so :func:`plan` makes the paths a user
 names relative to where they run ``lora-lens run`` absolute (:data:`FILE_PARAMETERS`, :data:`MODEL_PARAMETERS`).
 
@@ -34,7 +35,7 @@ import nbformat
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
 
-__all__ = ["FILE_PARAMETERS", "MODEL_PARAMETERS", "RESERVED", "Notebook", "absolute_paths", "declared_needs", "declared_parameters", "default_notebooks_dir", "dependencies",
+__all__ = ["FILE_PARAMETERS", "MODEL_PARAMETERS", "RESERVED", "ZOO_CHOICES", "Notebook", "absolute_paths", "declared_needs", "declared_parameters", "default_notebooks_dir", "dependencies",
            "discover", "inputs_hash", "parse_assignments", "parse_value", "plan", "select"]
 
 RESERVED = "output_dir"
@@ -44,6 +45,8 @@ FILE_PARAMETERS = ("task_file", "adapter", "ledger_path")
 MODEL_PARAMETERS = ("base_model", "cross_base_model", "base_models")
 """Parameters that name a model (a hub name, a local folder, or a list of them): a relative value that exists as a
 path from the caller's working directory becomes that absolute path; anything else (a hub name) is kept."""
+ZOO_CHOICES = {"base_model": "family", "base_models": "families"}
+"""A model parameter and the zoo parameter it replaces: a preset's zoo choice gives way to your own model."""
 _NOTEBOOK_RE = re.compile(r"^(\d{2})_.+\.ipynb$")
 _KEY_RE = re.compile(r"^(?:(\d{2})\.)?([A-Za-z_]\w*)$")
 
@@ -281,6 +284,7 @@ def plan(
                     f"fix lora_lens/workshop/presets.py\n{_allowed([nb])}"
                 )
             resolved[nb.prefix][name] = _plain(value, f"preset {preset!r} {nb.prefix}.{name}")
+    from_preset = {prefix: set(values) for prefix, values in resolved.items()}
     # plain names first, then NN.NAME so that the targeted value wins
     for key in sorted(overrides, key=lambda k: "." in k):
         match = _KEY_RE.match(key)
@@ -305,6 +309,13 @@ def plan(
                 raise ConfigError(f"-p {key}: no selected notebook declares {name!r}\n{_allowed(notebooks)}")
             for nb in targets:
                 resolved[nb.prefix][name] = value
+        for nb in ([by_prefix[prefix]] if prefix is not None else notebooks):
+            from_preset[nb.prefix].discard(name)
+    for nb in notebooks:  # your own model: the preset's zoo family (a size preset for the zoo) does not apply
+        params = resolved[nb.prefix]
+        for model, zoo in ZOO_CHOICES.items():
+            if params.get(model) and zoo in from_preset[nb.prefix]:
+                del params[zoo]
     return [(nb, absolute_paths(resolved[nb.prefix])) for nb in notebooks]
 
 

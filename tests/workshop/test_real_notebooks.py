@@ -87,11 +87,9 @@ def test_notebook_04_on_smollm2(tmp_path: Path, request) -> None:
 
 
 # notebook 06: three small random real-architecture bases with SmolLM2's tokenizer (two of one shape, so the
-# portability section runs), two seeds, a short schedule; families back to the default (the smoke preset lists two)
+# portability section runs), two seeds, a short schedule (the smoke preset's two zoo families give way to them)
 def real_06(bases: dict) -> dict:
-    from lora_lens.studies.compare import DEFAULT_FAMILIES
-
-    return {"families": DEFAULT_FAMILIES, "base_models": [str(bases[n]) for n in ("qwen2-a", "qwen2-b", "mistral-c")],
+    return {"base_models": [str(bases[n]) for n in ("qwen2-a", "qwen2-b", "mistral-c")],
             "task_file": str(EXAMPLE_TASK), "seeds": 2, "steps": 8, "n_probes": 4, "ig_steps": 4, "n_boot": 200,
             "shuffled": False}
 

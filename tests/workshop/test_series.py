@@ -53,3 +53,18 @@ def test_plan_makes_the_paths_a_user_names_absolute(monkeypatch, tmp_path):
                       "base_model": str(tmp_path / "models/mine"),
                       "base_models": [str(tmp_path / "models/mine"), "org/hub-name", "smollm2-135m"], "seed": 1}
     assert plan(nbs, "smoke", {"task_file": "/abs/t.jsonl"})[0][1]["task_file"] == "/abs/t.jsonl"
+
+
+def test_a_presets_zoo_family_gives_way_to_your_own_model(monkeypatch, tmp_path):
+    """The smoke preset lists two zoo families for notebook 06; `-p base_models=[...]` must not clash with them
+    (notebook 06 refuses both given), while a family the user sets is kept (and then refused by the notebook)."""
+    monkeypatch.setattr(presets, "PRESETS", {"smoke": {"06": {"families": ["llama", "gpt2"], "seeds": 2},
+                                                       "01": {"family": "gpt2", "size": "tiny"}}})
+    nbs = [Notebook("01", tmp_path / "01_a.ipynb", {n: {} for n in ("output_dir", "family", "size", "base_model")}),
+           Notebook("06", tmp_path / "06_b.ipynb", {n: {} for n in ("output_dir", "families", "seeds", "base_models")})]
+    (_, p01), (_, p06) = plan(nbs, "smoke", {"base_models": ["smollm2-135m"], "01.base_model": "smollm2-135m"})
+    assert p06 == {"seeds": 2, "base_models": ["smollm2-135m"]} and p01 == {"size": "tiny", "base_model": "smollm2-135m"}
+    (_, p01), (_, p06) = plan(nbs, "smoke", {"base_models": ["smollm2-135m"], "families": ["qwen2"]})
+    assert p06["families"] == ["qwen2"] and p01 == {"family": "gpt2", "size": "tiny"}  # no base_model for 01
+    (_, p01), _ = plan(nbs, "smoke", {"base_model": ""})
+    assert p01["family"] == "gpt2"  # an empty base_model is the zoo
