@@ -50,9 +50,9 @@ from lora_lens.lab.world import TEMPLATES, Task, check_task_world
 from lora_lens.lab.zoo import Pretrained, load_model
 from lora_lens.lens.diff import behaviour_diff, discovered_changes
 
-__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "STRATEGIES", "LoopResult", "check_loop_winner", "collateral_facts", "count_tokens",
-           "fact_groups", "fact_key", "initial_layer", "mined_prompts", "next_layer", "plot_rounds", "random_layer",
-           "run_loop"]
+__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "STRATEGIES", "LoopResult", "check_loop_winner", "collateral_facts",
+           "count_tokens", "fact_groups", "fact_key", "initial_layer", "mined_prompts", "next_layer", "plot_rounds",
+           "random_layer", "run_loop"]
 
 LOOP_DEFAULTS = {"zoo": {"steps": 120, "max_rounds": 5},
                  "data": {"steps": 16, "batch_size": 32, "max_rounds": 3}}

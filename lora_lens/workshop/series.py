@@ -6,9 +6,10 @@ parameters in the cell tagged ``parameters`` (papermill), ``output_dir`` among t
 Parameters come from three layers, later ones winning: the notebook's own defaults, the preset
 (:mod:`lora_lens.workshop.presets`), and explicit overrides (``NAME`` for every notebook that declares it,
 ``NN.NAME`` for notebook ``NN`` only); a preset's zoo ``family``/``families`` gives way when an override names
-your own ``base_model``/``base_models`` (:data:`ZOO_CHOICES`). Every name is checked against the parameters the notebooks declare before
-anything runs (:func:`plan`). A notebook runs in its own output folder, so :func:`plan` makes the paths a user
-names relative to where they run ``lora-lens run`` absolute (:data:`FILE_PARAMETERS`, :data:`MODEL_PARAMETERS`).
+your own ``base_model``/``base_models`` (:data:`ZOO_CHOICES`). Every name is checked against the parameters the
+notebooks declare before anything runs (:func:`plan`). A notebook runs in its own output folder, so :func:`plan`
+makes the paths a user names relative to where they run ``lora-lens run`` absolute (:data:`FILE_PARAMETERS`,
+:data:`MODEL_PARAMETERS`).
 
 A notebook may declare what it needs in its notebook metadata, ``{"lora_lens": {"needs": ["00"]}}`` (prefixes) or
 ``{"lora_lens": {"needs": "all"}}`` (every selected notebook with a lower prefix; the journal declares this, so it
@@ -35,8 +36,9 @@ import nbformat
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
 
-__all__ = ["FILE_PARAMETERS", "MODEL_PARAMETERS", "RESERVED", "ZOO_CHOICES", "Notebook", "absolute_paths", "declared_needs", "declared_parameters", "default_notebooks_dir", "dependencies",
-           "discover", "inputs_hash", "parse_assignments", "parse_value", "plan", "select"]
+__all__ = ["FILE_PARAMETERS", "MODEL_PARAMETERS", "RESERVED", "ZOO_CHOICES", "Notebook", "absolute_paths",
+           "declared_needs", "declared_parameters", "default_notebooks_dir", "dependencies", "discover", "inputs_hash",
+           "parse_assignments", "parse_value", "plan", "select"]
 
 RESERVED = "output_dir"
 """The parameter every notebook declares and the runner sets: the notebook's own output folder."""

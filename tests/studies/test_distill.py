@@ -76,7 +76,8 @@ def test_contrastive_generation_keeps_what_the_adapter_wrote(tiny_fit, tiny_llam
     plain = distill.generate(tiny_fit.model, tok, prompts, max_new_tokens=2)
     assert g.tokens == plain.tokens and all(k >= 0 for ks in g.kl for k in ks)
     lines = distill.contrastive_corpus(tiny_fit.model, tok, prompts, min_kl=1.0, max_new_tokens=2)
-    edited = [f"{tiny_llama.world.query(e['entity'], e['relation'], 0)} {e['new']}" for e in tiny_fit.task.truth["edits"]]
+    edited = [f"{tiny_llama.world.query(e['entity'], e['relation'], 0)} {e['new']}"
+              for e in tiny_fit.task.truth["edits"]]
     assert lines and sum(any(line.startswith(x) for line in lines) for x in edited) >= len(edited) // 2
     amplified = distill.generate(tiny_fit.model, tok, prompts[:20], max_new_tokens=2, base="adapter", alpha=1.0)
     assert len(amplified.tokens) == 20
@@ -132,7 +133,8 @@ def test_empty_corpus_says_no_change_was_found(tiny_fit, tiny_llama, test_cache)
 
 
 def test_semantic_corpus_of_an_unchanged_model_is_empty(tiny_fit, tiny_llama):
-    table = diff.behaviour_diff(tiny_fit.model, tiny_fit.tokenizer, world=tiny_llama.world, trigger=False, templates="first")
+    table = diff.behaviour_diff(tiny_fit.model, tiny_fit.tokenizer, world=tiny_llama.world, trigger=False,
+                                templates="first")
     table["changed"] = False
     table["discovered"] = False
     table["confidence"] = 0.0

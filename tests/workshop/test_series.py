@@ -63,7 +63,8 @@ def test_a_presets_zoo_family_gives_way_to_your_own_model(monkeypatch, tmp_path)
     nbs = [Notebook("01", tmp_path / "01_a.ipynb", {n: {} for n in ("output_dir", "family", "size", "base_model")}),
            Notebook("06", tmp_path / "06_b.ipynb", {n: {} for n in ("output_dir", "families", "seeds", "base_models")})]
     (_, p01), (_, p06) = plan(nbs, "smoke", {"base_models": ["smollm2-135m"], "01.base_model": "smollm2-135m"})
-    assert p06 == {"seeds": 2, "base_models": ["smollm2-135m"]} and p01 == {"size": "tiny", "base_model": "smollm2-135m"}
+    assert p06 == {"seeds": 2, "base_models": ["smollm2-135m"]}
+    assert p01 == {"size": "tiny", "base_model": "smollm2-135m"}
     (_, p01), (_, p06) = plan(nbs, "smoke", {"base_models": ["smollm2-135m"], "families": ["qwen2"]})
     assert p06["families"] == ["qwen2"] and p01 == {"family": "gpt2", "size": "tiny"}  # no base_model for 01
     (_, p01), _ = plan(nbs, "smoke", {"base_model": ""})
