@@ -52,7 +52,9 @@ def test_notebook_on_smollm2(prefix: str, tmp_path: Path, request) -> None:
 
 
 # notebook 04: small parameters (no replay sweep beyond the main run, a short schedule), run once to completion
-REAL_04 = {**REAL_BASE, "replay_sweep": [0.75], "steps": 30, "batch_size": 8, "lr": 2e-05}
+# half the default steps, so half of each batch is the corpus (the default replays 0.75: at 30 steps no edit carried
+# over, transfer 0.0); the default schedule's own numbers are asserted by tests/studies/test_distill_real.py
+REAL_04 = {**REAL_BASE, "replay": 0.5, "replay_sweep": [0.5], "steps": 30, "batch_size": 8, "lr": 2e-05}
 
 
 def check_04(summary: dict) -> None:
@@ -71,7 +73,7 @@ def check_04(summary: dict) -> None:
     assert not any("<|im_end|>" in line for line in summary["corpus"])
     # 30 steps are a fraction of the default schedule (DISTILL_DEFAULTS["data"]: 60): some edits carry over (0.25 here)
     assert summary["contrastive_lines"] > 0 and summary["transfer_rate"] > 0.0
-    assert [r["replay"] for r in summary["replay_sweep"]] == [0.75] and summary["replay"] == 0.75
+    assert [r["replay"] for r in summary["replay_sweep"]] == [0.5] and summary["replay"] == 0.5
     assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05, "replay_loss": "kl"}
     assert {"transfer_vs_replay.png", "forgetting_vs_transfer.png"} <= {Path(p).name for p in summary["figures"]}
 
