@@ -139,22 +139,26 @@ def test_attribution_agreement():
         compare.attribution_agreement(a, a[:1])
 
 
+def portability_table(family: str, rows, specificity: float, original: float = 1.0) -> pd.DataFrame:
+    """A portability table as :func:`compare.portability` returns it, from ``(target, how, efficacy, drift)`` rows."""
+    return pd.DataFrame([{"family": family, "target": t, "how": h, "efficacy": e, "specificity": specificity,
+                          "efficacy_ratio": e / original, "drift": d} for t, h, e, d in rows])
+
+
 def test_portability_summary_reads_the_table():
     rows = [("same base", "original", 1.0, float("nan")), ("other seed", "ported", 0.1, float("nan")),
             ("other seed", "retrained", 0.9, float("nan")), ("continued", "ported", 0.8, 0.05),
             ("continued", "retrained", 1.0, 0.05)]
-    table = pd.DataFrame([{"family": "llama", "target": t, "how": h, "efficacy": e, "specificity": 0.9,
-                           "efficacy_ratio": e / 1.0, "drift": d} for t, h, e, d in rows])
+    table = portability_table("llama", rows, specificity=0.9)
     s = compare.portability_summary(table)["llama"]
     assert s["original_efficacy"] == 1.0 and s["continued_drift"] == 0.05
     assert s["other_seed"] == {"ported_efficacy": 0.1, "efficacy_ratio": 0.1, "ported_specificity": 0.9,
                                "retrained_efficacy": 0.9}
     assert s["continued"]["ported_efficacy"] == 0.8
     # real bases: one target per other checkpoint of the same shapes, no continued base (no drift)
-    real = pd.DataFrame([{"family": "m-a", "target": t, "how": h, "efficacy": e, "specificity": 0.95,
-                          "efficacy_ratio": e / 0.8, "drift": float("nan")}
-                         for t, h, e in [("same base", "original", 0.8), ("m-b", "ported", 0.2),
-                                         ("m-b", "retrained", 0.9)]])
+    nan = float("nan")
+    real = portability_table("m-a", [("same base", "original", 0.8, nan), ("m-b", "ported", 0.2, nan),
+                                     ("m-b", "retrained", 0.9, nan)], specificity=0.95, original=0.8)
     s = compare.portability_summary(real)["m-a"]
     assert set(s) == {"original_efficacy", "m-b"} and s["m-b"]["ported_efficacy"] == 0.2
 
@@ -163,8 +167,7 @@ def test_portability_prose_is_rendered_from_the_table():
     rows = [("same base", "original", 1.0, float("nan")), ("other seed", "ported", 0.0, float("nan")),
             ("other seed", "retrained", 1.0, float("nan")), ("continued", "ported", 0.9, 0.23),
             ("continued", "retrained", 1.0, 0.23)]
-    table = pd.DataFrame([{"family": "gpt_neox", "target": t, "how": h, "efficacy": e, "specificity": 0.95,
-                           "efficacy_ratio": e / 1.0, "drift": d} for t, h, e, d in rows])
+    table = portability_table("gpt_neox", rows, specificity=0.95)
     text = compare.portability_prose(table, continue_steps=100)
     assert "**gpt_neox**: the adapter reaches efficacy 1.00 on its own base." in text
     assert ("On a base of the same family pretrained from another seed the unchanged adapter reaches 0.00 (0.00 of "
