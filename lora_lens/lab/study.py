@@ -181,12 +181,13 @@ def spec_kind(task: Task) -> str | None:
     return "data" if task.world_fingerprint is None else None
 
 
-def check_data_task(task: Task, tokenizer) -> None:
+def check_data_task(task: Task, tokenizer, base: str = "") -> None:
     """Refuse a task from data with problems for this tokenizer (:func:`lora_lens.lab.tasks.check_task`), every
-    problem listed in one :class:`ConfigError`."""
+    problem listed in one :class:`ConfigError` (naming ``base`` when given)."""
     problems = check_task(task, tokenizer)
     if problems:
-        raise ConfigError(problem_message(f"task {task.name!r}", problems))
+        on = f" on base {base!r}" if base else ""
+        raise ConfigError(problem_message(f"task {task.name!r}{on}", problems))
 
 
 def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | None = None,

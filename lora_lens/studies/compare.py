@@ -57,9 +57,7 @@ from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
 from lora_lens.lab.modules import SHARED_TYPES, hf_model, shared_type
 from lora_lens.lab.probes import evaluate
-from lora_lens.lab.study import base_label, check_sources, fit_adapter, spec_kind
-from lora_lens.lab.task_file import problem_message
-from lora_lens.lab.tasks import check_task
+from lora_lens.lab.study import base_label, check_data_task, check_sources, fit_adapter, spec_kind
 from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
 from lora_lens.lab.world import TASKS, Task, World, make_task, make_world
 from lora_lens.lab.zoo import FAMILIES, PRETRAIN, SIZES, Pretrained, get_pretrained, load_model, pretrain
@@ -385,9 +383,7 @@ def _check_real_base(source: str, task: Task, n_probes: int, device: str) -> dic
     """Load a real base once before anything trains: the task must suit its tokenizer; its architecture, shape and
     token keys."""
     model, tokenizer = load_model(source, device=device)
-    problems = check_task(task, tokenizer)
-    if problems:
-        raise ConfigError(problem_message(f"task {task.name!r} on base {source!r}", problems))
+    check_data_task(task, tokenizer, base=source)
     facts = {"architecture": model.config.model_type, "shape": _shape_key(model),
              "tokens": _token_key(tokenizer, task, n_probes)}
     del model
