@@ -14,10 +14,13 @@ default 3) the pooled live values decide: their seeded bootstrap interval of the
 (:func:`lora_lens.stats.bootstrap_ci`) makes the hypothesis **supported** when it clears the threshold on the
 predicted side (``>=``/``>``: low end ≥/> threshold; ``<=``/``<``: high end ≤/< threshold; ``between (a, b)``:
 a ≤ low and high ≤ b), **refuted** when it lies entirely on the other side, **inconclusive** otherwise and below
-``min_runs``. A rule that cannot be evaluated (``==``/``!=`` or a ``level`` outside (0, 1) with
-``rule="interval"``, a ``fraction`` or ``level`` with a rule that does not read it) raises
-:class:`~lora_lens.errors.ConfigError` at declaration. :func:`hypotheses` shows the mean and its interval
-(``mean``, ``ci_low``, ``ci_high``) beside the verdict for every rule.
+``min_runs`` distinct measurements. A rerun of the same notebook parameters and seed repeats a measurement
+rather than adding one: repeats count once, at their mean (:func:`~lora_lens.ledger.api.measurements`), so that
+running a series twice does not narrow an interval over seeds. A rule that cannot be evaluated (``==``/``!=``
+or a ``level`` outside (0, 1) with ``rule="interval"``, a ``fraction`` or ``level`` with a rule that does not
+read it) raises :class:`~lora_lens.errors.ConfigError` at declaration. :func:`hypotheses` shows the mean and its
+interval (``mean``, ``ci_low``, ``ci_high``, over the ``n_measured`` distinct measurements) beside the verdict
+for every rule.
 
 Comparators: ``>``, ``>=``, ``<``, ``<=``, ``==``, ``!=`` (equality within ``math.isclose(rel_tol=1e-9,
 abs_tol=1e-12)``) and ``between`` (threshold ``(lo, hi)``, both ends included).

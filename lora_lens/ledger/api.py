@@ -51,10 +51,13 @@ class Tally:
     Attributes:
         n: Live records.
         n_pass: Live records that pass the prediction.
-        mean: Mean of their values (None without live records).
+        mean: Mean of their measurements (None without live records): a rerun of one configuration and seed
+            repeats a measurement, it does not add one (see :func:`measurements`).
         ci_low: Low end of the seeded bootstrap interval of the mean (:func:`lora_lens.stats.bootstrap_ci`).
         ci_high: High end of that interval.
         level: Its coverage: the hypothesis's ``level``, else :data:`DEFAULT_LEVEL`.
+        n_measured: Distinct measurements among the live records (what ``rule="interval"`` counts against
+            ``min_runs``).
     """
 
     n: int
@@ -63,24 +66,46 @@ class Tally:
     ci_low: float | None = None
     ci_high: float | None = None
     level: float = DEFAULT_LEVEL
+    n_measured: int = 0
+
+
+def measurements(rows) -> list[float]:
+    """One value per distinct measurement among evidence rows (``run_id``, ``params``, ``seed``, ``value``, in
+    recording order): rerunning a notebook with the same parameters and seed measures the same thing again.
+
+    The k-th record of seed s in a run repeats the k-th record of seed s in every other run with the same
+    parameters (a run that records one value per family or per module records them in the same order each time);
+    repeats count once, at the mean of their values, so that two reruns of one seed do not narrow an interval over
+    seeds. A record without a seed is a measurement of its own.
+    """
+    groups, ordinal = {}, {}
+    for i, r in enumerate(rows):
+        if r["seed"] is None:
+            groups[("record", i)] = [r["value"]]
+            continue
+        within = (r["run_id"], r["params"], r["seed"])
+        ordinal[within] = k = ordinal.get(within, -1) + 1
+        groups.setdefault((r["params"], r["seed"], k), []).append(r["value"])
+    return [sum(v) / len(v) for v in groups.values()]
 
 
 def tally(db: sqlite3.Connection, h: Hypothesis, interval: bool = True) -> Tally:
-    """The live evidence of ``h`` counted, with the mean and its interval (unless ``interval=False`` and ``h``'s
-    rule does not read it).
+    """The live evidence of ``h`` counted, with the mean and its interval over its distinct measurements (unless
+    ``interval=False`` and ``h``'s rule does not read it).
 
-    The interval (:func:`lora_lens.stats.bootstrap_ci`, 2000 resamples, seed 0) resamples the values in sorted
-    order, so it depends only on the live values, not on the order in which they were recorded or imported.
+    The interval (:func:`lora_lens.stats.bootstrap_ci`, 2000 resamples, seed 0) resamples the measurements in
+    sorted order, so it depends only on the live values, not on the order in which runs were recorded or imported.
     """
-    rows = db.execute(f"SELECT value, passed FROM evidence WHERE {_LIVE}", (h.id,)).fetchall()
+    rows = db.execute(f"SELECT run_id, params, seed, value, passed FROM evidence WHERE {_LIVE} ORDER BY id",
+                      (h.id,)).fetchall()
     n, n_pass, level = len(rows), sum(bool(r["passed"]) for r in rows), h.level or DEFAULT_LEVEL
+    values = sorted(measurements(rows))
     if not (rows and (interval or h.rule == "interval")):
-        return Tally(n, n_pass, level=level)
-    values = sorted(r["value"] for r in rows)
+        return Tally(n, n_pass, level=level, n_measured=len(values))
     mean, lo, hi = bootstrap_ci(values, n_boot=_N_BOOT, level=level, seed=_BOOT_SEED)
     # a mean of resampled values lies within [min, max]: clip the float rounding of the mean, so that equal values
     # give exactly that value and a value on the threshold stays on it
-    return Tally(n, n_pass, mean, max(lo, values[0]), min(hi, values[-1]), level)
+    return Tally(n, n_pass, mean, max(lo, values[0]), min(hi, values[-1]), level, len(values))
 
 
 def _interval_verdict(h: Hypothesis, lo: float, hi: float) -> str:
@@ -96,10 +121,10 @@ def decide(h: Hypothesis, t: Tally) -> str:
     """The verdict rule: ``h``'s verdict given the :class:`Tally` of its live evidence (see the package docs)."""
     if h.rule == "all":
         return "refuted" if t.n_pass < t.n else "supported" if t.n >= h.min_runs else "inconclusive"
+    if h.rule == "interval":
+        return "inconclusive" if t.n_measured < h.min_runs else _interval_verdict(h, t.ci_low, t.ci_high)
     if t.n < h.min_runs:
         return "inconclusive"
-    if h.rule == "interval":
-        return _interval_verdict(h, t.ci_low, t.ci_high)
     return "supported" if t.n_pass >= h.fraction * t.n - 1e-9 else "refuted"
 
 
@@ -364,16 +389,21 @@ def verdict_text(id: str, path=None) -> str:
     if t.n == 0:
         return f"`{id}`: **{v}** ({h.prediction}; no evidence yet)"
     level = round(100 * (h.level or DEFAULT_LEVEL))
+    counted = t.n_measured if h.rule == "interval" else t.n
+    what = "measurement" if h.rule == "interval" else "record"
     why = ""
     if v == "inconclusive":
-        why = (f"; needs {h.min_runs} records" if t.n < h.min_runs else
+        why = (f"; needs {h.min_runs} {what}s" if counted < h.min_runs else
                "; the interval straddles the threshold" if h.rule == "interval" else "")
+    over = f"{counted} {what}{'s' if counted != 1 else ''}"
+    if t.n != counted:
+        over += f" ({t.n} records: reruns of one seed count once)"
     return (f"`{id}`: **{v}** ({h.prediction}; mean {t.mean:.3g}, {level} % interval [{t.ci_low:.3g}, {t.ci_high:.3g}] "
-            f"over {t.n} record{'s' if t.n != 1 else ''}{why})")
+            f"over {over}{why})")
 
 
-_H_COLS = ["id", "verdict", "n_evidence", "n_pass", "mean", "ci_low", "ci_high", "prediction", "claim", "falsifier",
-           "method", "rule", "min_runs", "fraction", "level", "tags", "author", "created"]
+_H_COLS = ["id", "verdict", "n_evidence", "n_pass", "n_measured", "mean", "ci_low", "ci_high", "prediction", "claim",
+           "falsifier", "method", "rule", "min_runs", "fraction", "level", "tags", "author", "created"]
 _E_COLS = ["id", "hypothesis_id", "run_id", "notebook", "seed", "metric", "value", "passed", "retracted", "retracts",
            "notes", "params", "artifacts", "git_commit", "machine", "threads", "created", "uid"]
 
@@ -390,8 +420,8 @@ def hypotheses(path=None):
             h = hypothesis_from_row(r)
             t = tally(db, h)
             rows.append({**dataclasses.asdict(h), "verdict": decide(h, t), "n_evidence": t.n, "n_pass": t.n_pass,
-                         "mean": t.mean, "ci_low": t.ci_low, "ci_high": t.ci_high, "prediction": h.prediction,
-                         "tags": ", ".join(h.tags)})
+                         "n_measured": t.n_measured, "mean": t.mean, "ci_low": t.ci_low, "ci_high": t.ci_high,
+                         "prediction": h.prediction, "tags": ", ".join(h.tags)})
     return pd.DataFrame(rows, columns=_H_COLS)
 
 

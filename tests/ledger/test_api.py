@@ -2,6 +2,7 @@
 
 import doctest
 import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -166,17 +167,46 @@ def test_every_rule_shows_the_mean_and_its_interval(db):
     assert row["mean"] == pytest.approx(0.95) and 0.9 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0
 
 
+def test_a_rerun_of_one_seed_repeats_a_measurement_and_does_not_narrow_the_interval(db, monkeypatch):
+    ledger.declare("h", "claim", "acc", ">=", 0.9, rule="interval", path=db)
+    monkeypatch.setenv("LORA_LENS_PARAMS", json.dumps({"seeds": 2, "family": "llama"}))
+    for run in ("run-1", "run-2", "run-3"):  # the same configuration three times: seeds 0 and 1, two families each
+        monkeypatch.setenv("LORA_LENS_RUN_ID", run)
+        for seed, values in ((0, (0.95, 0.99)), (1, (0.91, 0.97))):
+            for v in values:
+                ledger.record("h", v + (0.001 if run == "run-3" else 0.0), seed=seed, path=db)
+    row = ledger.hypotheses(db).iloc[0]
+    assert (row["n_evidence"], row["n_measured"]) == (12, 4)  # the k-th record of a seed in each run is one
+    assert row["verdict"] == "supported"  # 4 distinct measurements clear the interval rule's min_runs
+    assert row["mean"] == pytest.approx((0.95 + 0.99 + 0.91 + 0.97) / 4 + 0.001 / 3)
+    assert ledger.verdict_text("h", path=db).endswith(
+        "over 4 measurements (12 records: reruns of one seed count once))")
+    monkeypatch.setenv("LORA_LENS_PARAMS", json.dumps({"seeds": 2, "family": "qwen2"}))  # another configuration
+    ledger.record("h", 0.2, seed=0, path=db)
+    assert ledger.hypotheses(db).iloc[0]["n_measured"] == 5
+
+
+def test_two_records_of_one_seed_repeat_nothing_but_need_min_runs_measurements(db, monkeypatch):
+    ledger.declare("h", "claim", "acc", ">=", 0.9, rule="interval", path=db)
+    monkeypatch.setenv("LORA_LENS_PARAMS", json.dumps({"seed": 0}))
+    for run in ("a", "b", "c"):
+        monkeypatch.setenv("LORA_LENS_RUN_ID", run)
+        ledger.record("h", 0.95, path=db)  # the seed comes from the parameters
+    assert ledger.verdict("h", path=db) == "inconclusive"  # three reruns of seed 0 are one measurement
+    assert ledger.verdict_text("h", path=db).endswith("needs 3 measurements)")
+
+
 def test_verdict_text_renders_the_verdict_and_interval_the_ledger_decides_on(db):
     ledger.declare("h", "claim", "acc", ">=", 0.9, rule="interval", path=db)
     assert ledger.verdict_text("h", path=db) == "`h`: **inconclusive** (acc >= 0.9; no evidence yet)"
     ledger.record("h", 0.95, path=db)
-    assert ledger.verdict_text("h", path=db).endswith("over 1 record; needs 3 records)")
+    assert ledger.verdict_text("h", path=db).endswith("over 1 measurement; needs 3 measurements)")
     for v in (0.97, 0.93):
         ledger.record("h", v, path=db)
     row = ledger.hypotheses(db).iloc[0]
     interval = f"[{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
     assert ledger.verdict_text("h", path=db) == (f"`h`: **supported** (acc >= 0.9; mean {row['mean']:.3g}, 95 % "
-                                                 f"interval {interval} over 3 records)")
+                                                 f"interval {interval} over 3 measurements)")
     ledger.record("h", 0.5, path=db)
     assert ledger.verdict_text("h", path=db).startswith("`h`: **inconclusive**")
     assert ledger.verdict_text("h", path=db).endswith("; the interval straddles the threshold)")
