@@ -9,12 +9,16 @@ Subcommands:
              (a checkout's ``benchmarks/`` folder).
     inspect  report on any PEFT LoRA adapter of a causal LM: weight space, vocabulary, behaviour (see
              :mod:`lora_lens.lens.inspect_adapter`); writes report.json and report.html.
+    train    train a LoRA adapter on a base for a task file and save it (:func:`lora_lens.lab.study.train_adapter`);
+             the same command data parallel: ``accelerate launch --multi_gpu --num_processes N -m lora_lens.cli
+             train ...`` (on CPUs too: each process takes its share of every batch, gloo backend).
     task     ``task check FILE --base MODEL``: every problem of a JSONL task file for a model's tokenizer, one
              ``FILE:LINE: message`` a line; exit 1 when there is any (see :func:`lora_lens.lab.tasks.check_task`).
     ledger   the hypothesis ledger; every argument after ``ledger`` goes to
              :func:`lora_lens.ledger.command.ledger_main`.
 
-Exit codes: 0 success, 1 a notebook failed while running (or ``task check`` found problems), 2 any other lora_lens error or a usage error.
+Exit codes: 0 success, 1 a notebook failed while running (or ``task check`` found problems), 2 any other lora_lens
+error or a usage error.
 
 Example:
     $ lora-lens run --preset smoke --only 00 -p seed=1
@@ -23,6 +27,7 @@ Example:
     $ lora-lens lab --dry-run
     $ lora-lens inspect out/adapters/fact_edit --prompts prompts.txt --out inspect-fact_edit
     $ lora-lens task check examples/smollm2_facts.jsonl --base smollm2-135m
+    $ lora-lens train smollm2-135m examples/smollm2_facts.jsonl --out adapters/facts --set steps=20
 """
 
 from __future__ import annotations
@@ -113,6 +118,23 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="the base model: a folder, a hub name or smollm2-135m (its tokenizer and chat template)")
     check.set_defaults(handler=_task_check)
 
+    train = sub.add_parser(
+        "train", help="train a LoRA adapter for a task file and save it (under accelerate launch: data parallel)",
+        description="Train a LoRA adapter on BASE for the task in TASK_FILE with the notebooks' recipe (the task "
+        "checked against the base first; default spec for the task, overridden by --set) and save it as a PEFT "
+        "folder with task.jsonl and lora_lens_train.json. Run it under `accelerate launch --multi_gpu "
+        "--num_processes N -m lora_lens.cli train ...` (or torchrun) to train data parallel: the batch size is the "
+        "global batch, and the main process writes OUT.")
+    train.add_argument("base", metavar="BASE", help="the base model: a folder (a zoo model's cache folder too), a hub "
+                       "name or smollm2-135m")
+    train.add_argument("task_file", metavar="TASK_FILE", help="JSONL task file (see README 'Your own model')")
+    train.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write (new or empty)")
+    train.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (default 0)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                       help="a LoraSpec field, e.g. --set rank=4 --set steps=40 (repeatable)")
+    train.add_argument("--device", default="cpu", help="torch device of each process (default cpu)")
+    train.set_defaults(handler=_train)
+
     sub.add_parser("ledger", add_help=False, help="hypothesis ledger (lora-lens ledger --help)")
     sub.add_parser("bench", add_help=False, help="performance suite (lora-lens bench --help)")
     return parser
@@ -186,6 +208,19 @@ def _task_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: {len(problems)} problem{'s' * (len(problems) != 1)} for {args.base}",
           file=sys.stderr if problems else sys.stdout)
     return 1 if problems else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lora_lens.lab.study import train_adapter
+    from lora_lens.lab.train import is_main_process
+
+    if not Path(args.task_file).is_file():
+        raise NotFoundError(f"task file {args.task_file} does not exist: check the path")
+    out = train_adapter(args.base, args.task_file, args.out, seed=args.seed, device=args.device,
+                        **parse_assignments(args.overrides))
+    if is_main_process():
+        print(f"wrote {out}")
+    return 0
 
 
 def _ledger(argv: list[str]) -> int:

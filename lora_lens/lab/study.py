@@ -26,13 +26,13 @@ from lora_lens.lab.probes import Evaluation, evaluate
 from lora_lens.lab.real_models import is_real_model, real_model_path
 from lora_lens.lab.task_file import problem_message
 from lora_lens.lab.tasks import check_task, fill_base_answers
-from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
+from lora_lens.lab.train import LoraSpec, check_spec, data_parallel_processes, default_spec, is_main_process, train_lora
 from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
 
 __all__ = ["DEFAULT_SEEDS", "Fit", "base_identity", "base_label", "check_data_task", "check_sources", "fit_adapter",
-           "results_table", "seed_list", "spec_kind"]
+           "results_table", "seed_list", "spec_kind", "train_adapter"]
 
 DEFAULT_SEEDS = 3
 """Seeds of a notebook's headline numbers on the zoo when its ``seeds`` parameter is ``None``."""
@@ -226,15 +226,12 @@ def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | No
         CorruptError: A task file that is not valid (file and line named).
         MismatchError: ``task`` belongs to another world than ``pre``, or ``adapter`` was trained on another base.
     """
-    task = _resolve_task(pre, task, seed)
+    if data_parallel_processes() > 1:
+        raise ConfigError(f"fit_adapter runs in one process (its cache is behind a file lock), not in each of "
+                          f"{data_parallel_processes()} launched ones: train data parallel with train_adapter or "
+                          "`lora-lens train`, then pass the folder as adapter=")
+    task, spec, source, world, model, tokenizer = _prepared(pre, task, seed, spec, device, spec_overrides)
     data = task.world_fingerprint is None
-    spec = check_spec(spec) if spec is not None else default_spec(spec_kind(task), **spec_overrides)
-    source = pre.path if isinstance(pre, Pretrained) else pre
-    world = pre.world if isinstance(pre, Pretrained) else None
-    model, tokenizer = load_model(source, device=device)
-    if data:
-        check_data_task(task, tokenizer)
-        task = fill_base_answers(task, model, tokenizer, sets=("specificity",))
     if adapter is not None:
         peft_model = load_adapter(model, adapter)
         folder = Path(adapter).expanduser()
@@ -261,15 +258,73 @@ def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | No
         if peft_model is None:
             result = train_lora(model, tokenizer, task, spec, seed=seed, world=world, device=device,
                                 rehearsal=rehearsal)
-            peft_model = result.model
-            train = {"curve": result.curve, "train_seconds": result.train_seconds, **result.metrics}
-            save_adapter(result, folder, base_path=source if isinstance(pre, Pretrained) else None, task=task,
-                         world=world)
-            task.save(folder / "task.jsonl")  # the planted truth, for `lora-lens inspect` and later notebooks
-            # written last: its presence marks a complete entry (save_adapter itself is atomic)
-            write_json(folder / "lora_lens_train.json", train)
+            peft_model, train = result.model, _save_fit(result, folder, pre, task, world)
     evaluation = evaluate(peft_model, tokenizer, task)
     return Fit(peft_model, tokenizer, task, spec, folder, evaluation, train)
+
+
+def _prepared(pre, task, seed: int, spec: LoraSpec | None, device: str, spec_overrides: dict):
+    """The task, spec, model source, world, model and tokenizer of one fit, checked before anything is trained."""
+    task = _resolve_task(pre, task, seed)
+    spec = check_spec(spec) if spec is not None else default_spec(spec_kind(task), **spec_overrides)
+    source = pre.path if isinstance(pre, Pretrained) else pre
+    world = pre.world if isinstance(pre, Pretrained) else None
+    model, tokenizer = load_model(source, device=device)
+    if task.world_fingerprint is None:
+        check_data_task(task, tokenizer)
+        task = fill_base_answers(task, model, tokenizer, sets=("specificity",))
+    return task, spec, source, world, model, tokenizer
+
+
+def _save_fit(result, folder: Path, pre, task: Task, world) -> dict:
+    """Write a trained adapter as a complete adapter folder; returns its training record."""
+    train = {"curve": result.curve, "train_seconds": result.train_seconds, **result.metrics}
+    save_adapter(result, folder, base_path=pre.path if isinstance(pre, Pretrained) else None, task=task, world=world)
+    task.save(folder / "task.jsonl")  # the planted truth, for `lora-lens inspect` and later notebooks
+    # written last: its presence marks a complete entry (save_adapter itself is atomic)
+    write_json(folder / "lora_lens_train.json", train)
+    return train
+
+
+def train_adapter(pre, task: str | Path | Task, out: str | Path, seed: int = 0, spec: LoraSpec | None = None,
+                  device: str = "cpu", rehearsal: str = "neighbours", **spec_overrides) -> Path:
+    """Train a LoRA adapter for ``task`` on a base and save it to ``out`` — on one process or data parallel.
+
+    The same recipe as :func:`fit_adapter` (same task checks, spec and rehearsal), without the adapter cache, so
+    that it can run under ``accelerate launch`` (or ``torchrun``) on several processes: each process trains on its
+    share of every batch (``spec.batch_size`` is the global batch), gradients are averaged over the processes, and
+    only the main process writes ``out``. With the same seed the adapter equals the one-process adapter up to
+    the float rounding of the gradient all-reduce — as long as every batch is full: an epoch's last, shorter batch
+    is topped up by accelerate with the epoch's first examples (its ``even_batches`` rule), so where the number of
+    training rows is not a multiple of the batch the runs differ by those repeats. ``lora-lens train`` is the
+    command for it.
+
+    Args:
+        pre: The base, as for :func:`fit_adapter`.
+        task: A task file, a :class:`Task`, or a zoo task kind for a :class:`Pretrained` base.
+        out: The adapter folder to write (an ordinary PEFT directory plus ``task.jsonl`` and
+            ``lora_lens_train.json``); it must not exist or be empty, or be an adapter folder (replaced).
+        seed: Initialisation and data-order seed.
+        spec: The spec (default ``default_spec(kind, **spec_overrides)``).
+        device: Torch device of each process.
+        rehearsal: For a task from data, what the rehearsal is drawn from.
+        **spec_overrides: Fields of :class:`LoraSpec`.
+
+    Returns:
+        ``out`` (on every process; written by the main one).
+
+    Raises:
+        As :func:`fit_adapter`, before anything is trained; ConfigError also when ``out`` is a folder with other
+        content, or the batch does not split evenly over the processes.
+    """
+    out = Path(out).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ConfigError(f"out={str(out)!r} is a folder with other content: pass a new or empty folder")
+    task, spec, _, world, model, tokenizer = _prepared(pre, task, seed, spec, device, spec_overrides)
+    result = train_lora(model, tokenizer, task, spec, seed=seed, world=world, device=device, rehearsal=rehearsal)
+    if is_main_process():
+        _save_fit(result, out, pre, task, world)
+    return out
 
 
 def results_table(fits: dict) -> pd.DataFrame:

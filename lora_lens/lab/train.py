@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -39,7 +40,7 @@ from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
 __all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "LoraSpec", "TrainResult", "check_no_lora",
-           "check_rank", "check_spec", "default_spec", "has_lora",
+           "check_rank", "check_spec", "data_parallel_processes", "default_spec", "has_lora", "is_main_process",
            "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
 DATA_STEPS = 20
@@ -431,7 +432,10 @@ class _GuardedTrainer(Trainer):
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
                 base = model(**inputs).logits[:, :-1][anchor]
             total = total + kl_to_reference(logits[anchor], base)
-        loss = total / max(int(keep.sum()) + int(anchor.sum()), 1)
+        count = keep.sum() + anchor.sum()
+        if self.accelerator.num_processes > 1:  # the batch's mean over every process's rows, as on one process:
+            count = self.accelerator.reduce(count, "sum") / self.accelerator.num_processes  # DDP averages gradients
+        loss = total / count.clamp(min=1)
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -555,8 +559,24 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
                        metrics)
 
 
+def is_main_process() -> bool:
+    """Whether this process writes results: always outside a distributed launch, else only rank 0 (``$RANK`` as set
+    by ``accelerate launch`` and ``torchrun``)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def data_parallel_processes() -> int:
+    """How many processes train together: ``$WORLD_SIZE`` as set by ``accelerate launch`` and ``torchrun``, else 1."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def _training_args(spec: LoraSpec, seed: int, device: str, out_dir: Path, n: int) -> TrainingArguments:
     steps = math.ceil(spec.epochs * n / spec.batch_size) if spec.epochs is not None else spec.steps
+    processes = data_parallel_processes()
+    if spec.batch_size % processes:
+        even = processes * max(1, spec.batch_size // processes)
+        raise ConfigError(f"batch_size={spec.batch_size} does not split over {processes} processes: it is the global "
+                          f"batch, so pass a multiple of {processes} (e.g. {even}) or launch fewer processes")
     log_every = spec.log_every or max(1, steps // 50)
     warmup = spec.warmup if spec.warmup < 1 else int(spec.warmup)
     on_cpu = str(device).startswith("cpu")
@@ -566,7 +586,10 @@ def _training_args(spec: LoraSpec, seed: int, device: str, out_dir: Path, n: int
         max_grad_norm=spec.max_grad_norm, logging_steps=log_every, logging_first_step=True, save_strategy="no",
         eval_strategy="no", report_to=[], disable_tqdm=not show_progress(), use_cpu=on_cpu, seed=seed,
         data_seed=seed, fp16=False, bf16=False, remove_unused_columns=False, label_names=["labels"],
-        dataloader_pin_memory=not on_cpu, dataloader_num_workers=0)
+        dataloader_pin_memory=not on_cpu, dataloader_num_workers=0,
+        # several processes: each global batch (the last, shorter one of an epoch too) is split evenly over them, so
+        # they train on exactly the batches one process would
+        accelerator_config={"split_batches": True} if processes > 1 else None)
 
 
 @torch.no_grad()
