@@ -211,8 +211,8 @@ def _task_check(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lora_lens.lab.parallel import is_main_process
     from lora_lens.lab.study import train_adapter
-    from lora_lens.lab.train import is_main_process
 
     if not Path(args.task_file).is_file():
         raise NotFoundError(f"task file {args.task_file} does not exist: check the path")

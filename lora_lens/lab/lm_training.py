@@ -21,6 +21,7 @@ import random
 import torch
 
 from lora_lens.errors import ConfigError, TrainingError
+from lora_lens.lab import parallel
 
 __all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference"]
 
@@ -130,6 +131,8 @@ class LMTrainer:
         """
         if kl_lines and self.reference is None:
             raise ConfigError("kl_lines need a reference model: LMTrainer(..., reference=base)")
+        if parallel.processes() > 1:
+            return self._shared_step(list(lines), list(kl_lines))
         tok = self.tokenizer
         ids = [x + [tok.eos_token_id] if self.eos else x for x in tok(list(lines) + list(kl_lines))["input_ids"]]
         enc = tok.pad({"input_ids": ids}, return_tensors="pt")
@@ -150,13 +153,50 @@ class LMTrainer:
                 total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text],
                                                                   reduction="sum")
             loss = total / max(int(scored.sum()), 1)
+        self._check(loss)
+        loss.backward()
+        self._update()
+        return loss, tokens
+
+    def _check(self, loss: torch.Tensor) -> None:
         self.steps_done += 1
         if self.guard is not None and not torch.isfinite(loss):
             raise TrainingError(f"{self.guard} stopped at step {self.steps_done}: the loss is {loss.item()} "
                                 f"(non-finite); lower lr={self.lr:g}")
-        loss.backward()
+
+    def _update(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, tokens
+
+    def _shared_step(self, lines: list[str], kl_lines: list[str]) -> tuple[torch.Tensor, int]:
+        """:meth:`step` data parallel: this process's share of the lines, the gradients summed over the processes,
+        so that every process takes the step one process takes on the whole batch (up to float rounding)."""
+        if len(lines) + len(kl_lines) < parallel.processes():
+            raise ConfigError(f"a batch of {len(lines) + len(kl_lines)} lines cannot be shared by "
+                              f"{parallel.processes()} processes: use a batch of at least one line per process")
+        parallel.join(self.device)
+        mine = parallel.share(range(len(lines) + len(kl_lines)))  # at least one row each
+        n_text = sum(i < len(lines) for i in mine)
+        tok, rows = self.tokenizer, [(lines + kl_lines)[i] for i in mine]
+        enc = tok.pad({"input_ids": [x + [tok.eos_token_id] if self.eos else x for x in tok(rows)["input_ids"]]},
+                      return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        scored = mask[:, 1:].bool()
+        text, kl = scored.clone(), scored.clone()
+        text[n_text:] = False
+        kl[:n_text] = False
+        total = torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text], reduction="sum")
+        if kl.any():
+            with torch.no_grad():
+                ref = self.reference(input_ids=ids[n_text:], attention_mask=mask[n_text:]).logits[:, :-1]
+            total = total + kl_to_reference(logits[kl], ref[kl[n_text:]])
+        count = parallel.total(scored.sum().float()).clamp(min=1)
+        loss = parallel.total(total) / count  # the whole batch's loss, the same on every process
+        self._check(loss)
+        (total / count).backward()
+        parallel.sum_gradients(self.params)
+        self._update()
+        return loss, int(parallel.total(enc["attention_mask"].sum()))

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import copy
-
 import importlib.metadata
 import importlib.util
 import json

@@ -21,12 +21,13 @@ from pathlib import Path
 import pandas as pd
 
 from lora_lens.errors import ConfigError, CorruptError, NotFoundError
+from lora_lens.lab import parallel
 from lora_lens.lab.adapters import MANIFEST, load_adapter, read_manifest, save_adapter
 from lora_lens.lab.probes import Evaluation, evaluate
 from lora_lens.lab.real_models import is_real_model, real_model_path
 from lora_lens.lab.task_file import problem_message
 from lora_lens.lab.tasks import check_task, fill_base_answers
-from lora_lens.lab.train import LoraSpec, check_spec, data_parallel_processes, default_spec, is_main_process, train_lora
+from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
 from lora_lens.lab.world import TASKS, Task, make_task
 from lora_lens.lab.zoo import Pretrained, cache_dir, load_model
 from lora_lens.utils import file_lock, stable_hash, write_json
@@ -226,9 +227,9 @@ def fit_adapter(pre, task: str | Path | Task, seed: int = 0, spec: LoraSpec | No
         CorruptError: A task file that is not valid (file and line named).
         MismatchError: ``task`` belongs to another world than ``pre``, or ``adapter`` was trained on another base.
     """
-    if data_parallel_processes() > 1:
+    if parallel.processes() > 1:
         raise ConfigError(f"fit_adapter runs in one process (its cache is behind a file lock), not in each of "
-                          f"{data_parallel_processes()} launched ones: train data parallel with train_adapter or "
+                          f"{parallel.processes()} launched ones: train data parallel with train_adapter or "
                           "`lora-lens train`, then pass the folder as adapter=")
     task, spec, source, world, model, tokenizer = _prepared(pre, task, seed, spec, device, spec_overrides)
     data = task.world_fingerprint is None
@@ -322,7 +323,7 @@ def train_adapter(pre, task: str | Path | Task, out: str | Path, seed: int = 0, 
         raise ConfigError(f"out={str(out)!r} is a folder with other content: pass a new or empty folder")
     task, spec, _, world, model, tokenizer = _prepared(pre, task, seed, spec, device, spec_overrides)
     result = train_lora(model, tokenizer, task, spec, seed=seed, world=world, device=device, rehearsal=rehearsal)
-    if is_main_process():
+    if parallel.is_main_process():
         _save_fit(result, out, pre, task, world)
     return out
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -33,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lora_lens.errors import ConfigError, TrainingError
+from lora_lens.lab import parallel
 from lora_lens.lab.lm_training import kl_to_reference
 from lora_lens.lab.modules import module_kind
 from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_examples
@@ -40,7 +40,7 @@ from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
 __all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "LoraSpec", "TrainResult", "check_no_lora",
-           "check_rank", "check_spec", "data_parallel_processes", "default_spec", "has_lora", "is_main_process",
+           "check_rank", "check_spec", "default_spec", "has_lora",
            "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
 
 DATA_STEPS = 20
@@ -559,20 +559,9 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
                        metrics)
 
 
-def is_main_process() -> bool:
-    """Whether this process writes results: always outside a distributed launch, else only rank 0 (``$RANK`` as set
-    by ``accelerate launch`` and ``torchrun``)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def data_parallel_processes() -> int:
-    """How many processes train together: ``$WORLD_SIZE`` as set by ``accelerate launch`` and ``torchrun``, else 1."""
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-
-
 def _training_args(spec: LoraSpec, seed: int, device: str, out_dir: Path, n: int) -> TrainingArguments:
     steps = math.ceil(spec.epochs * n / spec.batch_size) if spec.epochs is not None else spec.steps
-    processes = data_parallel_processes()
+    processes = parallel.processes()
     if spec.batch_size % processes:
         even = processes * max(1, spec.batch_size // processes)
         raise ConfigError(f"batch_size={spec.batch_size} does not split over {processes} processes: it is the global "

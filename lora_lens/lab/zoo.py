@@ -27,6 +27,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNe
                           Phi3Config, PreTrainedTokenizerFast, Qwen2Config)
 
 from lora_lens.errors import ConfigError, NotFoundError
+from lora_lens.lab import parallel
 from lora_lens.lab.lm_training import LineCycle, LMTrainer
 from lora_lens.lab.probes import accuracy
 from lora_lens.lab.real_models import is_real_model, real_model_path
@@ -292,6 +293,9 @@ def get_pretrained(family: str = "llama", size: str = "small", world: World | No
                 return _load_entry(entry, family, size, world, device)
             warnings.warn(f"cache entry {entry} is corrupt ({problem}); rebuilding it", stacklevel=2)
             shutil.rmtree(entry)
+        if parallel.processes() > 1:  # each process would wait on the others inside the lock
+            raise ConfigError(f"the zoo model {family}/{size} is not in the cache {root}: build it once in one process "
+                              f"(get_pretrained({family!r}, {size!r}, ...)) before launching {parallel.processes()}")
         model = build_model(family, size, tokenizer, seed=seed).to(device)
         result = pretrain(model, tokenizer, world, steps, batch, lr, seed)
         with atomic_dir(entry) as tmp, quiet_transformers():

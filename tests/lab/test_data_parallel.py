@@ -1,5 +1,5 @@
-"""Data-parallel training: ``lora-lens train`` under ``accelerate launch`` with 2 CPU processes (gloo) gives the
-adapter one process gives, and the batch is the global one."""
+"""Data-parallel training: ``lora-lens train`` and continued pretraining under ``accelerate launch`` with 2 CPU
+processes (gloo) give the weights one process gives, and the batch is the global one."""
 
 import json
 import os
@@ -38,12 +38,7 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_llama, tmp_path
     task = _task_file(tiny_llama, tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(tiny_llama.path), str(task), "--out", str(one), *SETS]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "lora_lens.cli", "train", str(tiny_llama.path), str(task), "--out", str(two), *SETS]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _launch(["-m", "lora_lens.cli", "train", str(tiny_llama.path), str(task), "--out", str(two), *SETS], 2)
     assert done.stdout.count("wrote ") == 1  # only the main process writes
     record = json.loads((two / "lora_lens_train.json").read_text())
     assert record["steps"] == STEPS and record["examples"] == json.loads((one / "lora_lens_train.json").read_text())[
@@ -57,6 +52,49 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_llama, tmp_path
     assert moved <= 1e-4 * scale, f"2-process adapter differs from 1-process by {moved:.2e} (scale {scale:.2e})"
     # and it learnt something: not the initial B = 0
     assert scale > 1e-3
+
+
+CONTINUED = """
+import sys
+import torch
+from lora_lens.lab import parallel
+from lora_lens.lab.world import World
+from lora_lens.lab.zoo import load_model
+from lora_lens.studies.distill import continue_pretraining
+model, tok = load_model(sys.argv[1])
+reference, _ = load_model(sys.argv[1])
+corpus = World.load(sys.argv[1] + "/world.jsonl").corpus()
+record = continue_pretraining(model, tok, corpus[:40], corpus[40:80], replay=0.5, steps=6, batch_size=9, lr=1e-3,
+                              replay_loss=sys.argv[3], reference=reference)
+if parallel.is_main_process():
+    torch.save({"state": model.state_dict(), "loss": record["loss"], "tokens": record["tokens"]}, sys.argv[2])
+"""
+
+
+def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    done = subprocess.run((launch if processes > 1 else [sys.executable]) + args, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_processes_continue_pretraining_as_one_does(tiny_llama, tmp_path, replay_loss="kl"):
+    script = tmp_path / "continued.py"
+    script.write_text(CONTINUED)
+    for n in (1, 2):  # 9 lines a step (5 learnt by their tokens, 4 by their KL): 5 and 4 rows per process
+        _launch([str(script), str(tiny_llama.path), str(tmp_path / f"{n}.pt"), replay_loss], n)
+    one, two = (torch.load(tmp_path / f"{n}.pt") for n in (1, 2))
+    assert one["tokens"] == two["tokens"]
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    before = load_file(str(Path(tiny_llama.path) / "model.safetensors"))
+    moved = max(float((one["state"][k] - before[k]).abs().max()) for k in before if k in one["state"])
+    diff = max(float((one["state"][k] - two["state"][k]).abs().max()) for k in one["state"])
+    assert moved > 1e-4  # it trained
+    assert diff <= 1e-3 * moved, f"2-process weights differ from 1-process by {diff:.2e} (update {moved:.2e})"
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_llama, fresh_tiny, monkeypatch):
@@ -93,3 +131,18 @@ def test_train_command_writes_an_adapter_folder_that_loads(tiny_llama, fresh_tin
     peft_model = load_adapter(model, out)
     assert sum(float(p.abs().sum()) for n, p in peft_model.named_parameters() if "lora_B" in n) > 0
     assert torch.isfinite(torch.stack([p.abs().max() for p in peft_model.parameters()])).all()
+
+
+def test_outside_a_launch_sharing_is_the_identity_and_a_launch_builds_no_zoo_model(tiny_world, tmp_path,
+                                                                                    monkeypatch):
+    from lora_lens.lab import parallel
+    from lora_lens.lab.zoo import get_pretrained
+
+    assert (parallel.processes(), parallel.rank(), parallel.is_main_process()) == (1, 0, True)
+    assert parallel.share([3, 1, 2]) == [3, 1, 2] and float(parallel.total(torch.tensor(2.5))) == 2.5
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert parallel.share(list(range(7))) == [1, 3, 5] and not parallel.is_main_process()
+    with pytest.raises(ConfigError, match="build it once in one process"):
+        get_pretrained("llama", "tiny", world=tiny_world, cache=tmp_path)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
