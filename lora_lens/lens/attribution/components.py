@@ -421,7 +421,8 @@ def _hidden(args, kwargs):
 
 
 def _same(a, b) -> bool:
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return tensors and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _block_list(hf, modules: Sequence[str]):
