@@ -398,7 +398,8 @@ def test_deletion_curve_on_a_grid(dense, tiny_world):
     first = int(every[every["topk_removed"] >= level]["k"].iloc[0])
     refined = at.deletion_curve(pm, tok, task, df, comps, k_max=20, max_probes=8, level=level)
     assert int(refined[refined["topk_removed"] >= level]["k"].iloc[0]) == first
-    assert set(grid["k"]) <= set(refined["k"]) and refined["k"].is_monotonic_increasing
+    assert set(refined["k"]) - set(grid["k"]) <= {first} and refined["k"].is_monotonic_increasing
+    assert refined.set_index("k").loc[first, cols].tolist() == every.set_index("k").loc[first, cols].tolist()
     assert list(at.deletion_curve(pm, tok, task, df, comps, k_max=6, max_probes=8, ks=[4])["k"]) == [4, 6]
     for bad in ([], [0], [7], "some"):
         with pytest.raises(ConfigError, match="ks="):

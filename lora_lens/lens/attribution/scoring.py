@@ -251,8 +251,9 @@ def deletion_curve(peft_model, tokenizer, task: Task, attribution: pd.DataFrame,
         max_probes: At most this many probes per set.
         ks: The k evaluated: None (default) the grid :func:`deletion_ks` (1, 2, 3, 5, 8, 13, … and ``k_max``),
             ``"all"`` every k from 1 to ``k_max``, or a list (``k_max`` is added).
-        level: Also find the smallest k whose top-k remove at least this share exactly: every k between the grid
-            points around the first one that reaches it is evaluated too (None: the grid only).
+        level: Also find the smallest k whose top-k remove at least this share exactly: the top-k of every k
+            between the grid points around the first one that reaches it are tried, and the first k that reaches it
+            gets a row too (None: the grid only).
 
     Returns:
         DataFrame with one row per k evaluated (ascending): ``k``, ``topk_removed``, ``random_removed`` (mean),
@@ -316,8 +317,8 @@ def deletion_curve(peft_model, tokenizer, task: Task, attribution: pd.DataFrame,
                 with cache.reuse(cache.start(idx)):
                     return float(ev(peft_model)[0, 0])
 
-            def row(k: int) -> dict:
-                top = metric_without(order[:k])
+            def row(k: int, top: float | None = None) -> dict:
+                top = metric_without(order[:k]) if top is None else top
                 rand = [metric_without(d) for d in draws[k]]
                 removed = [1.0 - (r - base) / effect for r in rand]
                 return {"k": k, "topk_removed": 1.0 - (top - base) / effect,
@@ -331,8 +332,11 @@ def deletion_curve(peft_model, tokenizer, task: Task, attribution: pd.DataFrame,
                 reached = [k for k in grid if rows[k]["topk_removed"] >= level]
                 if reached:
                     below = max((k for k in grid if k < reached[0]), default=0)
-                    for k in range(below + 1, reached[0]):
-                        rows[k] = row(k)
+                    for k in range(below + 1, reached[0]):         # top-k only, up to the first k that reaches it
+                        top = metric_without(order[:k])
+                        if 1.0 - (top - base) / effect >= level:
+                            rows[k] = row(k, top)
+                            break
     df = pd.DataFrame([rows[k] for k in sorted(rows)])
     df.attrs.update({"behaviour": behaviour, "adapted": adapted, "base": base, "effect": effect})
     return df
