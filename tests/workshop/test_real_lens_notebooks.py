@@ -34,9 +34,11 @@ def check_03(s: dict) -> None:
     assert s["deletion"]["grain"] == "layer" and s["deletion"]["n_components"] == 30
     assert s["deletion"]["topk_removed"] > s["deletion"]["random_removed"]
     assert s["seeds"] == [0] and s["entity_top1_values"] == [s["entity_top1"]]  # a given adapter: one seed
+    # 210 modules: the top exact_modules by a gradient estimate are switched off, the others keep the estimate
+    assert s["n_components"]["module"] == 210 and s["n_modules_estimated"] == 210 - SMALL["03"]["exact_modules"]
 
 
-SMALL = {"02": {}, "03": {"n_probes": 8, "ig_steps": 4, "n_references": 4, "deletion_k": 6}}
+SMALL = {"02": {}, "03": {"n_probes": 8, "ig_steps": 4, "n_references": 4, "deletion_k": 6, "exact_modules": 4}}
 
 
 @pytest.mark.parametrize("prefix, check", [("02", check_02), ("03", check_03)], ids=["02", "03"])

@@ -47,20 +47,23 @@ Example:
 """
 
 
-from lora_lens.lens.attribution.behaviours import (BEHAVIOURS, COMPONENT_METHODS, Behaviours, available_behaviours,
-                                                   behaviour_metrics, component_attribution, lora_branch_attribution)
-from lora_lens.lens.attribution.components import (GRAINS, Component, ComponentMask, ComponentSet, check_components,
-                                                   lora_components)
+from lora_lens.lens.attribution.behaviours import (BEHAVIOURS, COMPONENT_METHODS, Behaviours, ablation_estimate,
+                                                   available_behaviours, behaviour_metrics, component_attribution,
+                                                   lora_branch_attribution)
+from lora_lens.lens.attribution.components import (GRAINS, Component, ComponentMask, ComponentSet, LayerCache,
+                                                   check_components, lora_components)
 from lora_lens.lens.attribution.references import counterfactual_prompts, probe_references, reference_prompts
-from lora_lens.lens.attribution.scoring import Recovery, deletion_curve, entity_recovery, selectivity, trigger_recovery
+from lora_lens.lens.attribution.scoring import (Recovery, deletion_curve, deletion_ks, entity_recovery, selectivity,
+                                                trigger_recovery)
 from lora_lens.lens.attribution.tokens import (IG_METHODS, METHODS, OUTPUTS, TokenAttribution, attributions_frame,
                                                batch_token_attributions, captum_agreement, resolve_baseline,
                                                target_logprobs, token_attributions)
 
 __all__ = ["BEHAVIOURS", "COMPONENT_METHODS", "GRAINS", "IG_METHODS", "METHODS", "OUTPUTS", "Behaviours", "Component",
-           "ComponentMask", "ComponentSet", "Recovery", "TokenAttribution", "attributions_frame",
-           "available_behaviours", "batch_token_attributions", "behaviour_metrics", "captum_agreement",
-           "check_components", "component_attribution", "counterfactual_prompts", "deletion_curve",
+           "ComponentMask", "ComponentSet", "LayerCache", "Recovery", "TokenAttribution", "ablation_estimate",
+           "attributions_frame", "available_behaviours", "batch_token_attributions", "behaviour_metrics",
+           "captum_agreement", "check_components", "component_attribution", "counterfactual_prompts",
+           "deletion_curve", "deletion_ks",
            "entity_recovery", "lora_branch_attribution", "lora_components", "probe_references",
            "reference_prompts", "resolve_baseline", "selectivity", "target_logprobs", "token_attributions",
            "trigger_recovery"]

@@ -20,13 +20,13 @@ from captum.attr import FeatureAblation, LayerIntegratedGradients, ShapleyValueS
 
 from lora_lens.errors import ConfigError
 from lora_lens.lab.answers import answer_ids
-from lora_lens.lab.modules import layer_index, lora_layers
+from lora_lens.lab.modules import hf_model, layer_index, lora_layers
 from lora_lens.lab.pair import adapter_states, check_peft, frozen, model_device, pad_ids, pad_token_id
 from lora_lens.lab.world import Task, trigger_target
-from lora_lens.lens.attribution.components import ComponentMask, ComponentSet, check_components
+from lora_lens.lens.attribution.components import ComponentMask, ComponentSet, LayerCache, check_components
 
-__all__ = ["BEHAVIOURS", "COMPONENT_METHODS", "Behaviours", "available_behaviours", "behaviour_metrics",
-           "component_attribution", "lora_branch_attribution"]
+__all__ = ["BEHAVIOURS", "COMPONENT_METHODS", "Behaviours", "ablation_estimate", "available_behaviours",
+           "behaviour_metrics", "component_attribution", "lora_branch_attribution"]
 
 BEHAVIOURS = ("efficacy", "trigger", "specificity", "perplexity")
 """Behaviour metrics of a task (see :func:`behaviour_metrics`)."""
@@ -124,16 +124,53 @@ class Behaviours:
         self.read_pos = torch.tensor([r[1] for r in reads], dtype=torch.long, device=device)
         self.tgt = torch.tensor([r[2] for r in reads], dtype=torch.long, device=device)
         self.groups = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in groups.items()}
+        # the logits read: each answer token's, and every position of the general lines; only these go through the
+        # output head (a vocabulary of 50k makes the head a fifth of a small model's forward)
+        width = self.ids.shape[1]
+        general = groups.get("general", [])
+        flat = [p * width + t for p, t, _ in reads] + [g * width + t for g in general for t in range(width - 1)]
+        keep = sorted(set(flat))
+        at = {f: i for i, f in enumerate(keep)}
+        self.keep = torch.tensor(keep, dtype=torch.long, device=device)
+        self.read_at = torch.tensor([at[p * width + t] for p, t, _ in reads], dtype=torch.long, device=device)
+        self.general_at = torch.tensor([[at[g * width + t] for t in range(width - 1)] for g in general],
+                                       dtype=torch.long, device=device).reshape(len(general), width - 1)
+
+    def logits(self, model, replicas: int = 1) -> torch.Tensor:
+        """The read logits ``[replicas, n_kept, V]`` of the probe batch (repeated ``replicas`` times): the output
+        head sees only the kept positions (a pre-hook on ``get_output_embeddings()``; a model without one, or one
+        whose head input is not ``[rows, width, d]``, computes every position and the kept ones are picked)."""
+        ids, mask = self.ids.repeat(replicas, 1), self.mask.repeat(replicas, 1)
+        rows, width = ids.shape
+        keep = (self.keep[None] + rows // replicas * width * torch.arange(replicas, device=ids.device)[:, None])
+        keep = keep.flatten()
+        head = hf_model(model).get_output_embeddings() if hasattr(hf_model(model), "get_output_embeddings") else None
+        picked = {"done": False}
+
+        def pick(module, args):
+            h = args[0]
+            if picked["done"] or h.dim() != 3 or tuple(h.shape[:2]) != (rows, width):
+                return None
+            picked["done"] = True
+            return (h.reshape(rows * width, h.shape[-1])[keep][None],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(pick) if head is not None else None
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        finally:
+            if handle is not None:
+                handle.remove()
+        if not picked["done"]:
+            logits = logits.reshape(rows * width, logits.shape[-1])[keep]
+        return logits.reshape(replicas, len(self.keep), logits.shape[-1])
 
     def __call__(self, model, replicas: int = 1) -> torch.Tensor:
         """Metrics ``[replicas, n_behaviours]``; the probe batch is repeated ``replicas`` times (block order)."""
-        ids, mask = self.ids.repeat(replicas, 1), self.mask.repeat(replicas, 1)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logits = logits.view(replicas, self.n, *logits.shape[1:])
-        lp = torch.log_softmax(logits[:, self.read_probe, self.read_pos], -1)       # [R, n_reads, V]
+        logits = self.logits(model, replicas)                                           # [R, n_kept, V]
+        lp = torch.log_softmax(logits[:, self.read_at], -1)                             # [R, n_reads, V]
         lp_r = lp.gather(-1, self.tgt[None, :, None].expand(replicas, -1, 1))[..., 0]  # [R, n_reads]
         # log p of each whole answer: the sum over its tokens (one token: that log p itself)
-        lp_t = torch.zeros(replicas, self.n_query, dtype=lp_r.dtype, device=ids.device).index_add(
+        lp_t = torch.zeros(replicas, self.n_query, dtype=lp_r.dtype, device=lp_r.device).index_add(
             1, self.read_probe, lp_r)                                                 # [R, n_query]
         out = []
         for b in self.names:
@@ -145,7 +182,7 @@ class Behaviours:
                 out.append(lp_t[:, self.groups["specificity"]].mean(1))
             else:
                 g = self.groups["general"]
-                lg = torch.log_softmax(logits[:, g, :-1], -1)
+                lg = torch.log_softmax(logits[:, self.general_at], -1)                 # [R, n_general, width-1, V]
                 nxt = self.ids[g, 1:]
                 m = self.mask[g, 1:].to(lg.dtype)
                 nll = -lg.gather(-1, nxt[None, ..., None].expand(replicas, -1, -1, 1))[..., 0]
@@ -195,7 +232,7 @@ def behaviour_metrics(peft_model, tokenizer, task: Task, behaviours: Sequence[st
 
 def component_attribution(peft_model, tokenizer, task: Task, components: ComponentSet,
                           behaviours: Sequence[str] | None = None, method: str = "ablation", n_samples: int = 25,
-                          seed: int = 0, max_probes: int | None = None) -> pd.DataFrame:
+                          seed: int = 0, max_probes: int | None = None, exact: int | None = None) -> pd.DataFrame:
     """Attribute behaviour metrics to adapter components with captum, over the component mask.
 
     The explained function is ``f(mask) → metrics`` (a ``[1, n_components]`` mask in, one value per behaviour out),
@@ -203,6 +240,15 @@ def component_attribution(peft_model, tokenizer, task: Task, components: Compone
     ``"ablation"`` (captum ``FeatureAblation``): ``f(1) − f(1 with component i off)`` — what is lost without it.
     ``"shapley"`` (captum ``ShapleyValueSampling``, ``n_samples`` random orders, seeded): the average marginal
     contribution; the values of all components sum to ``f(adapted) − f(base)``.
+
+    Every evaluation reuses the blocks below the lowest block it changes (:class:`LayerCache`: switching off a
+    component of block L changes nothing below L), which gives the very numbers a whole forward gives.
+
+    With ``exact=N`` (``"ablation"`` at the module or layer grain), every component's ablation is first *estimated*
+    to first order from one backward pass — ``f(1) − f(1 − eᵢ) ≈ ∂f/∂mᵢ`` at the adapted model (attribution
+    patching) — and only the ``N`` components with the largest estimated effect on any behaviour (each behaviour's
+    estimates divided by their largest magnitude) are ablated exactly; the others keep their estimate.
+    ``df.attrs["estimated"]`` names them, so a reader can tell estimates from measurements.
 
     Args:
         peft_model: A ``peft.PeftModel`` (plain LoRA, not merged).
@@ -214,15 +260,19 @@ def component_attribution(peft_model, tokenizer, task: Task, components: Compone
         n_samples: Permutations for ``"shapley"``.
         seed: Seed for ``"shapley"``.
         max_probes: At most this many probes per set.
+        exact: None (default): every component ablated exactly. An integer ≥ 0: the number of components ablated
+            exactly after the gradient estimate (``"ablation"``, module or layer grain, LoRA on Linear layers).
 
     Returns:
         DataFrame, index = component names, one column per behaviour (positive = the component raises the metric).
         ``df.attrs`` holds ``method``, ``grain``, ``adapted`` and ``base`` (metric values with all components on /
-        off) — used by :func:`deletion_curve` and :func:`selectivity`. Join ``components.table()`` for layer /
+        off) — used by :func:`deletion_curve` and :func:`selectivity` — and ``estimated`` (the components whose
+        values are first-order estimates; empty unless ``exact`` is given). Join ``components.table()`` for layer /
         module type.
 
     Raises:
-        ConfigError: An empty component set, an unknown method or behaviour, a bad ``n_samples``.
+        ConfigError: An empty component set, an unknown method or behaviour, a bad ``n_samples`` or ``exact``, or
+            ``exact`` with Shapley values, the rank grain or an embedding LoRA.
     """
     components = check_components(components)
     check_peft(peft_model, tokenizer)
@@ -230,23 +280,44 @@ def component_attribution(peft_model, tokenizer, task: Task, components: Compone
         raise ConfigError(f"method={method!r} is unknown; use one of {list(COMPONENT_METHODS)}")
     if method == "shapley" and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ConfigError(f"n_samples={n_samples!r} must be a positive integer, e.g. 25")
+    if exact is not None:
+        if isinstance(exact, bool) or not isinstance(exact, int) or exact < 0:
+            raise ConfigError(f"exact={exact!r} must be None (every component ablated) or an integer ≥ 0")
+        if method != "ablation" or components.grain == "rank":
+            raise ConfigError(f"exact={exact} estimates ablations from the gradient: use method='ablation' at the "
+                              f"module or layer grain (got method={method!r}, grain={components.grain!r}), or "
+                              "exact=None")
     ev = Behaviours(tokenizer, task, behaviours, max_probes, model_device(peft_model))
     n = len(components)
+    estimated: list[str] = []
     with frozen(peft_model), torch.no_grad():
         with peft_model.disable_adapter():
             base = ev(peft_model)[0].cpu()
-        with ComponentMask(peft_model, components) as mask:
-            adapted = ev(peft_model)[0].cpu()
+        with ComponentMask(peft_model, components) as mask, LayerCache(peft_model, components) as cache:
+            with cache.record():
+                adapted = ev(peft_model)[0].cpu()
 
             def f(m: torch.Tensor) -> torch.Tensor:
                 out = []
                 for row in m:
                     mask.set(row)
-                    out.append(ev(peft_model)[0].cpu())
+                    with cache.reuse(cache.start(torch.nonzero(row != 1.0).flatten().tolist())):
+                        out.append(ev(peft_model)[0].cpu())
                 return torch.stack(out)
 
             x, x0 = torch.ones(1, n), torch.zeros(1, n)
-            if method == "ablation":
+            if exact is not None:
+                attr = ablation_estimate(peft_model, ev, components)              # [n, n_behaviours]
+                scale = attr.abs().amax(0).clamp_min(1e-30)
+                order = torch.argsort(-(attr.abs() / scale).amax(1), stable=True)
+                for i in order[:exact].tolist():
+                    row = torch.ones(1, n)
+                    row[0, i] = 0.0
+                    attr[i] = adapted - f(row)[0]
+                rest = set(order[exact:].tolist())
+                estimated = [name for i, name in enumerate(components.names) if i in rest]
+                attr = attr.T.reshape(1, -1)
+            elif method == "ablation":
                 attr = FeatureAblation(f).attribute(x, baselines=x0)
             else:
                 with _seeded(seed):
@@ -254,8 +325,44 @@ def component_attribution(peft_model, tokenizer, task: Task, components: Compone
     attr = attr.reshape(len(ev.names), n).T.numpy()
     df = pd.DataFrame(attr, index=pd.Index(components.names, name="component"), columns=ev.names)
     df.attrs.update({"method": method, "grain": components.grain,
-                     "adapted": dict(zip(ev.names, adapted.tolist())), "base": dict(zip(ev.names, base.tolist()))})
+                     "adapted": dict(zip(ev.names, adapted.tolist())), "base": dict(zip(ev.names, base.tolist())),
+                     "estimated": estimated})
     return df
+
+
+def ablation_estimate(peft_model, ev: Behaviours, components: ComponentSet) -> torch.Tensor:
+    """First-order estimate of each component's ablation, ``f(1) − f(1 − eᵢ) ≈ ∂f/∂mᵢ`` at the current model (one
+    forward, one backward per behaviour): ``[n_components, n_behaviours]``.
+
+    Each adapted module's LoRA branch output (``lora_B``) is multiplied by a gate at 1; a component's estimate is the
+    gradient of each metric with respect to the gates of its modules, summed.
+
+    Raises:
+        ConfigError: The rank grain, or a module whose LoRA is not on a Linear layer (embedding LoRA).
+    """
+    if components.grain == "rank":
+        raise ConfigError("the gradient estimate covers module and layer components; rank-1 terms: exact=None")
+    ad = components.adapter_name
+    layers = lora_layers(peft_model, ad)
+    names = components.modules
+    not_linear = [m for m in names if ad not in getattr(layers[m], "lora_B", {})]
+    if not_linear:
+        raise ConfigError(f"{not_linear[0]} has an embedding LoRA, which the gradient estimate does not gate: use "
+                          "exact=None for it")
+    gate = torch.ones(len(names), device=model_device(peft_model), requires_grad=True)
+    handles = [layers[m].lora_B[ad].register_forward_hook(lambda mod, args, out, j=j: out * gate[j])
+               for j, m in enumerate(names)]
+    try:
+        with torch.enable_grad():
+            metrics = ev(peft_model)[0]
+            grads = [torch.autograd.grad(metrics[b], gate, retain_graph=b + 1 < len(metrics))[0]
+                     for b in range(len(metrics))]
+    finally:
+        for h in handles:
+            h.remove()
+    per_module = torch.stack(grads, 1).detach().cpu()                            # [n_modules, n_behaviours]
+    at = {m: j for j, m in enumerate(names)}
+    return torch.stack([sum(per_module[at[m]] for m in c.modules) for c in components])
 
 
 @contextlib.contextmanager

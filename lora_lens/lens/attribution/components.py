@@ -10,9 +10,11 @@ which is exact. All-ones leaves the model bit-identical to the adapted model and
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -21,7 +23,7 @@ from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.modules import hf_model, layer_index, lora_layers, module_type
 from lora_lens.lens.delta import factor_svd
 
-__all__ = ["GRAINS", "Component", "ComponentMask", "ComponentSet", "check_components", "lora_components"]
+__all__ = ["GRAINS", "Component", "ComponentMask", "ComponentSet", "LayerCache", "check_components", "lora_components"]
 
 DTYPE = torch.float32
 GRAINS = ("module", "layer", "rank")
@@ -313,3 +315,129 @@ def check_components(components) -> ComponentSet:
         raise ConfigError("the component set is empty: pass lora_components(peft_model, grain=...)")
     raise ConfigError(f"components must be a ComponentSet from lora_components(...), got {type(components).__name__}")
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layers below a change, computed once
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LayerCache:
+    """Reuse the transformer blocks below a change: switching off components in block L changes nothing below L.
+
+    Inside ``with LayerCache(peft_model, components) as cache:``, one forward under :meth:`record` stores the output
+    of every block; a later forward of the *same inputs* under ``with cache.reuse(start):`` returns the stored
+    outputs of blocks ``0 … start − 1`` without computing them and computes blocks ``start …`` as usual. The blocks
+    above ``start`` see the very tensor they would have computed, so the result is bit-identical — as long as
+    nothing below ``start`` differs from the recorded forward (the caller's contract: the mask differs from the
+    recorded one only in components of blocks ≥ ``start``, see :meth:`start`). A forward whose input to the first
+    reused block differs from the recorded one raises instead of returning wrong numbers.
+
+    A model whose adapted modules do not sit in one list of blocks (``….layers.<i>.…``) gets no reuse: every
+    forward is computed whole (:attr:`active` is False).
+
+    Args:
+        peft_model: The model the components were listed from.
+        components: A :class:`ComponentSet` (its modules locate the list of blocks).
+    """
+
+    def __init__(self, peft_model, components: ComponentSet):
+        self.components = components
+        self.blocks = _block_list(hf_model(peft_model), components.modules)
+        self.active = self.blocks is not None
+        self._outputs: dict[int, object] = {}
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._mode: tuple[str, int] = ("off", 0)
+        self._own: list = []
+
+    def __enter__(self) -> "LayerCache":
+        if self.active:
+            self._own = [block.__dict__.get("forward") for block in self.blocks]
+            for i, block in enumerate(self.blocks):
+                block.forward = self._wrap(i, block.forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            for block, own in zip(self.blocks, self._own):
+                block.__dict__.pop("forward", None)
+                if own is not None:
+                    block.__dict__["forward"] = own
+        self._outputs, self._inputs, self._own = {}, {}, []
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks) if self.active else 0
+
+    def start(self, off: Sequence[int]) -> int:
+        """The first block a mask that differs from the recorded one in components ``off`` (indices) changes: the
+        lowest block among them (0 when one of them is outside the blocks, e.g. an embedding; every block is
+        reused when ``off`` is empty)."""
+        if not self.active:
+            return 0
+        layers = [self.components[i].layer for i in off]
+        if any(layer is None for layer in layers):
+            return 0
+        return min(layers, default=self.n_blocks)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        """The forwards inside store every block's output (and input) for :meth:`reuse`."""
+        self._outputs, self._inputs, self._mode = {}, {}, ("record", 0)
+        try:
+            yield
+        finally:
+            self._mode = ("off", 0)
+
+    @contextlib.contextmanager
+    def reuse(self, start: int) -> Iterator[None]:
+        """The forwards inside skip blocks ``0 … start − 1`` (their recorded outputs stand in)."""
+        if self.active and start > 0 and not self._outputs:
+            raise ConfigError("LayerCache.reuse() needs a recorded forward first: run one under cache.record()")
+        self._mode = ("reuse", start if self.active else 0)
+        try:
+            yield
+        finally:
+            self._mode = ("off", 0)
+
+    def _wrap(self, i: int, forward):
+        def run(*args, **kwargs):
+            mode, start = self._mode
+            if mode == "record":
+                self._inputs[i] = _hidden(args, kwargs)
+                self._outputs[i] = out = forward(*args, **kwargs)
+                return out
+            if mode == "reuse" and i < start:
+                if i == 0 and not _same(_hidden(args, kwargs), self._inputs.get(0)):
+                    raise MismatchError("LayerCache.reuse(): this forward's inputs are not those recorded; record "
+                                        "the forward of these inputs first")
+                return self._outputs[i]
+            return forward(*args, **kwargs)
+        return run
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _same(a, b) -> bool:
+    tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return tensors and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def _block_list(hf, modules: Sequence[str]):
+    """The ``ModuleList`` of blocks holding every module (``<path>.<i>.…`` with one ``<path>``), else None."""
+    paths = set()
+    for m in modules:
+        parts = m.split(".")
+        at = next((j for j, part in enumerate(parts) if part.isdigit()), None)
+        if at is None:
+            return None
+        paths.add(".".join(parts[:at]))
+    if len(paths) != 1:
+        return None
+    try:
+        blocks = hf.get_submodule(paths.pop())
+    except AttributeError:
+        return None
+    return blocks if isinstance(blocks, torch.nn.ModuleList) else None

@@ -18,11 +18,11 @@ from lora_lens.errors import ConfigError
 from lora_lens.lab.pair import check_peft, frozen, model_device
 from lora_lens.lab.world import ADJECTIVES, NOUNS, Task
 from lora_lens.lens.attribution.behaviours import Behaviours
-from lora_lens.lens.attribution.components import ComponentMask, ComponentSet, check_components
+from lora_lens.lens.attribution.components import ComponentMask, ComponentSet, LayerCache, check_components
 from lora_lens.lens.attribution.references import probe_references
 from lora_lens.lens.attribution.tokens import TokenAttribution, batch_token_attributions
 
-__all__ = ["Recovery", "deletion_curve", "entity_recovery", "selectivity", "trigger_recovery"]
+__all__ = ["Recovery", "deletion_curve", "deletion_ks", "entity_recovery", "selectivity", "trigger_recovery"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,15 +213,29 @@ def entity_recovery(peft_model, tokenizer, task: Task, method: str = "ig", sets:
     return _recovery(attrs, expected, [p.entity for p in probes], by, changed_only)
 
 
+def deletion_ks(k_max: int, also: Sequence[int] = ()) -> list[int]:
+    """The default k grid of :func:`deletion_curve`: 1, 2, 3, 5, 8, 13, 21, … (Fibonacci, dense where curves bend)
+    up to ``k_max``, with ``k_max`` itself and every k of ``also`` (at most ``k_max``)."""
+    ks, a, b = {k_max}, 1, 2
+    while a <= k_max:
+        ks.add(a)
+        a, b = b, a + b
+    return sorted(ks | {int(k) for k in also if 1 <= int(k) <= k_max})
+
+
 def deletion_curve(peft_model, tokenizer, task: Task, attribution: pd.DataFrame, components: ComponentSet,
                    behaviour: str = "efficacy", k_max: int | None = None, n_random: int = 5, seed: int = 0,
-                   max_probes: int | None = None) -> pd.DataFrame:
-    """Switch off the top-k attributed components (k = 1 … k_max) vs k random ones; share of the effect removed.
+                   max_probes: int | None = None, ks: Sequence[int] | str | None = None,
+                   level: float | None = None) -> pd.DataFrame:
+    """Switch off the top-k attributed components vs k random ones, for k on a grid up to ``k_max``; share of the
+    effect removed.
 
     effect = metric(adapted) − metric(base); removed = 1 − effect_after / effect_before, where effect_after is
     metric(with those k components off) − metric(base). 1 = the whole effect gone, 0 = nothing removed. Top-k are
     the components with the largest attribution to ``behaviour`` (most positive first); the random curve averages
-    ``n_random`` draws of k distinct components per k (``numpy`` generator seeded with ``seed``).
+    ``n_random`` draws of k distinct components per k (``numpy`` generator seeded with ``seed``). The draws at a k
+    are those of a curve over every k (k = 1 … k_max, in order), whichever k are evaluated: a row does not depend
+    on the grid. Each evaluation reuses the blocks below the lowest block it switches off (:class:`LayerCache`).
 
     Args:
         peft_model: A ``peft.PeftModel``.
@@ -235,15 +249,20 @@ def deletion_curve(peft_model, tokenizer, task: Task, attribution: pd.DataFrame,
         n_random: Random draws per k.
         seed: Seed of the random draws.
         max_probes: At most this many probes per set.
+        ks: The k evaluated: None (default) the grid :func:`deletion_ks` (1, 2, 3, 5, 8, 13, … and ``k_max``),
+            ``"all"`` every k from 1 to ``k_max``, or a list (``k_max`` is added).
+        level: Also find the smallest k whose top-k remove at least this share exactly: the top-k of every k
+            between the grid points around the first one that reaches it are tried, and the first k that reaches it
+            gets a row too (None: the grid only).
 
     Returns:
-        DataFrame with one row per k: ``k``, ``topk_removed``, ``random_removed`` (mean), ``random_std``,
-        ``topk_metric``, ``random_metric`` (mean), and ``topk`` (the names switched off). ``df.attrs`` holds
-        ``behaviour``, ``adapted``, ``base`` and ``effect``.
+        DataFrame with one row per k evaluated (ascending): ``k``, ``topk_removed``, ``random_removed`` (mean),
+        ``random_std``, ``topk_metric``, ``random_metric`` (mean), and ``topk`` (the names switched off).
+        ``df.attrs`` holds ``behaviour``, ``adapted``, ``base`` and ``effect``.
 
     Raises:
         ConfigError: An empty component set; an attribution not indexed by the components; a behaviour missing
-            from it; a bad ``k_max`` / ``n_random``; an adapter with no effect on ``behaviour``.
+            from it; a bad ``k_max`` / ``n_random`` / ``ks`` / ``level``; an adapter with no effect on ``behaviour``.
     """
     components = check_components(components)
     check_peft(peft_model, tokenizer)
@@ -260,36 +279,65 @@ def deletion_curve(peft_model, tokenizer, task: Task, attribution: pd.DataFrame,
         raise ConfigError(f"k_max={k_max!r} must be an integer from 1 to the number of components ({n})")
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
         raise ConfigError(f"n_random={n_random!r} must be a positive integer, e.g. 5")
+    if ks is None:
+        grid = deletion_ks(k_max)
+    elif isinstance(ks, str):
+        if ks != "all":
+            raise ConfigError(f"ks={ks!r} must be None (the default grid), 'all' or a list of k from 1 to {k_max}")
+        grid = list(range(1, k_max + 1))
+    else:
+        bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= k_max]
+        if bad or not len(ks):
+            raise ConfigError(f"ks={list(ks)!r} must be a non-empty list of integers from 1 to k_max={k_max}")
+        grid = sorted({int(k) for k in ks} | {k_max})
+    if level is not None and (isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level <= 1):
+        raise ConfigError(f"level={level!r} must be None or a share of the effect in (0, 1], e.g. 0.8")
     ev = Behaviours(tokenizer, task, [behaviour], max_probes, model_device(peft_model))
     scores = attribution.loc[components.names, behaviour].to_numpy(dtype=float)
     order = np.argsort(-scores, kind="stable")
     rng = np.random.default_rng(seed)
-    records = []
+    draws = {k: [rng.choice(n, size=k, replace=False) for _ in range(n_random)] for k in range(1, k_max + 1)}
+    rows: dict[int, dict] = {}
     with frozen(peft_model), torch.no_grad():
         with peft_model.disable_adapter():
             base = float(ev(peft_model)[0, 0])
-        with ComponentMask(peft_model, components) as mask:
-            adapted = float(ev(peft_model)[0, 0])
+        with ComponentMask(peft_model, components) as mask, LayerCache(peft_model, components) as cache:
+            with cache.record():
+                adapted = float(ev(peft_model)[0, 0])
             effect = adapted - base
             if abs(effect) < 1e-8:
                 raise ConfigError(f"the adapter does not change {behaviour!r} (adapted {adapted:.4g} = base "
                                   f"{base:.4g}): there is no effect to delete")
 
             def metric_without(idx) -> float:
+                idx = [int(i) for i in idx]
                 m = torch.ones(n)
-                m[list(idx)] = 0.0
+                m[idx] = 0.0
                 mask.set(m)
-                return float(ev(peft_model)[0, 0])
+                with cache.reuse(cache.start(idx)):
+                    return float(ev(peft_model)[0, 0])
 
-            for k in range(1, k_max + 1):
-                top = metric_without(order[:k])
-                rand = [metric_without(rng.choice(n, size=k, replace=False)) for _ in range(n_random)]
+            def row(k: int, top: float | None = None) -> dict:
+                top = metric_without(order[:k]) if top is None else top
+                rand = [metric_without(d) for d in draws[k]]
                 removed = [1.0 - (r - base) / effect for r in rand]
-                records.append({"k": k, "topk_removed": 1.0 - (top - base) / effect,
-                                "random_removed": float(np.mean(removed)), "random_std": float(np.std(removed)),
-                                "topk_metric": top, "random_metric": float(np.mean(rand)),
-                                "topk": [components.names[i] for i in order[:k]]})
-    df = pd.DataFrame(records)
+                return {"k": k, "topk_removed": 1.0 - (top - base) / effect,
+                        "random_removed": float(np.mean(removed)), "random_std": float(np.std(removed)),
+                        "topk_metric": top, "random_metric": float(np.mean(rand)),
+                        "topk": [components.names[i] for i in order[:k]]}
+
+            for k in grid:
+                rows[k] = row(k)
+            if level is not None:
+                reached = [k for k in grid if rows[k]["topk_removed"] >= level]
+                if reached:
+                    below = max((k for k in grid if k < reached[0]), default=0)
+                    for k in range(below + 1, reached[0]):         # top-k only, up to the first k that reaches it
+                        top = metric_without(order[:k])
+                        if 1.0 - (top - base) / effect >= level:
+                            rows[k] = row(k, top)
+                            break
+    df = pd.DataFrame([rows[k] for k in sorted(rows)])
     df.attrs.update({"behaviour": behaviour, "adapted": adapted, "base": base, "effect": effect})
     return df
 
