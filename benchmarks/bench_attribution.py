@@ -24,8 +24,8 @@ Usage:
 
 In the suite (``python -m benchmarks``), :func:`run` reports one row per case: the zoo's ``small`` Llama (IG and
 ablation, 256 probes, issue 5's 5×) and SmolLM2-135M (every case; issue 17's targets: IG ≥ 5× on multi-token
-answers, ≥ 1.2× single-token, ablation ≥ 10×), and each path's FLOP rate against the suite's matmul peak; ``quick``
-uses a randomly initialised tiny Llama on a small world, 4 probes and 4 IG steps.
+answers, ≥ 1.2× single-token, ablation ≥ 10×), and each path's FLOP rate against the suite's matmul peak;
+``quick`` uses a randomly initialised tiny Llama on a small world, 4 probes and 4 IG steps.
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ def bench_case(pm, tok, pairs, case: str, n_steps: int, batch_size: int, device:
             "captum_flops": f_captum * n / k, "batched_flops": f_batched * n / k,
             "flop_ratio": f_captum / f_batched,
             "captum_flops_per_s": f_captum * n / k / t_captum, "batched_flops_per_s": f_batched * n / k / t_batched,
-            "max_abs_diff": diff, "max_abs_attribution": scale, "max_abs_diff_float64": diff64, "peak_rss_mb": peak_rss_mb()}
+            "max_abs_diff": diff, "max_abs_attribution": scale, "max_abs_diff_float64": diff64,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measure(n_probes: int = 8, n_ablation: int = 16, cases=CASES, n_steps: int = 16, model: str | None = None,
