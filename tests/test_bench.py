@@ -97,3 +97,38 @@ def test_lora_lens_bench_forwards_to_the_suite(capsys):
     from lora_lens import cli
     assert cli.main(["bench", "--list"]) == 0
     assert "svd" in capsys.readouterr().out
+
+
+def test_quick_attribution_rows_compare_with_captum(suite, tmp_path, capsys):
+    """The attribution rows of the suite on the tiny model: every case (IG and ablation, single- and 3-token
+    answers) timed both ways with equal numbers, its FLOPs counted and both paths' FLOP rates against the peak."""
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    try:
+        code = suite(["--quick", "--only", "attribution", "--threads", "1", "--out", str(out),
+                      "--run", str(_fake_run(tmp_path))])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err[-2000:]
+    result = json.loads(out.read_text())
+    (entry,) = result["benchmarks"]
+    assert "error" not in entry, entry.get("traceback")
+    (details,) = entry["details"]
+    cases = details["results"]
+    assert [c["case"] for c in cases] == ["ig1", "ig_multi", "ablation1", "ablation_multi"]
+    assert [c["answer_tokens"] for c in cases] == [1.0, 3.0, 1.0, 3.0]
+    for c in cases:
+        assert c["max_abs_diff"] <= 1e-3 < c["max_abs_attribution"]
+        assert c["speedup"] == pytest.approx(c["captum_s"] / c["batched_s"])
+        assert c["batched_flops"] > 0 and c["flop_ratio"] == pytest.approx(c["captum_flops"] / c["batched_flops"])
+        assert c["peak_rss_mb"] > 0
+    # one IG over the whole answer where captum runs one per answer token; ablation from the ablated token on
+    ig1, ig3, ab1, ab3 = (c["flop_ratio"] for c in cases)
+    assert ig3 > 2 * ig1 and ig1 > 1.0 and ab1 > 1.5 and ab3 > 1.2
+    rows = [r for r in result["rows"] if r["benchmark"] == "attribution"]
+    assert len([r for r in rows if "vs captum" in r["comparison"]]) == 4
+    assert all(r["target"] is None and r["result"] == "info" for r in rows)        # quick: no targets
+    util = [r for r in rows if r["comparison"].startswith("FLOP utilisation: attribution")]
+    assert len(util) == 8 and all(0 < r["ratio"] for r in util)

@@ -167,10 +167,13 @@ def kl_divergence(lp_base: torch.Tensor, lp_adapted: torch.Tensor) -> torch.Tens
 def inner_model(model):
     """The causal LM under peft's wrappers: a ``PeftModel``'s base model, an :func:`adapted_view`'s (peft's
     ``LoraModel``) ``.model``; any other model as it is. Its ``forward`` signature says what the model takes."""
+    from peft.tuners.tuners_utils import BaseTuner
+
     for _ in range(4):
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
-        elif hasattr(model, "peft_config") and isinstance(getattr(model, "model", None), torch.nn.Module):
+        elif isinstance(model, BaseTuner) and isinstance(getattr(model, "model", None), torch.nn.Module):
+            # a tuner only: peft also sets ``peft_config`` on the causal LM it wraps, whose ``.model`` is the body
             model = model.model
         else:
             break

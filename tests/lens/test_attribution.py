@@ -10,9 +10,10 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import assert_same_float, randomize_lora
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.tokenizer import token_id
+from lora_lens.lab.pair import inner_model, keeps_logits
+from lora_lens.lab.tokenizer import build_tokenizer, token_id
 from lora_lens.lab.world import ADJECTIVES, NOUNS, make_task
-from lora_lens.lab.zoo import load_model
+from lora_lens.lab.zoo import build_model, load_model
 from lora_lens.lens import attribution as at
 from lora_lens.lens.attribution.behaviours import Behaviours
 
@@ -146,6 +147,54 @@ def test_multi_token_ig_matches_captum_and_float64_agreement_restores_the_model(
     assert all(p.dtype == torch.float32 and torch.equal(p, q) for p, q in zip(pm.parameters(), before))
     with pytest.raises(ConfigError, match="dtype='float64'"):
         at.captum_agreement(pm, tok, prompts, answer, dtype="float64")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral", "qwen2"])
+def test_prefix_cache_paths_match_captum_on_other_families(tiny_world, family):
+    """Ablation runs each ablated prompt from the ablated token on, on the intact prompt's KV cache; IG and ablation
+    read logits only at the answer's positions — equal to captum per prompt on learned positions (gpt2), a sliding
+    window shorter than the prompt (mistral: 8) and tied embeddings (qwen2), multi-token answers, float32 and
+    float64."""
+    w = tiny_world
+    tok = build_tokenizer(w)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    pm = randomize_lora(get_peft_model(build_model(family, "tiny", tok), cfg)).eval()
+    (r0, r1), (e0, e1) = w.relations[:2], w.entities[:2]
+    prompts = [" ".join(ADJECTIVES[:4] + NOUNS[:3]) + " " + w.query(e0, r0, 0), w.query(e1, r1, 1)]
+    answers = [f"{w.facts[r0][e0]} {w.facts[r1][e0]}", w.facts[r1][e1]]
+    assert len(tok(prompts[0])["input_ids"]) > 8
+    for method in ("ablation", "ig"):
+        assert at.captum_agreement(pm, tok, prompts, answers, method=method, n_steps=4) <= 1e-4
+        assert at.captum_agreement(pm, tok, prompts, answers, method=method, n_steps=4, dtype=torch.float64) <= 1e-6
+
+
+def test_batched_paths_compute_only_what_the_answer_needs(dense, tiny_world):
+    """The output layer sees one row per answer token read (per IG step, per ablation), and an ablation at position
+    j runs only the tokens from j on (the intact prefix is computed once): counted with hooks, by adapter state."""
+    pm, tok = dense
+    w = tiny_world
+    prompt, answer = w.query(w.entities[0], w.relations[0], 0), f"{w.facts[w.relations[0]][w.entities[0]]} " \
+        f"{w.facts[w.relations[1]][w.entities[0]]} {w.facts[w.relations[2]][w.entities[0]]}"
+    head_rows, body_tokens = [], []
+    inner = pm.get_base_model()
+    assert inner_model(pm) is inner and keeps_logits(pm)           # the causal LM under peft, not its body
+    hooks = [inner.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:-1])),
+             inner.get_input_embeddings().register_forward_hook(lambda m, a, o: body_tokens.append(a[0].numel()))]
+    try:
+        (ta,) = at.batch_token_attributions(pm, tok, [prompt], answer, method="ablation", batch_size=4)
+        n, t, k = len(tok(prompt)["input_ids"]), len(ta.target_ids), len(ta.positions)
+        assert t == 3 and ta.positions == list(range(1, n))
+        assert [r.numel() for r in head_rows] == 2 * [t] * (1 + k)    # the intact prompt, then one batch per j
+        # per state: the intact prompt + answer once, then each ablation from its position j on
+        assert sum(body_tokens) == 2 * ((n + t - 1) + sum(n + t - 1 - j for j in ta.positions))
+        head_rows.clear()
+        at.batch_token_attributions(pm, tok, [prompt], answer, method="ig", n_steps=6, batch_size=1024)
+        # per state: every (step, answer token) once, then log p of the intact prompt (score_ids reads t + 1)
+        assert [r.numel() for r in head_rows] == [6 * t, t + 1] * 2
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_difference_is_adapted_minus_base(trigger):
