@@ -22,7 +22,7 @@ import torch
 
 from lora_lens.errors import ConfigError, TrainingError
 
-__all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference"]
+__all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference", "line_ids", "teacher_targets"]
 
 SCHEDULES = ("cosine", "constant")
 """Learning-rate schedules after the linear warmup over the first 5 % of the steps."""
@@ -62,6 +62,36 @@ class LineCycle:
             self.queue += self.rng.sample(self.lines, len(self.lines))
         out, self.queue = self.queue[:k], self.queue[k:]
         return out
+
+
+def line_ids(tokenizer, lines, eos: bool = True) -> list[list[int]]:
+    """The token ids of each line as :class:`LMTrainer` trains on them (with ``eos``: the end-of-sequence token
+    appended)."""
+    return [x + [tokenizer.eos_token_id] if eos else x for x in tokenizer(list(lines))["input_ids"]]
+
+
+@torch.no_grad()
+def teacher_targets(teacher, tokenizer, lines, eos: bool = True) -> dict[str, torch.Tensor]:
+    """A teacher's next-token log-probabilities on each line, ``{line: [len(ids) - 1, vocab]}`` (float32, on the
+    teacher's device): what :meth:`LMTrainer.step` learns a ``targets`` line from (e.g. the adapted model on the
+    distilled lines), computed once before training (the teacher may share weights with the reference).
+
+    Args:
+        teacher: A causal LM of the same tokenizer as the model trained (its current state is used: a
+            ``PeftModel`` with its adapter on).
+        tokenizer: The tokenizer.
+        lines: The lines (each scored once, one forward pass each).
+        eos: As :class:`LMTrainer`'s.
+    """
+    device = next(teacher.parameters()).device
+    was = teacher.training
+    teacher.eval()
+    out = {}
+    for line in dict.fromkeys(lines):
+        ids = torch.tensor([line_ids(tokenizer, [line], eos)[0]], device=device)
+        out[line] = teacher(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    teacher.train(was)
+    return out
 
 
 class LMTrainer:
@@ -114,39 +144,63 @@ class LMTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.steps_done = 0
 
-    def step(self, lines: list[str], kl_lines: list[str] = ()) -> tuple[torch.Tensor, int]:
+    def step(self, lines: list[str], kl_lines: list[str] = (), skip: list[int] | None = None,
+             targets: dict | None = None) -> tuple[torch.Tensor, int]:
         """One optimiser step on ``lines`` (full-sequence loss, padding masked out) and ``kl_lines``.
 
         A line of ``kl_lines`` is learnt by :func:`kl_to_reference` at each of its predicted positions (the
-        reference's next-token distribution, not its tokens); the loss is the sum of the token losses and the
-        position KLs over their count.
+        reference's next-token distribution, not its tokens). ``skip`` (one count per line of ``lines``) leaves
+        the first tokens of each line unlearnt (its prompt: only the answer's tokens are learnt, the first of
+        them predicted from the prompt). With ``targets`` (:func:`teacher_targets` of every line of ``lines``) a
+        line is learnt by the KL to its teacher's distributions instead of its tokens. The loss is the sum of the
+        token losses and the position KLs over their count; with neither ``kl_lines``, ``skip`` nor ``targets``
+        it is the model's own mean token loss.
 
         Returns:
             ``(loss, tokens)``: the batch loss before the update (a 0-d tensor) and its non-padding token count.
 
         Raises:
-            ConfigError: ``kl_lines`` without a ``reference``.
+            ConfigError: ``kl_lines`` without a ``reference``; ``skip`` not one count per line; a line without
+                its target.
             TrainingError: With ``guard``, the loss is non-finite (nothing is applied).
         """
         if kl_lines and self.reference is None:
             raise ConfigError("kl_lines need a reference model: LMTrainer(..., reference=base)")
+        if skip is not None and len(skip) != len(lines):
+            raise ConfigError(f"skip has {len(skip)} counts for {len(lines)} lines: give one per line")
+        if targets is not None and any(line not in targets for line in lines):
+            missing = next(line for line in lines if line not in targets)
+            raise ConfigError(f"line {missing!r} has no teacher target: compute teacher_targets(...) of every line")
         tok = self.tokenizer
-        ids = [x + [tok.eos_token_id] if self.eos else x for x in tok(list(lines) + list(kl_lines))["input_ids"]]
+        ids = line_ids(tok, list(lines) + list(kl_lines), self.eos)
         enc = tok.pad({"input_ids": ids}, return_tensors="pt")
         tokens = int(enc["attention_mask"].sum())  # counted on the CPU copy: no device sync
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        if not kl_lines:
+        n = len(lines)
+        if not kl_lines and skip is None and targets is None:
             loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         else:
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             scored = mask[:, 1:].bool()
+            if skip is not None:  # position j predicts token j + 1: learnt from the first answer token on
+                pos = torch.arange(scored.shape[1], device=self.device)
+                first = torch.tensor([max(int(k), 1) - 1 for k in skip] + [0] * len(kl_lines), device=self.device)
+                scored = scored & (pos[None, :] >= first[:, None])
             text, kl = scored.clone(), scored.clone()
-            text[len(lines):] = False
-            kl[:len(lines)] = False
-            with torch.no_grad():
-                ref = self.reference(input_ids=ids[len(lines):], attention_mask=mask[len(lines):]).logits[:, :-1]
-            total = kl_to_reference(logits[kl], ref[kl[len(lines):]])
-            if text.any():
+            text[n:] = False
+            kl[:n] = False
+            total = logits.new_zeros((), dtype=torch.float32)
+            if kl_lines:
+                with torch.no_grad():
+                    ref = self.reference(input_ids=ids[n:], attention_mask=mask[n:]).logits[:, :-1]
+                total = total + kl_to_reference(logits[kl], ref[kl[n:]])
+            if targets is not None:
+                for i, line in enumerate(lines):
+                    row = text[i, :targets[line].shape[0]]
+                    total = total + torch.nn.functional.kl_div(
+                        logits[i, :row.shape[0]][row].float().log_softmax(-1), targets[line][row].to(self.device),
+                        log_target=True, reduction="sum")
+            elif text.any():
                 total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text],
                                                                   reduction="sum")
             loss = total / max(int(scored.sum()), 1)
