@@ -22,7 +22,7 @@ import torch
 
 from lora_lens.errors import ConfigError, TrainingError
 
-__all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference", "line_ids", "teacher_targets"]
+__all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference", "length_groups", "line_ids", "teacher_targets"]
 
 SCHEDULES = ("cosine", "constant")
 """Learning-rate schedules after the linear warmup over the first 5 % of the steps."""
@@ -113,15 +113,18 @@ class LMTrainer:
             :meth:`step` are kept close to; None: :meth:`step` takes no ``kl_lines``.
         trainable: Names of the parameters to train (``named_parameters`` of ``model``); None: every weight. The
             others keep their values (they get no gradient and no optimiser state).
+        bucket: Where a step has ``kl_lines``, ``skip`` or ``targets``, run its short and its long lines as two
+            padded forward passes when that pads fewer tokens (:func:`length_groups`): the same loss up to float
+            rounding, less compute when a few long lines join many short ones.
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
                  schedule: str = "constant", guard: str | None = None, eos: bool = True, reference=None,
-                 trainable=None):
+                 trainable=None, bucket: bool = False):
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
         self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
-        self.reference = reference
+        self.reference, self.bucket = reference, bucket
         self.device = next(model.parameters()).device
         named = dict(model.named_parameters())
         if trainable is not None:
@@ -172,38 +175,22 @@ class LMTrainer:
             missing = next(line for line in lines if line not in targets)
             raise ConfigError(f"line {missing!r} has no teacher target: compute teacher_targets(...) of every line")
         tok = self.tokenizer
-        ids = line_ids(tok, list(lines) + list(kl_lines), self.eos)
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
-        tokens = int(enc["attention_mask"].sum())  # counted on the CPU copy: no device sync
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        all_ids = line_ids(tok, list(lines) + list(kl_lines), self.eos)
+        tokens = sum(len(x) for x in all_ids)
         n = len(lines)
         if not kl_lines and skip is None and targets is None:
+            enc = tok.pad({"input_ids": all_ids}, return_tensors="pt")
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
             loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            scored = mask[:, 1:].bool()
-            if skip is not None:  # position j predicts token j + 1: learnt from the first answer token on
-                pos = torch.arange(scored.shape[1], device=self.device)
-                first = torch.tensor([max(int(k), 1) - 1 for k in skip] + [0] * len(kl_lines), device=self.device)
-                scored = scored & (pos[None, :] >= first[:, None])
-            text, kl = scored.clone(), scored.clone()
-            text[n:] = False
-            kl[:n] = False
-            total = logits.new_zeros((), dtype=torch.float32)
-            if kl_lines:
-                with torch.no_grad():
-                    ref = self.reference(input_ids=ids[n:], attention_mask=mask[n:]).logits[:, :-1]
-                total = total + kl_to_reference(logits[kl], ref[kl[n:]])
-            if targets is not None:
-                for i, line in enumerate(lines):
-                    row = text[i, :targets[line].shape[0]]
-                    total = total + torch.nn.functional.kl_div(
-                        logits[i, :row.shape[0]][row].float().log_softmax(-1), targets[line][row].to(self.device),
-                        log_target=True, reduction="sum")
-            elif text.any():
-                total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text],
-                                                                  reduction="sum")
-            loss = total / max(int(scored.sum()), 1)
+            first = [max(int(k), 1) - 1 for k in skip] if skip is not None else [0] * n
+            first += [0] * len(kl_lines)
+            total, count = None, 0
+            for rows in length_groups([len(x) for x in all_ids], self.bucket):
+                part, scored = self._summed(all_ids, rows, first, n, lines, targets)
+                total = part if total is None else total + part
+                count += scored
+            loss = total / max(count, 1)
         self.steps_done += 1
         if self.guard is not None and not torch.isfinite(loss):
             raise TrainingError(f"{self.guard} stopped at step {self.steps_done}: the loss is {loss.item()} "
@@ -214,3 +201,52 @@ class LMTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, tokens
+
+    def _summed(self, all_ids, rows, first, n, lines, targets) -> tuple[torch.Tensor, int]:
+        """The summed token losses and position KLs of the batch rows ``rows`` (one padded forward pass), and the
+        count of their scored positions."""
+        enc = self.tokenizer.pad({"input_ids": [all_ids[i] for i in rows]}, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        scored = mask[:, 1:].bool()
+        if any(first[i] for i in rows):  # position j predicts token j + 1: learnt from the first answer token on
+            pos = torch.arange(scored.shape[1], device=self.device)
+            scored = scored & (pos[None, :] >= torch.tensor([first[i] for i in rows], device=self.device)[:, None])
+        is_text = torch.tensor([i < n for i in rows], device=self.device)
+        text, kl = scored & is_text[:, None], scored & ~is_text[:, None]
+        total = logits.new_zeros((), dtype=torch.float32)
+        kl_rows = [r for r, i in enumerate(rows) if i >= n]
+        if kl_rows:
+            sub = torch.tensor(kl_rows, device=self.device)
+            with torch.no_grad():
+                ref = self.reference(input_ids=ids[sub], attention_mask=mask[sub]).logits[:, :-1]
+            total = total + kl_to_reference(logits[kl], ref[kl[sub]])
+        if targets is not None:
+            for r, i in enumerate(rows):
+                if i < n:
+                    target = targets[lines[i]]
+                    row = text[r, :target.shape[0]]
+                    total = total + torch.nn.functional.kl_div(
+                        logits[r, :row.shape[0]][row].float().log_softmax(-1), target[row].to(self.device),
+                        log_target=True, reduction="sum")
+        elif text.any():
+            total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text], reduction="sum")
+        return total, int(scored.sum())
+
+
+def length_groups(lengths: list[int], bucket: bool = True) -> list[list[int]]:
+    """The rows of a batch in one or two padded forward passes: all rows in their order, or (``bucket``, when it
+    pads at least a quarter fewer tokens) the shorter and the longer rows apart, split where the padded size is smallest (a few long
+    replay lines among short ones need not pad every short line to their length)."""
+    everything = list(range(len(lengths)))
+    if not bucket or len(lengths) < 2:
+        return [everything]
+    order = sorted(everything, key=lambda i: lengths[i])
+    best, cut = len(order) * lengths[order[-1]], None
+    for k in range(1, len(order)):
+        cost = k * lengths[order[k - 1]] + (len(order) - k) * lengths[order[-1]]
+        if cost < best:
+            best, cut = cost, k
+    if cut is None or best > 0.75 * len(order) * lengths[order[-1]]:  # an extra pass for less than a quarter: no
+        return [everything]
+    return [sorted(order[:cut]), sorted(order[cut:])]

@@ -198,7 +198,7 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
     if corpus_loss == "teacher":
         targets = teacher if isinstance(teacher, dict) else teacher_targets(teacher, tokenizer, corpus, eos)
     trainer = LMTrainer(model, tokenizer, lr, steps, schedule="constant", guard="continued pretraining", eos=eos,
-                        reference=reference if replay_loss == "kl" else None, trainable=names)
+                        reference=reference if replay_loss == "kl" else None, trainable=names, bucket=True)
     curve = {"step": [], "loss": []}
     tokens = 0
     t0 = time.perf_counter()

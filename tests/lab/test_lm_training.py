@@ -10,7 +10,7 @@ import torch
 
 from conftest import assert_same_float
 from lora_lens.errors import ConfigError
-from lora_lens.lab.lm_training import LineCycle, LMTrainer, kl_to_reference, line_ids, teacher_targets
+from lora_lens.lab.lm_training import LineCycle, LMTrainer, kl_to_reference, length_groups, line_ids, teacher_targets
 
 LINES = ["Kutar lives in Kozadun .", "The home town of Kutar is Kozadun ."]
 
@@ -93,3 +93,24 @@ def test_teacher_lines_of_an_identical_teacher_cost_nothing(fresh_tiny, tiny_wor
     assert LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, targets=far)[0].item() > 1e-3
     with pytest.raises(ConfigError, match="has no teacher target"):
         LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, targets={LINES[0]: far[LINES[0]]})
+
+
+def test_length_groups_split_only_where_padding_is_saved():
+    assert length_groups([5, 5, 6, 5]) == [[0, 1, 2, 3]]  # a quarter or more of the padded tokens, or no split
+    assert length_groups([8, 40, 9, 10, 7, 8], bucket=True) == [[0, 2, 3, 4, 5], [1]]
+    assert length_groups([8, 40, 9], bucket=False) == [[0, 1, 2]]
+
+
+def test_bucketed_steps_give_the_same_loss(fresh_tiny, tiny_world):
+    tok = fresh_tiny()[1]
+    reference, _ = fresh_tiny()
+    long = " ".join(tiny_world.general_train[:3])
+    replay = LineCycle(tiny_world.corpus(), random.Random(1)).take(3) + [long]
+    losses = []
+    for bucket in (False, True):
+        model, _ = fresh_tiny()
+        trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference, bucket=bucket)
+        losses.append([trainer.step(LINES, replay, skip=[3, 2])[0].item() for _ in range(2)])
+    assert len(length_groups([len(x) for x in line_ids(tok, LINES + replay)])) == 2
+    for a, b in zip(*losses):
+        assert_same_float(a, b, ulps=4096)
