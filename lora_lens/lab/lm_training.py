@@ -236,8 +236,8 @@ class LMTrainer:
 
 def length_groups(lengths: list[int], bucket: bool = True) -> list[list[int]]:
     """The rows of a batch in one or two padded forward passes: all rows in their order, or (``bucket``, when it
-    pads at least a quarter fewer tokens) the shorter and the longer rows apart, split where the padded size is smallest (a few long
-    replay lines among short ones need not pad every short line to their length)."""
+    pads at least a quarter fewer tokens) the shorter and the longer rows apart, split where the padded size is
+    smallest (a few long replay lines among short ones need not pad every short line to their length)."""
     everything = list(range(len(lengths)))
     if not bucket or len(lengths) < 2:
         return [everything]

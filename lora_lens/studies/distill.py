@@ -60,8 +60,9 @@ from lora_lens.studies.generation import (ANSWER, Generation, contrastive_corpus
 from lora_lens.utils import set_seed
 
 __all__ = ["CORPUS_LOSSES", "DISTILL_DEFAULTS", "REPLAY_LOSSES", "TRAINED", "Transfer", "answer_skips", "appends_eos",
-           "check_corpus_loss", "check_replay_choice", "check_replay_loss", "continue_pretraining", "distill", "forgetting_prose", "trained_parameters",
-           "merge_route", "plot_forgetting", "plot_replay_sweep", "transfer_metrics", "transfer_table",
+           "check_corpus_loss", "check_replay_choice", "check_replay_loss", "continue_pretraining", "distill",
+           "forgetting_prose", "trained_parameters", "merge_route", "plot_forgetting", "plot_replay_sweep",
+           "transfer_metrics", "transfer_table",
            # re-exported from lora_lens.studies.distill_corpus (change -> data, replay)
            "Discovered", "GENERAL_PROMPTS", "discover", "fact_changes", "replay_corpus", "self_replay",
            "semantic_corpus", "task_corpus",
@@ -69,20 +70,36 @@ __all__ = ["CORPUS_LOSSES", "DISTILL_DEFAULTS", "REPLAY_LOSSES", "TRAINED", "Tra
            "ANSWER", "Generation", "contrastive_corpus", "generate", "task_prompts", "text_line", "world_prompts"]
 
 DISTILL_DEFAULTS = {
-    "zoo": dict(steps=150, batch_size=32, lr=1e-3, replay=0.5, replay_loss="text", trained="all", corpus_loss="text"),
+    "zoo": dict(steps=150, batch_size=32, lr=1e-3, replay=0.5, replay_loss="text", trained="all",
+                corpus_loss="text"),
     # a pretrained model's full weights move far at the zoo's rate, and its own answers are brittle: three quarters
-    # of each batch is replay learnt by its KL to the base (measured on SmolLM2-135M + the example task, seed 0:
-    # transfer 0.85, specificity drop 0.05; replay learnt by its tokens at half of each batch: transfer 1.0, drop 0.40)
-    "data": dict(steps=60, batch_size=8, lr=2e-5, replay=0.75, replay_loss="kl", trained="all", corpus_loss="text"),
+    # of each batch is replay learnt by its KL to the base, and each distilled line is learnt by its KL to the adapted
+    # model (the teacher: its whole distribution, not only the answer it wrote). SmolLM2-135M + the example task,
+    # seeds 0/1/2: transfer 0.90/0.95/0.90, specificity drop 0.05/0.05/0.10 (the lines' own tokens: 0.85/0.80/0.90
+    # and 0.05/0.10/0.05)
+    "data": dict(steps=60, batch_size=8, lr=2e-5, replay=0.75, replay_loss="kl", trained="all",
+                 corpus_loss="teacher"),
 }
 """The continued-pretraining recipe :func:`distill` uses where ``steps`` / ``batch_size`` / ``lr`` / ``replay`` /
-``replay_loss`` / ``trained`` are None: ``zoo`` for a zoo target, ``data`` for any other base (a task from data).
+``replay_loss`` / ``trained`` / ``corpus_loss`` are None: ``zoo`` for a zoo target, ``data`` for any other base (a
+task from data).
 
-``data`` on SmolLM2-135M with ``examples/smollm2_facts.jsonl`` and its default adapter (seed 0, 60 steps of 8 lines,
-lr 2e-5, the semantic corpus of 20 lines, :func:`self_replay`): replay 0.5 learnt by its tokens gives transfer 1.0,
+``data`` on SmolLM2-135M with ``examples/smollm2_facts.jsonl`` and its default adapter (60 steps of 8 lines, lr 2e-5,
+the semantic corpus of 20 lines, :func:`self_replay`). Seed 0: replay 0.5 learnt by its tokens gives transfer 1.0,
 paraphrase transfer 0.64, specificity drop 0.40; learnt by its KL to the base 1.0 / 0.50 / 0.15; KL on the MLP
-weights only 0.95 / 0.29 / 0.25; replay 0.75 with KL (the default) 0.85 / 0.14 / 0.05 (the one fact it loses is
-the base's low-margin "the koala" → "the kangaroo"). Paraphrase transfer is what this recipe gives up."""
+weights only 0.95 / 0.29 / 0.25. Replay 0.75 learnt by its KL, over seeds 0 / 1 / 2 (transfer; drop):
+
+* corpus lines learnt by their tokens (``text``, the default until session 7): 0.85 / 0.80 / 0.90;
+  0.05 / 0.10 / 0.05 (seed 1 one probe over the 0.05 bound);
+* by their answer's tokens only (``answer``): seed 0 0.95; 0.10 — the drop doubles, not pursued;
+* by their KL to the adapted model (``teacher``, the default): 0.90 / 0.95 / 0.90; 0.05 / 0.05 / 0.10 — as much
+  transfer or more on every seed (mean 0.92 against 0.85), paraphrase transfer 0.29 / 0.31 / 0.31 (``text``: 0.14
+  on seed 0), the same mean drop;
+  the target (transfer ≥ 0.8, drop ≤ 0.05) holds on seeds 0 and 1, not on seed 2, where the adapter itself costs
+  0.10 (seed 1: 0.15, and the distilled model 0.05).
+
+Each step of these scores is one probe of twenty. Paraphrase transfer is what the recipe gives up against replay
+learnt by its tokens."""
 
 # ---------------------------------------------------------------------------------------------------------------
 # data -> weights

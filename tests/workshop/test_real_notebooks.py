@@ -74,7 +74,12 @@ def check_04(summary: dict) -> None:
     # 30 steps are a fraction of the default schedule (DISTILL_DEFAULTS["data"]: 60): some edits carry over (0.25 here)
     assert summary["contrastive_lines"] > 0 and summary["transfer_rate"] > 0.0
     assert [r["replay"] for r in summary["replay_sweep"]] == [0.5] and summary["replay"] == 0.5
-    assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05, "replay_loss": "kl"}
+    assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05, "replay_loss": "kl",
+                                   "corpus_loss": "teacher"}
+    # one seed with your model by default: the headline numbers are that seed's, with their (point) interval
+    assert summary["seeds"] == [0] and summary["transfer_rate_values"] == [summary["transfer_rate"]]
+    assert summary["transfer_rate_ci_low"] == summary["transfer_rate"] == summary["first_seed"]["transfer_rate"]
+    assert set(summary["ledger_verdicts"]) == {"distill-transfers-seeds", "distill-forgets-little-seeds"}
     assert {"transfer_vs_replay.png", "forgetting_vs_transfer.png"} <= {Path(p).name for p in summary["figures"]}
 
 
