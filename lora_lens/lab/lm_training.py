@@ -23,7 +23,7 @@ import torch
 from lora_lens.errors import ConfigError, TrainingError
 from lora_lens.lab import parallel
 
-__all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference"]
+__all__ = ["SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference", "length_groups", "line_ids", "teacher_targets"]
 
 SCHEDULES = ("cosine", "constant")
 """Learning-rate schedules after the linear warmup over the first 5 % of the steps."""
@@ -65,6 +65,36 @@ class LineCycle:
         return out
 
 
+def line_ids(tokenizer, lines, eos: bool = True) -> list[list[int]]:
+    """The token ids of each line as :class:`LMTrainer` trains on them (with ``eos``: the end-of-sequence token
+    appended)."""
+    return [x + [tokenizer.eos_token_id] if eos else x for x in tokenizer(list(lines))["input_ids"]]
+
+
+@torch.no_grad()
+def teacher_targets(teacher, tokenizer, lines, eos: bool = True) -> dict[str, torch.Tensor]:
+    """A teacher's next-token log-probabilities on each line, ``{line: [len(ids) - 1, vocab]}`` (float32, on the
+    teacher's device): what :meth:`LMTrainer.step` learns a ``targets`` line from (e.g. the adapted model on the
+    distilled lines), computed once before training (the teacher may share weights with the reference).
+
+    Args:
+        teacher: A causal LM of the same tokenizer as the model trained (its current state is used: a
+            ``PeftModel`` with its adapter on).
+        tokenizer: The tokenizer.
+        lines: The lines (each scored once, one forward pass each).
+        eos: As :class:`LMTrainer`'s.
+    """
+    device = next(teacher.parameters()).device
+    was = teacher.training
+    teacher.eval()
+    out = {}
+    for line in dict.fromkeys(lines):
+        ids = torch.tensor([line_ids(tokenizer, [line], eos)[0]], device=device)
+        out[line] = teacher(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    teacher.train(was)
+    return out
+
+
 class LMTrainer:
     """AdamW (betas 0.9/0.98) on every weight of ``model``, gradient clipping at 1.0, linear warmup, then a schedule.
 
@@ -84,15 +114,18 @@ class LMTrainer:
             :meth:`step` are kept close to; None: :meth:`step` takes no ``kl_lines``.
         trainable: Names of the parameters to train (``named_parameters`` of ``model``); None: every weight. The
             others keep their values (they get no gradient and no optimiser state).
+        bucket: Where a step has ``kl_lines``, ``skip`` or ``targets``, run its short and its long lines as two
+            padded forward passes when that pads fewer tokens (:func:`length_groups`): the same loss up to float
+            rounding, less compute when a few long lines join many short ones.
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
                  schedule: str = "constant", guard: str | None = None, eos: bool = True, reference=None,
-                 trainable=None):
+                 trainable=None, bucket: bool = False):
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
         self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
-        self.reference = reference
+        self.reference, self.bucket = reference, bucket
         self.device = next(model.parameters()).device
         named = dict(model.named_parameters())
         if trainable is not None:
@@ -115,48 +148,70 @@ class LMTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.steps_done = 0
 
-    def step(self, lines: list[str], kl_lines: list[str] = ()) -> tuple[torch.Tensor, int]:
+    def step(self, lines: list[str], kl_lines: list[str] = (), skip: list[int] | None = None,
+             targets: dict | None = None) -> tuple[torch.Tensor, int]:
         """One optimiser step on ``lines`` (full-sequence loss, padding masked out) and ``kl_lines``.
 
         A line of ``kl_lines`` is learnt by :func:`kl_to_reference` at each of its predicted positions (the
-        reference's next-token distribution, not its tokens); the loss is the sum of the token losses and the
-        position KLs over their count.
+        reference's next-token distribution, not its tokens). ``skip`` (one count per line of ``lines``) leaves
+        the first tokens of each line unlearnt (its prompt: only the answer's tokens are learnt, the first of
+        them predicted from the prompt). With ``targets`` (:func:`teacher_targets` of every line of ``lines``) a
+        line is learnt by the KL to its teacher's distributions instead of its tokens. The loss is the sum of the
+        token losses and the position KLs over their count; with neither ``kl_lines``, ``skip`` nor ``targets``
+        it is the model's own mean token loss.
 
         Returns:
             ``(loss, tokens)``: the batch loss before the update (a 0-d tensor) and its non-padding token count.
 
         Raises:
-            ConfigError: ``kl_lines`` without a ``reference``.
+            ConfigError: ``kl_lines`` without a ``reference``; ``skip`` not one count per line; a line without
+                its target.
             TrainingError: With ``guard``, the loss is non-finite (nothing is applied).
         """
         if kl_lines and self.reference is None:
             raise ConfigError("kl_lines need a reference model: LMTrainer(..., reference=base)")
-        if parallel.processes() > 1:
-            return self._shared_step(list(lines), list(kl_lines))
+        if skip is not None and len(skip) != len(lines):
+            raise ConfigError(f"skip has {len(skip)} counts for {len(lines)} lines: give one per line")
+        if targets is not None and any(line not in targets for line in lines):
+            missing = next(line for line in lines if line not in targets)
+            raise ConfigError(f"line {missing!r} has no teacher target: compute teacher_targets(...) of every line")
         tok = self.tokenizer
-        ids = [x + [tok.eos_token_id] if self.eos else x for x in tok(list(lines) + list(kl_lines))["input_ids"]]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
-        tokens = int(enc["attention_mask"].sum())  # counted on the CPU copy: no device sync
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        if not kl_lines:
+        all_ids = line_ids(tok, list(lines) + list(kl_lines), self.eos)
+        tokens = sum(len(x) for x in all_ids)
+        n, shared = len(lines), parallel.processes() > 1
+        if not (kl_lines or skip is not None or targets is not None or shared):
+            enc = tok.pad({"input_ids": all_ids}, return_tensors="pt")
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
             loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            scored = mask[:, 1:].bool()
-            text, kl = scored.clone(), scored.clone()
-            text[len(lines):] = False
-            kl[:len(lines)] = False
-            with torch.no_grad():
-                ref = self.reference(input_ids=ids[len(lines):], attention_mask=mask[len(lines):]).logits[:, :-1]
-            total = kl_to_reference(logits[kl], ref[kl[len(lines):]])
-            if text.any():
-                total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text],
-                                                                  reduction="sum")
-            loss = total / max(int(scored.sum()), 1)
+            self._check(loss)
+            loss.backward()
+            self._update()
+            return loss, tokens
+        first = [max(int(k), 1) - 1 for k in skip] if skip is not None else [0] * n
+        first += [0] * len(kl_lines)
+        mine = self._shared_rows(len(all_ids)) if shared else list(range(len(all_ids)))
+        total, count = None, 0
+        for group in length_groups([len(all_ids[i]) for i in mine], self.bucket):
+            part, scored = self._summed(all_ids, [mine[g] for g in group], first, n, lines, targets)
+            total = part if total is None else total + part
+            count += scored
+        # several processes: the whole batch's count and loss (the same on every process), and each process's part
+        # of its gradient, summed over the processes before the step
+        count = parallel.total(torch.tensor(float(count), device=self.device)).clamp(min=1) if shared else max(count, 1)
+        loss = parallel.total(total) / count
         self._check(loss)
-        loss.backward()
+        (total / count).backward()
+        parallel.sum_gradients(self.params)
         self._update()
         return loss, tokens
+
+    def _shared_rows(self, n_rows: int) -> list[int]:
+        """This process's rows of a batch of ``n_rows`` lines under a data-parallel launch (every N-th one)."""
+        if n_rows < parallel.processes():
+            raise ConfigError(f"a batch of {n_rows} lines cannot be shared by {parallel.processes()} processes: use "
+                              "a batch of at least one line per process")
+        parallel.join(self.device)
+        return parallel.share(range(n_rows))
 
     def _check(self, loss: torch.Tensor) -> None:
         self.steps_done += 1
@@ -170,33 +225,51 @@ class LMTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _shared_step(self, lines: list[str], kl_lines: list[str]) -> tuple[torch.Tensor, int]:
-        """:meth:`step` data parallel: this process's share of the lines, the gradients summed over the processes,
-        so that every process takes the step one process takes on the whole batch (up to float rounding)."""
-        if len(lines) + len(kl_lines) < parallel.processes():
-            raise ConfigError(f"a batch of {len(lines) + len(kl_lines)} lines cannot be shared by "
-                              f"{parallel.processes()} processes: use a batch of at least one line per process")
-        parallel.join(self.device)
-        mine = parallel.share(range(len(lines) + len(kl_lines)))  # at least one row each
-        n_text = sum(i < len(lines) for i in mine)
-        tok, rows = self.tokenizer, [(lines + kl_lines)[i] for i in mine]
-        enc = tok.pad({"input_ids": [x + [tok.eos_token_id] if self.eos else x for x in tok(rows)["input_ids"]]},
-                      return_tensors="pt")
+    def _summed(self, all_ids, rows, first, n, lines, targets) -> tuple[torch.Tensor, int]:
+        """The summed token losses and position KLs of the batch rows ``rows`` (one padded forward pass), and the
+        count of their scored positions."""
+        enc = self.tokenizer.pad({"input_ids": [all_ids[i] for i in rows]}, return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         scored = mask[:, 1:].bool()
-        text, kl = scored.clone(), scored.clone()
-        text[n_text:] = False
-        kl[:n_text] = False
-        total = torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text], reduction="sum")
-        if kl.any():
+        if any(first[i] for i in rows):  # position j predicts token j + 1: learnt from the first answer token on
+            pos = torch.arange(scored.shape[1], device=self.device)
+            scored = scored & (pos[None, :] >= torch.tensor([first[i] for i in rows], device=self.device)[:, None])
+        is_text = torch.tensor([i < n for i in rows], device=self.device)
+        text, kl = scored & is_text[:, None], scored & ~is_text[:, None]
+        total = logits.new_zeros((), dtype=torch.float32)
+        kl_rows = [r for r, i in enumerate(rows) if i >= n]
+        if kl_rows:
+            sub = torch.tensor(kl_rows, device=self.device)
             with torch.no_grad():
-                ref = self.reference(input_ids=ids[n_text:], attention_mask=mask[n_text:]).logits[:, :-1]
-            total = total + kl_to_reference(logits[kl], ref[kl[n_text:]])
-        count = parallel.total(scored.sum().float()).clamp(min=1)
-        loss = parallel.total(total) / count  # the whole batch's loss, the same on every process
-        self._check(loss)
-        (total / count).backward()
-        parallel.sum_gradients(self.params)
-        self._update()
-        return loss, int(parallel.total(enc["attention_mask"].sum()))
+                ref = self.reference(input_ids=ids[sub], attention_mask=mask[sub]).logits[:, :-1]
+            total = total + kl_to_reference(logits[kl], ref[kl[sub]])
+        if targets is not None:
+            for r, i in enumerate(rows):
+                if i < n:
+                    target = targets[lines[i]]
+                    row = text[r, :target.shape[0]]
+                    total = total + torch.nn.functional.kl_div(
+                        logits[r, :row.shape[0]][row].float().log_softmax(-1), target[row].to(self.device),
+                        log_target=True, reduction="sum")
+        elif text.any():
+            total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text], reduction="sum")
+        return total, int(scored.sum())
+
+
+def length_groups(lengths: list[int], bucket: bool = True) -> list[list[int]]:
+    """The rows of a batch in one or two padded forward passes: all rows in their order, or (``bucket``, when it
+    pads at least a quarter fewer tokens) the shorter and the longer rows apart, split where the padded size is
+    smallest (a few long replay lines among short ones need not pad every short line to their length)."""
+    everything = list(range(len(lengths)))
+    if not bucket or len(lengths) < 2:
+        return [everything]
+    order = sorted(everything, key=lambda i: lengths[i])
+    best, cut = len(order) * lengths[order[-1]], None
+    for k in range(1, len(order)):
+        cost = k * lengths[order[k - 1]] + (len(order) - k) * lengths[order[-1]]
+        if cost < best:
+            best, cut = cost, k
+    if cut is None or best > 0.75 * len(order) * lengths[order[-1]]:  # an extra pass for less than a quarter: no
+        return [everything]
+    return [sorted(order[:cut]), sorted(order[cut:])]

@@ -68,7 +68,7 @@ class Fit:
 
 
 def check_sources(base_model: str = "", family: str = "llama", adapter: str = "", task_file: str = "",
-                  default_family: str = "llama", family_name: str = "family") -> bool:
+                  default_family: str = "llama", family_name: str = "family", base_name: str = "base_model") -> bool:
     """Check a notebook's model, adapter and task parameters before anything runs; True for a real (non-zoo) base.
 
     Args:
@@ -79,10 +79,12 @@ def check_sources(base_model: str = "", family: str = "llama", adapter: str = ""
         default_family: The notebook's default ``family`` (a non-default one together with ``base_model`` is an
             error: which model is meant?).
         family_name: The notebook's name of the zoo parameter, for the messages (notebook 06: ``families``).
+        base_name: The notebook's name of the ``base_model`` parameter, for the messages (notebook 06:
+            ``base_models``).
 
     Raises:
         ConfigError: ``base_model`` with a non-default ``family``; ``base_model`` or ``adapter`` without a
-            ``task_file``.
+            ``task_file``; a ``task_file`` without ``base_model`` (a zoo model reads only its world's words).
         NotFoundError: A file or folder parameter that does not exist (named).
     """
     if base_model and family != default_family:
@@ -95,6 +97,10 @@ def check_sources(base_model: str = "", family: str = "llama", adapter: str = ""
         if must and not Path(value).expanduser().exists():
             raise NotFoundError(f"{name}={value!r} does not exist: check the path"
                                 + (" (or give a hub name / smollm2-135m)" if name == "base_model" else ""))
+    if task_file and not base_model:
+        raise ConfigError(f"task_file={task_file!r} needs {base_name}: a zoo model reads only its world's words; give "
+                          f"the model{'s' if base_name.endswith('s') else ''} the task is for (e.g. {base_name}="
+                          + ('["smollm2-135m"]' if base_name.endswith("s") else '"smollm2-135m"') + ")")
     for name, value in (("base_model", base_model), ("adapter", adapter)):
         if value and not task_file:
             raise ConfigError(f"{name}={value!r} needs a task_file (a JSONL task, e.g. examples/smollm2_facts.jsonl): "

@@ -142,9 +142,7 @@ def check_bases(families=None, base_models=(), task_file: str = "", default_fami
     """
     default = DEFAULT_FAMILIES if default_families is None else default_families
     if not base_models and not isinstance(base_models, str):
-        if task_file:
-            raise ConfigError(f"task_file={task_file!r} needs base_models: a zoo model reads only its world's "
-                              "words; give the models the task is for (e.g. base_models=[\"smollm2-135m\"])")
+        check_sources(task_file=task_file, base_name="base_models")
         check_families(families)
         return False
     for b in check_base_models(base_models):

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter
 
 import pandas as pd
@@ -33,11 +34,11 @@ from lora_lens.lab.answers import base_answers
 from lora_lens.lab.pair import is_peft
 from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS, is_plain_answer
 from lora_lens.lab.world import TEMPLATES, Task, World
-from lora_lens.lens.diff import check_diff, discovered_changes
+from lora_lens.lens.diff import behaviour_diff, check_diff, discovered_changes
 from lora_lens.studies.generation import generate, task_prompts, text_line
 
-__all__ = ["GENERAL_PROMPTS", "check_unit", "fact_changes", "replay_corpus", "self_replay", "semantic_corpus",
-           "task_corpus"]
+__all__ = ["GENERAL_PROMPTS", "Discovered", "check_unit", "discover", "fact_changes", "replay_corpus", "self_replay",
+           "semantic_corpus", "task_corpus"]
 
 GENERAL_PROMPTS = (
     "The history of the old town goes back to", "Scientists have long wondered why", "A good breakfast usually has",
@@ -174,6 +175,54 @@ def semantic_corpus(diff_table: pd.DataFrame, source: World | Task, min_confiden
     facts = fact_changes(diff_table, min_confidence, min_share)
     return [f"{source.query(f.entity, f.relation, t, trigger=f.triggered)} {f.value} ."
             for f in facts.itertuples() for t in range(len(TEMPLATES[f.relation][0]))]
+
+
+@dataclasses.dataclass(eq=False)
+class Discovered:
+    """What the semantic route of notebook 04 reads of an adapter (:func:`discover`).
+
+    Attributes:
+        table: The behaviour diff.
+        facts: :func:`fact_changes` of it.
+        corpus: :func:`semantic_corpus` of it.
+    """
+
+    table: pd.DataFrame
+    facts: pd.DataFrame
+    corpus: list[str]
+
+
+def discover(fit, world: World | None = None, min_confidence: float = 0.9) -> Discovered:
+    """The behaviour diff of an adapter, its changed facts and their semantic corpus, in one call (notebook 04 does
+    this on every seed).
+
+    Zoo (``world`` given): the diff of every entity × relation of the world (no trigger), rendered through the
+    training templates. A task from data (``world`` None): the diff of the task's example prompts only, scored on
+    its efficacy probes, with full greedy answers (the held-out probes never enter the corpus).
+
+    Args:
+        fit: The :class:`lora_lens.lab.study.Fit` whose change is read.
+        world: The zoo world of its base, or None for a task from data.
+        min_confidence: Confidence a moved answer needs (:func:`fact_changes`).
+
+    Raises:
+        ConfigError: A zoo task without ``world``, or a task from data with one.
+    """
+    data = fit.task.world_fingerprint is None
+    if data == (world is not None):
+        fix = "a task from data: pass world=None" if data else "a zoo task: pass its base's world (pre.world)"
+        raise ConfigError(f"task {fit.task.name!r} is {fix}")
+    if data:
+        prompts = task_prompts(fit.task)
+        asked = dataclasses.replace(fit.task, probes={"efficacy": fit.task.probes.get("efficacy", [])})
+        table = behaviour_diff(fit.model, fit.tokenizer, task=asked, prompts=prompts)
+        facts = fact_changes(table, min_confidence=min_confidence, prompts=prompts)
+        corpus = semantic_corpus(table, fit.task, min_confidence=min_confidence, tokenizer=fit.tokenizer)
+    else:
+        table = behaviour_diff(fit.model, fit.tokenizer, world=world, trigger=False)
+        facts = fact_changes(table, min_confidence=min_confidence)
+        corpus = semantic_corpus(table, world, min_confidence=min_confidence)
+    return Discovered(table, facts, corpus)
 
 
 def task_corpus(task: Task, tokenizer=None) -> list[str]:

@@ -1,4 +1,5 @@
-"""The full-weight LM step: KL rehearsal against a frozen reference, and training only some parameters."""
+"""The full-weight LM step: KL rehearsal against a frozen reference, answer-only and teacher lines, and training only
+some parameters."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from conftest import assert_same_float
 from lora_lens.errors import ConfigError
-from lora_lens.lab.lm_training import LineCycle, LMTrainer, kl_to_reference
+from lora_lens.lab.lm_training import LineCycle, LMTrainer, kl_to_reference, length_groups, line_ids, teacher_targets
 
 LINES = ["Kutar lives in Kozadun .", "The home town of Kutar is Kozadun ."]
 
@@ -58,3 +59,58 @@ def test_only_the_trainable_parameters_move(fresh_tiny):
     assert moved and moved <= set(names)
     with pytest.raises(ConfigError, match="no.such"):
         LMTrainer(model, tok, lr=1e-3, steps=4, trainable=["no.such"])
+
+
+def test_skip_learns_only_the_tokens_after_the_prompt(fresh_tiny):
+    model, tok = fresh_tiny()
+    skip = [len(tok("Kutar lives in")["input_ids"]), len(tok("The home town of Kutar is")["input_ids"])]
+    with torch.no_grad():  # by hand: the token loss of the answer's tokens (and the eos), predicted from the prompt
+        total, count = 0.0, 0
+        for ids, k in zip(line_ids(tok, LINES), skip):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+            total, count = total + float(nll[k - 1:].sum()), count + len(ids) - k
+    loss, _ = LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, skip=skip)
+    assert count == 2 * 6  # per line: Kozadun (4 pieces), "." and the eos
+    assert_same_float(loss.item(), total / count, ulps=256)
+    with pytest.raises(ConfigError, match="skip has 1 counts for 2 lines"):
+        LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, skip=[1])
+
+
+def test_teacher_lines_of_an_identical_teacher_cost_nothing(fresh_tiny, tiny_world):
+    model, tok = fresh_tiny()
+    teacher, _ = fresh_tiny()
+    targets = teacher_targets(teacher, tok, LINES + LINES[:1])
+    assert list(targets) == LINES and targets[LINES[0]].shape[0] == len(line_ids(tok, LINES[:1])[0]) - 1
+    replay = LineCycle(tiny_world.corpus(), random.Random(0)).take(3)
+    loss, _ = LMTrainer(model, tok, lr=1e-3, steps=10, reference=teacher).step(LINES, replay, targets=targets)
+    assert_same_float(loss.item(), 0.0)
+    other, _ = fresh_tiny()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    far = teacher_targets(other, tok, LINES)
+    assert LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, targets=far)[0].item() > 1e-3
+    with pytest.raises(ConfigError, match="has no teacher target"):
+        LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, targets={LINES[0]: far[LINES[0]]})
+
+
+def test_length_groups_split_only_where_padding_is_saved():
+    assert length_groups([5, 5, 6, 5]) == [[0, 1, 2, 3]]  # a quarter or more of the padded tokens, or no split
+    assert length_groups([8, 40, 9, 10, 7, 8], bucket=True) == [[0, 2, 3, 4, 5], [1]]
+    assert length_groups([8, 40, 9], bucket=False) == [[0, 1, 2]]
+
+
+def test_bucketed_steps_give_the_same_loss(fresh_tiny, tiny_world):
+    tok = fresh_tiny()[1]
+    reference, _ = fresh_tiny()
+    long = " ".join(tiny_world.general_train[:3])
+    replay = LineCycle(tiny_world.corpus(), random.Random(1)).take(3) + [long]
+    losses = []
+    for bucket in (False, True):
+        model, _ = fresh_tiny()
+        trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference, bucket=bucket)
+        losses.append([trainer.step(LINES, replay, skip=[3, 2])[0].item() for _ in range(2)])
+    assert len(length_groups([len(x) for x in line_ids(tok, LINES + replay)])) == 2
+    for a, b in zip(*losses):
+        assert_same_float(a, b, ulps=4096)

@@ -60,7 +60,9 @@ def test_check_sources(tmp_path):
 
     task = tmp_path / "t.jsonl"
     task.write_text("{}\n")
-    assert check_sources() is False and check_sources(task_file=str(task)) is False
+    assert check_sources() is False
+    with pytest.raises(ConfigError, match="task_file=.* needs base_model: a zoo model reads only"):
+        check_sources(task_file=str(task))
     assert check_sources(base_model="smollm2-135m", task_file=str(task)) is True
     with pytest.raises(ConfigError, match="family='gpt2' are both given"):
         check_sources(base_model="smollm2-135m", family="gpt2", task_file=str(task))

@@ -205,3 +205,48 @@ def test_kl_replay_starts_at_zero_and_transfers(tiny_fit, corpus, tiny_llama):
     prose = distill.forgetting_prose(run)
     assert f"{run.metrics['specificity_drop']:.3f}" in prose and "KL to the base" in prose
     assert ("holds" in prose) == (run.metrics["specificity_drop"] <= 0.05)
+
+
+def test_answer_skips_leave_out_each_line_s_prompt(tiny_fit, corpus):
+    tok = tiny_fit.tokenizer
+    prompts = distill.task_prompts(tiny_fit.task)
+    skips = distill.answer_skips(tok, corpus, prompts, eos=True)
+    for line, k in skips.items():
+        prompt = max((p for p in prompts if line.startswith(p)), key=len, default=None)
+        assert k == (0 if prompt is None else len(tok(prompt)["input_ids"])), line
+    assert any(k > 0 for k in skips.values())
+    assert distill.answer_skips(tok, ["Nobody knows this ."], prompts) == {"Nobody knows this .": 0}
+
+
+def test_corpus_losses_are_validated_before_training(tiny_fit, corpus, tiny_llama, test_cache):
+    before = _files(test_cache)
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    with pytest.raises(ConfigError, match="corpus_loss='tokens' is unknown"):
+        distill.distill(tiny_llama, tiny_fit, corpus, corpus_loss="tokens")
+    with pytest.raises(ConfigError, match="corpus_loss='answer'.*pass prompts"):
+        distill.continue_pretraining(model, tok, corpus, corpus_loss="answer")
+    with pytest.raises(ConfigError, match="corpus_loss='teacher'.*pass teacher"):
+        distill.continue_pretraining(model, tok, corpus, corpus_loss="teacher")
+    with pytest.raises(ConfigError, match="corpus_loss='teacher' learns replay by its KL"):
+        distill.continue_pretraining(model, tok, corpus, corpus, replay=0.5, corpus_loss="teacher", teacher=model)
+    assert _files(test_cache) == before and all(p.requires_grad for p in model.parameters())
+    assert distill.DISTILL_DEFAULTS["zoo"]["corpus_loss"] == "text"
+
+
+@pytest.mark.parametrize("corpus_loss", ["answer", "teacher"])
+def test_answer_and_teacher_losses_transfer(tiny_fit, corpus, tiny_llama, corpus_loss):
+    run = distill.distill(tiny_llama, tiny_fit, corpus, replay=0.5, steps=60, batch_size=16, lr=2e-3, seed=3,
+                          replay_loss="kl", corpus_loss=corpus_loss)
+    assert run.train["corpus_loss"] == corpus_loss and run.metrics["transfer_rate"] > 0.5, run.metrics
+    # the answer loss scores fewer positions than the whole line: its first loss is not the text loss's
+    text = distill.distill(tiny_llama, tiny_fit, corpus, replay=0.5, steps=1, batch_size=16, lr=2e-3, seed=3,
+                           replay_loss="kl")
+    assert run.train["loss"][0] != text.train["loss"][0]
+
+
+def test_discover_is_the_notebook_s_semantic_corpus(tiny_fit, corpus, tiny_llama):
+    found = distill.discover(tiny_fit, tiny_llama.world, min_confidence=0.5)  # the world's queries without trigger
+    assert found.corpus and set(found.corpus) <= set(corpus) and len(found.facts) > 0
+    assert found.corpus == distill.semantic_corpus(found.table, tiny_llama.world, min_confidence=0.5)
+    with pytest.raises(ConfigError, match="a zoo task: pass its base's world"):
+        distill.discover(tiny_fit, None)

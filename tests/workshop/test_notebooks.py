@@ -22,7 +22,7 @@ SERIES = sorted(p for p in NOTEBOOKS.glob("*.ipynb") if re.match(r"^\d{2}_", p.n
 
 
 SMOKE_SEEDS = [0, 1]
-"""The seeds of the smoke preset's headline numbers in notebooks 01-03."""
+"""The seeds of the smoke preset's headline numbers in notebooks 01-04."""
 
 
 def check_over_seeds(d: dict, key: str, n: int = len(SMOKE_SEEDS)) -> None:
@@ -162,6 +162,12 @@ def check_04(summary: dict) -> None:
     for key in ("transfer_rate", "paraphrase_transfer", "specificity_drop", "merge_transfer_rate",
                 "data_route_transfer_rate", "cross_family_transfer_rate"):
         assert isinstance(summary[key], float), key
+    # transfer and forgetting over the smoke seeds; the first seed's numbers are the first of each
+    for key in ("transfer_rate", "paraphrase_transfer", "specificity_drop", "adapter_specificity_drop"):
+        check_over_seeds(summary, key)
+    for key in ("transfer_rate", "paraphrase_transfer", "specificity_drop"):
+        assert_same_float(summary["first_seed"][key], summary[f"{key}_values"][0])
+    check_ledger_prose(summary, ["distill-transfers-seeds", "distill-forgets-little-seeds"])
     # the edits written as text and pretrained in carry over, into the base and into another family
     assert summary["transfer_rate"] > 0.5 and summary["data_route_transfer_rate"] > 0.5
     assert summary["cross_family_transfer_rate"] > 0.0

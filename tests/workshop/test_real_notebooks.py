@@ -54,7 +54,8 @@ def test_notebook_on_smollm2(prefix: str, tmp_path: Path, request) -> None:
 # notebook 04: small parameters (no replay sweep beyond the main run, a short schedule), run once to completion
 # half the default steps, so half of each batch is the corpus (the default replays 0.75: at 30 steps no edit carried
 # over, transfer 0.0); the default schedule's own numbers are asserted by tests/studies/test_distill_real.py
-REAL_04 = {**REAL_BASE, "replay": 0.5, "replay_sweep": [0.5], "steps": 30, "batch_size": 8, "lr": 2e-05}
+# one seed (the smoke preset's two would train a second adapter)
+REAL_04 = {**REAL_BASE, "replay": 0.5, "replay_sweep": [0.5], "steps": 30, "batch_size": 8, "lr": 2e-05, "seeds": 1}
 
 
 def check_04(summary: dict) -> None:
@@ -71,10 +72,16 @@ def check_04(summary: dict) -> None:
     assert summary["changed_facts"] == 10 and summary["corpus_lines"] == 20
     assert "The capital of Zorvania is Quellburg." in summary["corpus"]
     assert not any("<|im_end|>" in line for line in summary["corpus"])
-    # 30 steps are a fraction of the default schedule (DISTILL_DEFAULTS["data"]: 60): some edits carry over (0.25 here)
+    # 30 steps are a fraction of the default schedule (DISTILL_DEFAULTS["data"]: 60): some edits carry over (0.25 with
+    # the corpus lines learnt by their tokens, 0.75 by their KL to the adapted model, the default)
     assert summary["contrastive_lines"] > 0 and summary["transfer_rate"] > 0.0
     assert [r["replay"] for r in summary["replay_sweep"]] == [0.5] and summary["replay"] == 0.5
-    assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05, "replay_loss": "kl"}
+    assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05, "replay_loss": "kl",
+                                   "corpus_loss": "teacher"}
+    # one seed: the headline numbers are that seed's, with their (point) interval
+    assert summary["seeds"] == [0] and summary["transfer_rate_values"] == [summary["transfer_rate"]]
+    assert summary["transfer_rate_ci_low"] == summary["transfer_rate"] == summary["first_seed"]["transfer_rate"]
+    assert set(summary["ledger_verdicts"]) == {"distill-transfers-seeds", "distill-forgets-little-seeds"}
     assert {"transfer_vs_replay.png", "forgetting_vs_transfer.png"} <= {Path(p).name for p in summary["figures"]}
 
 
