@@ -32,7 +32,8 @@ REFERENCE_MINUTES = {"00": 0.5, "01": 4.6, "02": 2.3, "03": 4.4, "04": 1.5, "05"
 """Estimated minutes per notebook at the workshop preset with every base cached (sum 19.4 min: the measured 10.6 min
 of the series with one seed, with 01-03 scaled by their measured ratio three seeds / one seed on a shared 2-core
 machine, 2026-12-01: 01 639 / 278 s = 2.30, 02 147 / 63 s = 2.33, 03 313 / 176 s = 1.78; 05 runs the loop and its
-baseline once per seed: three times its one-seed 1.5 min, an estimate not yet measured)."""
+baseline once per seed: three times its one-seed 1.5 min; measured 2026-12-02 under load 3.4-4.9: 14.2 min wall,
+9.1 min CPU, with one of its three bases pretrained in the run)."""
 PRETRAIN_SECONDS = (53, 135)
 """Measured range for pretraining one ``small`` family on the reference machine (README)."""
 
