@@ -133,7 +133,11 @@ def check_05(summary: dict) -> None:
         for r in rounds:
             assert 0.0 <= r["efficacy"] <= 1.0 and 0.0 <= r["specificity"] <= 1.0
             assert r["failing"] == round((1 - r["efficacy"]) * 20)  # the twenty efficacy probes
-    assert all(isinstance(r["collateral"], int) and r["collateral"] >= 0 for r in loop)
+    assert all(isinstance(r["collateral"], int) and r["collateral"] >= 0 for r in loop[:-1])
+    assert loop[-1]["collateral"] is None  # no layer follows the last round: no collateral diff
+    assert summary["seeds"] == [0] and summary["tokens_to_target_ratio_cases"][0] in (
+        "both", "random capped", "loop capped", "neither")  # one adapter seed with your model by default
+    assert len(summary["tokens_to_target_ratio_values"]) == 1
     if len(loop) == 2 and len(rand) == 2:  # the baseline adds at most the tokens the loop added (random examples
         assert 0 < rand[1]["tokens"] - rand[0]["tokens"] <= loop[1]["tokens"] - loop[0]["tokens"]  # fill the budget)
     for key, rounds in (("tokens_to_target", loop), ("random_tokens_to_target", rand)):
