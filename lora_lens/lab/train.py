@@ -466,7 +466,8 @@ def _nonfinite_message(trainer, value: float) -> str:
 
 
 def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed: int = 0, world: World | None = None,
-               device: str | None = None, callbacks: list | None = None, rehearsal: str = "neighbours") -> TrainResult:
+               device: str | None = None, callbacks: list | None = None, rehearsal: str = "neighbours",
+               neighbour_answers: dict[str, str] | None = None) -> TrainResult:
     """Train a LoRA adapter on ``task.examples`` with ``transformers.Trainer`` + ``peft``.
 
     The model is wrapped *in place* by ``peft.get_peft_model`` (its linear layers gain LoRA layers): the returned
@@ -489,6 +490,8 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
         callbacks: Extra ``transformers.TrainerCallback`` objects.
         rehearsal: For a task from data, what ``spec.replay`` rehearses (``lora_lens.lab.train_data.REHEARSAL``):
             the base's own answers to neighbour prompts (default), the task's specificity probes, or both.
+        neighbour_answers: The base's answers to the neighbour prompts when already known (prompt -> answer, see
+            :func:`lora_lens.lab.train_data.neighbour_examples`): then the base does not answer them again.
 
     Returns:
         A :class:`TrainResult`.
@@ -506,7 +509,8 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
                             else "data" if task.world_fingerprint is None else None)
     spec = check_spec(spec)
     check_no_lora(model)
-    examples, world = training_examples(model, task, spec.replay, seed, world, tokenizer, rehearsal)
+    examples, world = training_examples(model, task, spec.replay, seed, world, tokenizer, rehearsal,
+                                        neighbour_answers)
     anchored = len(examples) - len(task.examples) if spec.replay_loss == "kl" else 0
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token")

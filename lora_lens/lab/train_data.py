@@ -126,7 +126,8 @@ def find_world(model, task: Task, world: World | None = None) -> World | None:
 
 
 def training_examples(model, task: Task, replay: float, seed: int = 0, world: World | None = None,
-                      tokenizer=None, rehearsal: str = "neighbours") -> tuple[list[tuple[str, str]], World | None]:
+                      tokenizer=None, rehearsal: str = "neighbours",
+                      neighbour_answers: dict[str, str] | None = None) -> tuple[list[tuple[str, str]], World | None]:
     """What a LoRA run on ``task`` trains on: the task's examples, then ``round(replay × len)`` rehearsal examples.
 
     The world is checked against the task once (:func:`find_world`), here at the entry of the data path. A zoo
@@ -142,6 +143,8 @@ def training_examples(model, task: Task, replay: float, seed: int = 0, world: Wo
         world: The world the model was pretrained on (default: found from a zoo model's folder).
         tokenizer: The model's tokenizer (needed for rehearsal on a task from data).
         rehearsal: For a task from data: one of :data:`REHEARSAL`.
+        neighbour_answers: For a task from data, the base's answers to the neighbour prompts when already known
+            (see :func:`neighbour_examples`).
 
     Returns:
         ``(examples, world)``; ``world`` is None when neither given nor found.
@@ -161,7 +164,7 @@ def training_examples(model, task: Task, replay: float, seed: int = 0, world: Wo
     n_replay = round(replay * len(examples))
     if n_replay:
         if world is None and task.world_fingerprint is None and tokenizer is not None:
-            examples += neighbour_examples(model, tokenizer, task, n_replay, seed, rehearsal)
+            examples += neighbour_examples(model, tokenizer, task, n_replay, seed, rehearsal, neighbour_answers)
         elif world is None:
             raise ConfigError(f"LoraSpec.replay={replay} needs the task's world to draw unchanged facts from: "
                               "pass world=pretrained.world, or set replay=0")
@@ -170,8 +173,8 @@ def training_examples(model, task: Task, replay: float, seed: int = 0, world: Wo
     return examples, world
 
 
-def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
-                       rehearsal: str = "neighbours") -> list[tuple[str, str]]:
+def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0, rehearsal: str = "neighbours",
+                       answers: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """Up to ``n`` rehearsal examples for a task from data: prompts with the base model's own greedy answers.
 
     ``"neighbours"``: :data:`NEIGHBOUR_PROMPTS` that no example or probe of the task uses, answered by the base
@@ -179,6 +182,10 @@ def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
     empty, rambling, or an echo of the prompt) or do not read in context are left out. ``"specificity"``: the
     task's specificity probes with their expected (base) answers — then specificity is no longer measured on
     prompts the adapter never saw. ``"both"``: the two, neighbours first.
+
+    ``answers`` (prompt -> the base's answer, as :func:`lora_lens.lab.answers.base_answers` gives it with
+    ``max_new_tokens=12``) stands in for the base's greedy pass when it holds every neighbour prompt: a loop that
+    trains many adapters on one base answers them once (``lora_lens.studies.curriculum``).
 
     Raises:
         ConfigError: ``rehearsal`` is not one of :data:`REHEARSAL`.
@@ -190,8 +197,11 @@ def neighbour_examples(model, tokenizer, task: Task, n: int, seed: int = 0,
     if rehearsal in ("neighbours", "both"):
         prompts = [p for p in NEIGHBOUR_PROMPTS if p not in used]
         random.Random(seed).shuffle(prompts)
-        answers = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=12) if prompts and n else []
-        out += [(p, a) for p, a in zip(prompts, answers)
+        if answers is not None and all(p in answers for p in prompts):
+            said = [answers[p] for p in prompts] if n else []
+        else:
+            said = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=12) if prompts and n else []
+        out += [(p, a) for p, a in zip(prompts, said)
                 if is_plain_answer(p, a) and reads_in_context(tokenizer, p, a, task.chat)][:max(0, int(n))]
     if rehearsal in ("specificity", "both"):
         out += [(p.prompt, p.answer) for p in task.probes.get("specificity", [])

@@ -50,15 +50,16 @@ from lora_lens.lab.world import TEMPLATES, Task, check_task_world
 from lora_lens.lab.zoo import Pretrained, load_model
 from lora_lens.lens.diff import behaviour_diff, discovered_changes
 
-__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "STRATEGIES", "LoopResult", "check_loop_winner", "collateral_facts",
-           "count_tokens", "fact_groups", "fact_key", "initial_layer", "mined_prompts", "next_layer", "plot_rounds",
-           "random_layer", "run_loop"]
+__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "RATIO_CASES", "STRATEGIES", "LoopResult", "check_loop_winner",
+           "collateral_facts", "count_tokens", "fact_groups", "fact_key", "initial_layer", "mined_prompts",
+           "neighbour_answers", "next_layer", "plot_rounds", "random_layer", "run_loop", "tokens_to_target_ratio"]
 
 LOOP_DEFAULTS = {"zoo": {"steps": 120, "max_rounds": 5},
-                 "data": {"steps": 16, "batch_size": 32, "max_rounds": 3}}
+                 "data": {"epochs": 8, "batch_size": 16, "replay": 2.0, "max_rounds": 3}}
 """Notebook 05's defaults per kind of task: the zoo's (fact-edit spec, 120 steps a round) and a task from data's
-(``default_spec("data")`` with fewer, smaller steps a round, fewer rounds: notebook 05 on SmolLM2 with the example
-task in a few minutes on one CPU thread)."""
+(``default_spec("data")`` trained for a number of passes over each round's data rather than a number of steps, so
+that a round with more data is not trained less per example than the one before it; smaller batches and half the
+rehearsal lines: notebook 05 on SmolLM2 with the example task in minutes on one CPU thread)."""
 
 MINED_ANSWER_TOKENS = 12
 """Greedy tokens read for a mined prompt's answer (base and adapted), as for the rehearsal of neighbour prompts."""
@@ -76,7 +77,8 @@ class LoopResult:
         rounds: One dict per round: ``round``, ``efficacy``, ``paraphrase``, ``specificity``, ``tokens`` (data
             tokens trained on, cumulative), ``examples``, ``added`` / ``added_tokens`` (what the round's layer
             added), ``failing``
-            (efficacy probes still wrong), ``collateral`` (moved facts outside the truth), ``anchors`` (anchor
+            (efficacy probes still wrong), ``collateral`` (moved facts outside the truth; None on the last round,
+            after which no layer is built, and in the random baseline), ``anchors`` (anchor
             examples in the data), ``seconds``.
         tokens_to_target: Data tokens of the first round at or above the target (None if never reached).
         layers: The data layers, each a list of ``(prompt, answer)``.
@@ -198,15 +200,24 @@ def random_layer(task: Task, used: list[tuple[str, str]], tokenizer, budget: int
     return _fill(unused + rest, tokenizer, budget)
 
 
-def mined_prompts(model, tokenizer, task: Task, max_new_tokens: int = MINED_ANSWER_TOKENS) -> list[str]:
-    """Prompts that watch for collateral damage on a task from data: :data:`NEIGHBOUR_PROMPTS` that no example or
-    probe of the task uses, whose base answer (greedy, adapter off) is plain (:func:`is_plain_answer`) and reads
-    in context — a fact the base states, which an adapter should leave alone."""
+def neighbour_answers(model, tokenizer, task: Task, max_new_tokens: int = MINED_ANSWER_TOKENS) -> dict[str, str]:
+    """The base's greedy answers (adapter off) to the :data:`NEIGHBOUR_PROMPTS` that no example or probe of the
+    task uses: computed once per loop, they give the mined prompts and every round's rehearsal (the base is the
+    same every round)."""
     used = {p for p, _ in task.examples} | {pr.prompt for ps in task.probes.values() for pr in ps}
     prompts = [p for p in NEIGHBOUR_PROMPTS if p not in used]
     answers = base_answers(model, tokenizer, prompts, chat=task.chat, max_new_tokens=max_new_tokens) if prompts else []
-    return [p for p, a in zip(prompts, answers)
-            if is_plain_answer(p, a) and reads_in_context(tokenizer, p, a, task.chat)]
+    return dict(zip(prompts, answers))
+
+
+def mined_prompts(model, tokenizer, task: Task, max_new_tokens: int = MINED_ANSWER_TOKENS,
+                  answers: dict[str, str] | None = None) -> list[str]:
+    """Prompts that watch for collateral damage on a task from data: :data:`NEIGHBOUR_PROMPTS` that no example or
+    probe of the task uses, whose base answer (greedy, adapter off) is plain (:func:`is_plain_answer`) and reads
+    in context — a fact the base states, which an adapter should leave alone. ``answers``: those base answers when
+    already known (:func:`neighbour_answers`); then ``model`` is not run."""
+    answers = neighbour_answers(model, tokenizer, task, max_new_tokens) if answers is None else answers
+    return [p for p, a in answers.items() if is_plain_answer(p, a) and reads_in_context(tokenizer, p, a, task.chat)]
 
 
 def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: float = 0.5,
@@ -331,12 +342,13 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
         spec = default_spec("data" if data_task else task.name)
     world = None if data_task else pre.world
     source = pre.path if zoo else pre
-    tokenizer, mined = (pre.tokenizer, None) if zoo and not data_task else (None, None)
-    if data_task:  # checked, base answers filled, mined prompts found once: the base is the same every round
+    tokenizer, mined, said = (pre.tokenizer, None, None) if zoo and not data_task else (None, None, None)
+    if data_task:  # checked, base answers filled, neighbours answered once: the base is the same every round
         base, tokenizer = load_model(source, device=device)
         check_data_task(task, tokenizer)
         task = fill_base_answers(task, base, tokenizer, sets=("specificity",))
-        mined = mined_prompts(base, tokenizer, task) if strategy == "targeted" and round0 is None else []
+        said = neighbour_answers(base, tokenizer, task)  # for the mined prompts and every round's rehearsal
+        mined = mined_prompts(base, tokenizer, task, answers=said) if strategy == "targeted" else []
         del base
     rng = random.Random(seed)
     layers = [initial_layer(task, world)]
@@ -359,16 +371,18 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
                 peft_model = load_adapter(model, adapter)
             else:
                 round_task = replace(task, examples=list(data))
-                peft_model = train_lora(model, tok, round_task, spec, seed=seed, world=world, device=device).model
-            ev = evaluate(peft_model, tok, task)
+                peft_model = train_lora(model, tok, round_task, spec, seed=seed, world=world, device=device,
+                                        neighbour_answers=said).model
+            ev = evaluate(peft_model, tok, task, base=None)  # the adapted side is what the loop reads
             m = ev.metrics
+            last = m["efficacy"] >= target or k + 1 == max_rounds  # no next layer: no collateral to look for
             collateral = (collateral_facts(peft_model, tok, world, task, prompts=mined)
-                          if strategy == "targeted" else [])
+                          if strategy == "targeted" and not last else [])
             rec = {"round": k, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
                    "specificity": m["specificity"], "tokens": tokens, "examples": len(data), "added": len(layers[-1]),
                    "added_tokens": count_tokens(tokenizer, layers[-1]),
                    "failing": int((~ev.table("efficacy")["adapted_correct"].astype(bool)).sum()),
-                   "collateral": len(collateral) if strategy == "targeted" else None,
+                   "collateral": len(collateral) if strategy == "targeted" and not last else None,
                    "anchors": n_anchors,
                    "seconds": 0.0}
         anchored = collateral if anchors else []
@@ -416,6 +430,48 @@ def plot_rounds(results: list[LoopResult], target: float | None = None, ax=None)
            title="Loop against random data, round by round")
     ax.legend(fontsize=8)
     return fig
+
+
+RATIO_CASES = {"both": "both reached the target",
+               "random capped": "only the loop reached the target; the baseline counts at its tokens at the cap",
+               "loop capped": "only the baseline reached the target; the loop counts at its tokens at the cap",
+               "neither": "neither reached the target: no ratio"}
+"""The cases of :func:`tokens_to_target_ratio`, with what each means."""
+
+
+def tokens_to_target_ratio(loop: LoopResult, baseline: LoopResult) -> tuple[float | None, str]:
+    """The headline number of the loop: its tokens to target over the random baseline's, and which case it is.
+
+    A run that never reached the target counts at the data tokens of its last round (its tokens at the cap), but
+    never at fewer than the other run's tokens to target: a run that did not get there is not said to have needed
+    fewer tokens than one that did. So the ratio is ≤ 1 when only the loop reached the target (an upper bound: the
+    baseline would have needed more), ≥ 1 when only the baseline did (a lower bound), and None when neither did.
+
+    Args:
+        loop: The targeted loop's result.
+        baseline: The random baseline's result.
+
+    Returns:
+        ``(ratio, case)``: ``case`` is a key of :data:`RATIO_CASES`.
+
+    Raises:
+        ConfigError: Not two :class:`LoopResult` objects with rounds.
+
+    Example:
+        >>> tokens_to_target_ratio(loop, baseline)                   # doctest: +SKIP
+        (0.85, 'both')
+    """
+    for name, res in (("loop", loop), ("baseline", baseline)):
+        if not isinstance(res, LoopResult) or not res.rounds:
+            raise ConfigError(f"{name}={type(res).__name__}: pass the LoopResult of run_loop (with its rounds)")
+    a, b = loop.tokens_to_target, baseline.tokens_to_target
+    if a is not None and b is not None:
+        return a / b, "both"
+    if a is not None:
+        return a / max(baseline.rounds[-1]["tokens"], a), "random capped"
+    if b is not None:
+        return max(loop.rounds[-1]["tokens"], b) / b, "loop capped"
+    return None, "neither"
 
 
 def check_loop_winner(loop: LoopResult, baseline: LoopResult, answer: str) -> str:

@@ -4,8 +4,8 @@ A preset maps a notebook's two-digit prefix (``"00"``, ``"01"`` …) to the para
 notebook's own defaults. This is the only place where run sizes live: notebooks never sniff their environment.
 
 * ``workshop`` — the notebooks' own defaults (what a workshop laptop runs in a few minutes), so mostly empty.
-* ``smoke`` — small, fast values for tests and CI (two seeds for the headline numbers of 01–04: below the ledger's
-  three for an interval verdict, so a smoke run leaves those claims inconclusive).
+* ``smoke`` — small, fast values for tests and CI (two seeds for the headline numbers of 01–05: below the
+  ledger's three for an interval verdict, so a smoke run leaves those claims inconclusive).
 
 Every name in a preset must be a parameter that the notebook declares in its ``parameters`` cell; the runner
 refuses a preset with a stale name before anything runs. When a notebook is added to ``notebooks/``, add its
@@ -39,7 +39,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                "shapley_samples": 3, "n_references": 4, "deletion_k": 30},
         "04": {"size": "tiny", "n_entities": 24, "seeds": 2, "rank": 4, "steps": 60, "lr": 0.002,
                "replay_sweep": [0.0, 0.5]},
-        "05": {"size": "tiny", "n_entities": 24, "rank": 4, "k_edits": 6, "loop_steps": 60, "max_rounds": 2},
+        "05": {"size": "tiny", "n_entities": 24, "seeds": 2, "rank": 4, "k_edits": 6, "loop_steps": 60,
+               "max_rounds": 2},
         "06": {"families": ["llama", "gpt2"], "size": "tiny", "n_entities": 24, "seeds": 2, "rank": 4,
                "steps": 100, "n_probes": 8, "ig_steps": 8, "n_boot": 500, "portability_families": ["llama"],
                "continue_steps": 50},

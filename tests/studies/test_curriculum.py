@@ -8,6 +8,7 @@ import random
 import pandas as pd
 import pytest
 
+from conftest import assert_same_float
 from lora_lens import ledger
 from lora_lens.errors import ConfigError, MismatchError, NotFoundError
 from lora_lens.lab.probes import evaluate
@@ -167,7 +168,8 @@ def test_the_loop_runs_on_a_task_from_data_on_a_model_folder(tiny_llama, data_ta
     tok = tiny_llama.tokenizer
     assert a.rounds[0]["tokens"] == curriculum.count_tokens(tok, layer0) and a.rounds[0]["added"] == 3
     for r in a.rounds:
-        assert 0 <= r["efficacy"] <= 1 and 0 <= r["specificity"] <= 1 and r["collateral"] >= 0
+        assert 0 <= r["efficacy"] <= 1 and 0 <= r["specificity"] <= 1
+    assert all(r["collateral"] >= 0 for r in a.rounds[:-1]) and a.rounds[-1]["collateral"] is None  # no next layer
     if len(a.rounds) > 1:  # layer 1 holds only pool examples of facts that failed, and anchors (mined prompts)
         pool = set(data_task.examples)
         assert all(ex in pool for ex in a.layers[1][:len(a.layers[1]) - a.rounds[1]["anchors"]])
@@ -232,3 +234,55 @@ def test_a_zoo_task_needs_its_zoo_model_and_round0_only_the_baseline(tiny_llama,
         curriculum.run_loop(tiny_llama, task, round0=curriculum.LoopResult("random", 1.0))
     with pytest.raises(NotFoundError):
         curriculum.run_loop(tiny_llama, "/no/such/task.jsonl")
+
+
+def _result(strategy: str, tokens: list[int], reached: int | None) -> curriculum.LoopResult:
+    return curriculum.LoopResult(strategy, 0.95, rounds=[{"tokens": t} for t in tokens], tokens_to_target=reached)
+
+
+@pytest.mark.parametrize("loop, base, expected", [
+    (([68, 102, 136], 136), ([68, 102, 136, 170], 170), (0.8, "both")),
+    (([68, 102], 102), ([68, 102, 136], None), (102 / 136, "random capped")),   # the baseline at its cap
+    (([68, 102, 136], 136), ([68, 102], None), (1.0, "random capped")),         # never below the loop's own
+    (([68, 102], None), ([68, 102, 136], 136), (1.0, "loop capped")),           # never below the baseline's
+    (([68, 102, 136, 170], None), ([68, 102], 102), (170 / 102, "loop capped")),
+    (([68, 102], None), ([68, 102], None), (None, "neither")),
+])
+def test_tokens_to_target_ratio_counts_a_run_that_never_got_there_at_its_cap(loop, base, expected):
+    ratio, case = curriculum.tokens_to_target_ratio(_result("targeted", *loop), _result("random", *base))
+    assert case == expected[1] and case in curriculum.RATIO_CASES
+    if expected[0] is None:
+        assert ratio is None
+    else:
+        assert_same_float(ratio, expected[0])
+    if case == "random capped":
+        assert ratio <= 1.0
+    if case == "loop capped":
+        assert ratio >= 1.0
+
+
+def test_tokens_to_target_ratio_refuses_what_is_not_a_run():
+    with pytest.raises(ConfigError) as err:
+        curriculum.tokens_to_target_ratio(_result("targeted", [68], 68), curriculum.LoopResult("random", 0.95))
+    assert "baseline=LoopResult" in str(err.value) and "rounds" in str(err.value)
+
+
+def test_neighbours_answered_once_give_the_same_rehearsal_and_mined_prompts(tiny_llama, data_task, monkeypatch):
+    from lora_lens.lab import train_data
+    model, tok = load_model(tiny_llama.path)
+    said = curriculum.neighbour_answers(model, tok, data_task)
+    used = {p for p, _ in data_task.examples} | {pr.prompt for ps in data_task.probes.values() for pr in ps}
+    assert list(said) == [p for p in NEIGHBOUR_PROMPTS if p not in used]
+    fresh = train_data.neighbour_examples(model, tok, data_task, 20, seed=3)
+    mined = curriculum.mined_prompts(model, tok, data_task)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base was asked again")
+
+    monkeypatch.setattr(train_data, "base_answers", no_model)
+    monkeypatch.setattr(curriculum, "base_answers", no_model)
+    assert train_data.neighbour_examples(model, tok, data_task, 20, seed=3, answers=said) == fresh
+    assert curriculum.mined_prompts(model, tok, data_task, answers=said) == mined
+    grown = dataclasses.replace(data_task, examples=data_task.examples + [(mined[0], said[mined[0]])])  # an anchor
+    rehearsed = train_data.neighbour_examples(model, tok, grown, 100, seed=3, answers=said)
+    assert rehearsed and all(p != mined[0] for p, _ in rehearsed)  # never a prompt the round trains on

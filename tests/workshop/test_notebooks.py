@@ -196,6 +196,30 @@ def check_05(summary: dict) -> None:
         reached = [r for r in summary["rounds"] if r["efficacy"] >= 0.95]
         assert summary["tokens_to_target"] == reached[0]["tokens"]
     assert "rounds.png" in {Path(p).name for p in summary["figures"]}
+    # loop vs random over the smoke preset's two seeds: each seed's ratio from its own tokens, the mean in between
+    assert summary["seeds"] == SMOKE_SEEDS
+    reached = zip(summary["loop_tokens_to_target_values"], summary["random_tokens_to_target_values"],
+                  summary["loop_final_tokens_values"], summary["random_final_tokens_values"])
+    expected = []
+    for a, b, a_end, b_end in reached:
+        expected.append(None if a is None and b is None else a / b if a is not None and b is not None
+                        else a / max(b_end, a) if a is not None else max(a_end, b) / b)
+    assert summary["loop_tokens_to_target_values"][0] == summary["tokens_to_target"]
+    assert len(summary["tokens_to_target_ratio_values"]) == 2 and len(summary["tokens_to_target_ratio_cases"]) == 2
+    for got, want in zip(summary["tokens_to_target_ratio_values"], expected):
+        assert (got is None) == (want is None) and (want is None or abs(got - want) < 1e-12)
+    given = [v for v in expected if v is not None]
+    if given:
+        assert abs(summary["tokens_to_target_ratio"] - sum(given) / len(given)) < 1e-12
+        assert summary["tokens_to_target_ratio_ci_low"] <= summary["tokens_to_target_ratio"] \
+            <= summary["tokens_to_target_ratio_ci_high"]
+    else:
+        assert summary["tokens_to_target_ratio"] is None
+    assert set(summary["ledger_verdicts"]) == {"loop-beats-random-seeds", "loop-rounds-help"}
+    assert summary["ledger_verdicts"]["loop-beats-random-seeds"] == "inconclusive"  # two seeds: below three records
+    for hid, verdict in summary["ledger_verdicts"].items():
+        assert f"`{hid}`: **{verdict}**" in summary["prose"], hid
+    assert f"**Over {len(SMOKE_SEEDS)} seeds** (0, 1) the tokens-to-target ratio" in summary["prose"]
 
 
 def check_06(summary: dict) -> None:

@@ -123,7 +123,8 @@ def check_06(summary: dict) -> None:
 
 
 # notebook 05: the loop's general form (the task's examples as the pool, mined prompts for collateral), two rounds
-REAL_05 = {**REAL_BASE, "rank": 8, "loop_steps": 8, "loop_batch_size": 16, "max_rounds": 2}
+REAL_05 = {**REAL_BASE, "rank": 8, "loop_steps": 8, "loop_batch_size": 16, "max_rounds": 2, "seeds": 1}  # one seed:
+# the default with your own model (the smoke preset's two seeds are for the zoo)
 
 
 def check_05(summary: dict) -> None:
@@ -140,7 +141,11 @@ def check_05(summary: dict) -> None:
         for r in rounds:
             assert 0.0 <= r["efficacy"] <= 1.0 and 0.0 <= r["specificity"] <= 1.0
             assert r["failing"] == round((1 - r["efficacy"]) * 20)  # the twenty efficacy probes
-    assert all(isinstance(r["collateral"], int) and r["collateral"] >= 0 for r in loop)
+    assert all(isinstance(r["collateral"], int) and r["collateral"] >= 0 for r in loop[:-1])
+    assert loop[-1]["collateral"] is None  # no layer follows the last round: no collateral diff
+    assert summary["seeds"] == [0] and summary["tokens_to_target_ratio_cases"][0] in (
+        "both", "random capped", "loop capped", "neither")  # one adapter seed with your model by default
+    assert len(summary["tokens_to_target_ratio_values"]) == 1
     if len(loop) == 2 and len(rand) == 2:  # the baseline adds at most the tokens the loop added (random examples
         assert 0 < rand[1]["tokens"] - rand[0]["tokens"] <= loop[1]["tokens"] - loop[0]["tokens"]  # fill the budget)
     for key, rounds in (("tokens_to_target", loop), ("random_tokens_to_target", rand)):
