@@ -46,7 +46,8 @@ FORMAT = "lora_lens.adapter"
 FORMAT_VERSION = 1
 
 __all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "base_fingerprint", "base_params",
-           "check_adapter", "load_adapter", "load_base_and_adapter", "read_config", "read_manifest", "save_adapter"]
+           "check_adapter", "check_adapter_dir", "load_adapter", "load_base_and_adapter", "read_config",
+           "read_manifest", "save_adapter"]
 # config entries that describe how a model runs, not what it is
 _RUNTIME_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "_attn_implementation",
                  "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict",
@@ -112,6 +113,23 @@ def _versions() -> dict:
 # ----------------------------------------------------------------------------------------------------- save
 
 
+def check_adapter_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` resolved, if an adapter may be written there: a new or empty folder, or an adapter folder (which
+    is replaced). Call it before a long training run, so that a bad folder is refused before the work.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, or a non-empty folder that is not an adapter.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"{out} exists and is a file: choose a folder name for the adapter")
+        if any(out.iterdir()) and not (out / CONFIG).is_file():
+            raise ConfigError(f"{out} is a non-empty folder that is not an adapter: refusing to overwrite it; choose "
+                              "another out_dir (e.g. a sub-folder) or empty it first")
+    return out
+
+
 def save_adapter(peft_model, out_dir: str | Path, base_path: str | Path | None = None, task=None, spec=None,
                  metrics: dict | None = None, world=None) -> Path:
     """Save an adapter as a plain PEFT directory plus ``lora_lens_manifest.json``; atomic.
@@ -150,13 +168,7 @@ def save_adapter(peft_model, out_dir: str | Path, base_path: str | Path | None =
         raise ConfigError(f"the model has {len(names)} adapters {names}: save_adapter saves exactly one; delete the "
                           "others with peft_model.delete_adapter(name) or save them with peft_model.save_pretrained")
     name = names[0]
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"{out} exists and is a file: choose a folder name for the adapter")
-        if any(out.iterdir()) and not (out / CONFIG).is_file():
-            raise ConfigError(f"{out} is a non-empty folder that is not an adapter: refusing to overwrite it; choose "
-                              "another out_dir (e.g. a sub-folder) or empty it first")
+    out = check_adapter_dir(out_dir)
     bad = [n for n, p in peft_model.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
     if bad:
         raise TrainingError(f"the adapter has non-finite weights ({bad[0]} and {len(bad) - 1} more): it was not "

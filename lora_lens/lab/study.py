@@ -22,7 +22,7 @@ import pandas as pd
 
 from lora_lens.errors import ConfigError, CorruptError, NotFoundError
 from lora_lens.lab import parallel
-from lora_lens.lab.adapters import MANIFEST, load_adapter, read_manifest, save_adapter
+from lora_lens.lab.adapters import MANIFEST, check_adapter_dir, load_adapter, read_manifest, save_adapter
 from lora_lens.lab.probes import Evaluation, evaluate
 from lora_lens.lab.real_models import is_real_model, real_model_path
 from lora_lens.lab.task_file import problem_message
@@ -321,12 +321,11 @@ def train_adapter(pre, task: str | Path | Task, out: str | Path, seed: int = 0, 
         ``out`` (on every process; written by the main one).
 
     Raises:
-        As :func:`fit_adapter`, before anything is trained; ConfigError also when ``out`` is a folder with other
-        content, or the batch does not split evenly over the processes.
+        As :func:`fit_adapter`, before anything is trained; ConfigError also when ``out`` is a file or a folder
+        with other content (:func:`lora_lens.lab.adapters.check_adapter_dir`), or the batch does not split evenly
+        over the processes.
     """
-    out = Path(out).expanduser()
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ConfigError(f"out={str(out)!r} is a folder with other content: pass a new or empty folder")
+    out = check_adapter_dir(out)
     task, spec, _, world, model, tokenizer = _prepared(pre, task, seed, spec, device, spec_overrides)
     result = train_lora(model, tokenizer, task, spec, seed=seed, world=world, device=device, rehearsal=rehearsal)
     if parallel.is_main_process():

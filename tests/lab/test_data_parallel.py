@@ -114,7 +114,7 @@ def test_train_command_refuses_a_folder_with_other_content(tiny_llama, tmp_path,
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main(["train", str(tiny_llama.path), str(task), "--out", str(out), *SETS]) == 2
-    assert "is a folder with other content" in capsys.readouterr().err
+    assert "is a non-empty folder that is not an adapter" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert main(["train", str(tiny_llama.path), str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert "nope.jsonl does not exist" in capsys.readouterr().err
