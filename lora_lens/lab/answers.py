@@ -46,7 +46,7 @@ import torch
 
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.decoding import GREEDY_BATCH, greedy_continuations
-from lora_lens.lab.pair import check_unmerged, inference, is_peft, keeps_logits, model_device
+from lora_lens.lab.pair import check_unmerged, inference, is_peft, logits_where, model_device, pad_token_id
 from lora_lens.lab.tokenizer import SPECIALS
 
 __all__ = ["AnswerIds", "AnswerScores", "EndOfAnswer", "GreedyMatch", "SENTENCE_END", "answer_ended", "answer_ids",
@@ -361,14 +361,6 @@ class AnswerScores:
         return [math.exp(t) for t in self.total]
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ConfigError("the tokenizer has no pad or eos token, so answers cannot be batched: set "
-                          "tokenizer.pad_token (lora_lens.lab.zoo.load_model does this)")
-    return int(pad)
-
-
 def _check_batch(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer, e.g. 64")
@@ -383,12 +375,11 @@ def score_ids(model, tokenizer, items: Sequence[AnswerIds], chat: bool = False, 
     """
     _check_batch(batch_size)
     items = list(items)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     device = model_device(model)
     order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt), len(items[i].answer)))
     lp_out: list = [None] * len(items)
     arg_out: list = [None] * len(items)
-    keep = keeps_logits(model)
     vocab = int(model.get_input_embeddings().weight.shape[0])
 
     def span(i: int) -> tuple[int, int]:
@@ -398,27 +389,31 @@ def score_ids(model, tokenizer, items: Sequence[AnswerIds], chat: bool = False, 
     with inference(model):
         start = 0
         while start < len(order):
-            chunk = order[start:start + batch_size]
-            lo, hi = min(span(i)[0] for i in chunk), max(span(i)[1] for i in chunk)
-            chunk = chunk[:max(1, budget // ((hi - (lo if keep else 0)) * vocab))]
+            chunk, reads = [], 0
+            for i in order[start:start + batch_size]:      # the read logits of a batch stay under ``budget``
+                s, e = span(i)
+                if chunk and (reads + e - s) * vocab > budget:
+                    break
+                chunk.append(i)
+                reads += e - s
             start += len(chunk)
-            lo, hi = min(span(i)[0] for i in chunk), max(span(i)[1] for i in chunk)
-            width = max(len(items[i].prompt) + len(items[i].answer) for i in chunk)
+            width = max(len(items[i].ids) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            rows, pos = [], []
             for r, i in enumerate(chunk):
                 seq = items[i].ids
                 ids[r, :len(seq)] = torch.tensor(seq)
                 mask[r, :len(seq)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            if keep:
-                logits = model(input_ids=ids, attention_mask=mask,
-                               logits_to_keep=torch.arange(lo, hi, device=device)).logits
-            else:
-                logits, lo = model(input_ids=ids, attention_mask=mask).logits, 0
-            for r, i in enumerate(chunk):
                 s, e = span(i)
-                lp = torch.log_softmax(logits[r, s - lo:e - lo].float(), -1)
+                rows += [r] * (e - s)
+                pos += range(s, e)
+            logits, _ = logits_where(model, rows, pos, input_ids=ids.to(device), attention_mask=mask.to(device))
+            at = 0
+            for i in chunk:
+                s, e = span(i)
+                lp = torch.log_softmax(logits[at:at + e - s].float(), -1)
+                at += e - s
                 target = torch.tensor(items[i].answer, device=lp.device)
                 lp_out[i] = lp[:-1].gather(-1, target[:, None])[:, 0].cpu()
                 arg_out[i] = lp.argmax(-1).cpu().tolist()
@@ -434,7 +429,7 @@ def answer_logprobs(model, tokenizer, prompts: str | Sequence[str], answers: str
     """log p of each answer after its prompt, per token and in total, with the greedy match of the same pass.
 
     Batched with right padding (every real token keeps its position), sorted by length so that logits are
-    projected only over the answer positions of each batch (``logits_to_keep``, where the model takes it).
+    projected only at the answer positions (:func:`lora_lens.lab.pair.logits_where`).
 
     Args:
         model: A causal LM (a ``PeftModel`` is scored as it is; wrap in ``disable_adapter()`` for the base).
@@ -553,7 +548,7 @@ def free_answers(model, tokenizer, prompts: Sequence[str], chat: bool = False, m
     _check_batch(batch_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer, e.g. 16")
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     seqs = [_encode(tokenizer, render_prompt(tokenizer, p, chat), chat) for p in prompts]
     stop = stop_token_ids(tokenizer, chat)
     with inference(model):

@@ -28,7 +28,8 @@ import torch
 
 from lora_lens.checks import check_positive
 from lora_lens.errors import ConfigError
-from lora_lens.lab.pair import inner_model, keeps_logits, model_device
+from lora_lens.lab.modules import hf_model
+from lora_lens.lab.pair import keeps_logits, model_device
 
 __all__ = ["GREEDY_BATCH", "cache_argument", "greedy_continuations", "returned_cache"]
 
@@ -42,7 +43,7 @@ def cache_argument(model) -> str:
     """The name of the KV-cache argument of the model's forward: ``cache`` (transformers ≥ 5.2x) or
     ``past_key_values`` (earlier versions and models that keep the old name)."""
     try:
-        params = inspect.signature(inner_model(model).forward).parameters
+        params = inspect.signature(hf_model(model).forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from peft.tuners.lora import LoraLayer
 
 from lora_lens.errors import ConfigError
@@ -154,11 +155,19 @@ def layer_index(name: str) -> int | None:
 
 
 def hf_model(model):
-    """The Hugging Face model inside a PeftModel / LoraModel (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    if type(model).__name__ == "LoraModel" and hasattr(model, "model"):
-        return model.model
+    """The causal LM under peft's wrappers: a ``PeftModel``'s base model, a ``LoraModel``'s (peft's tuner)
+    ``.model``; any other model as it is. Module names of :func:`lora_layers` are relative to it, and its
+    ``forward`` signature says what the model takes."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    for _ in range(4):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(model, BaseTuner) and isinstance(getattr(model, "model", None), torch.nn.Module):
+            # a tuner only: peft also sets ``peft_config`` on the causal LM it wraps, whose ``.model`` is the body
+            model = model.model
+        else:
+            break
     return model
 
 

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from conftest import assert_same_float
 from lora_lens.errors import ConfigError
 from lora_lens.lab.pair import (adapter_states, check_base, check_peft, encode, frozen, inference, kl_divergence,
-                                last_logits, logits_at, model_device, pad_ids, pad_token_id)
+                                last_logits, logits_at, logits_where, model_device, pad_ids, pad_token_id)
 from lora_lens.lab.tokenizer import build_tokenizer
 from lora_lens.lab.zoo import build_model
 
@@ -69,7 +69,37 @@ def test_padded_logits_match_one_by_one(pm, tok):
     ids, mask, last = pad_ids(seqs, pad_token_id(tok), model_device(pm))
     assert ids.shape == (2, len(seqs[0])) and last.tolist() == [len(seqs[0]) - 1, len(seqs[1]) - 1]
     with inference(pm):
-        batched = logits_at(pm, last, True, input_ids=ids, attention_mask=mask)
+        batched = logits_at(pm, last, input_ids=ids, attention_mask=mask)
         for i, s in enumerate(seqs):
             one = pm(input_ids=torch.tensor([s])).logits[0, -1]
             assert_same_float(batched[i], one)
+
+
+class _Opaque(torch.nn.Module):
+    """A causal LM that hides its output layer (no ``get_output_embeddings``): every position is projected."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs):
+        return self.inner(**inputs)
+
+
+def test_logits_where_projects_only_the_asked_positions(pm, tok):
+    seqs = [tok("Tovan lives in the town of")["input_ids"], tok("a b")["input_ids"]]
+    ids, mask, _ = pad_ids(seqs, pad_token_id(tok), model_device(pm))
+    rows, pos = [0, 0, 1, 0], [1, 4, 2, 1]             # any order, a position twice
+    head_rows = []
+    hook = pm.get_base_model().get_output_embeddings().register_forward_hook(
+        lambda m, a, o: head_rows.append(a[0].shape[:-1].numel()))
+    with inference(pm):
+        try:
+            picked, out = logits_where(pm, rows, pos, input_ids=ids, attention_mask=mask)
+        finally:
+            hook.remove()
+        full = pm(input_ids=ids, attention_mask=mask).logits
+        opaque, _ = logits_where(_Opaque(pm), rows, pos, input_ids=ids, attention_mask=mask)
+    assert head_rows == [len(rows)] and picked.shape == (len(rows), full.shape[-1])
+    assert_same_float(picked, full[rows, pos])
+    assert_same_float(opaque, full[rows, pos])

@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import assert_same_float, randomize_lora
 from lora_lens.errors import ConfigError, MismatchError
-from lora_lens.lab.pair import inner_model, keeps_logits
+from lora_lens.lab.modules import hf_model
+from lora_lens.lab.pair import keeps_logits
 from lora_lens.lab.tokenizer import build_tokenizer, token_id
 from lora_lens.lab.world import ADJECTIVES, NOUNS, make_task
 from lora_lens.lab.zoo import build_model, load_model
@@ -178,7 +179,7 @@ def test_batched_paths_compute_only_what_the_answer_needs(dense, tiny_world):
         f"{w.facts[w.relations[1]][w.entities[0]]} {w.facts[w.relations[2]][w.entities[0]]}"
     head_rows, body_tokens = [], []
     inner = pm.get_base_model()
-    assert inner_model(pm) is inner and keeps_logits(pm)           # the causal LM under peft, not its body
+    assert hf_model(pm) is inner and keeps_logits(pm)           # the causal LM under peft, not its body
     hooks = [inner.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:-1])),
              inner.get_input_embeddings().register_forward_hook(lambda m, a, o: body_tokens.append(a[0].numel()))]
     try:

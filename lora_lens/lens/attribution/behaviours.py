@@ -20,8 +20,8 @@ from captum.attr import FeatureAblation, LayerIntegratedGradients, ShapleyValueS
 
 from lora_lens.errors import ConfigError
 from lora_lens.lab.answers import answer_ids
-from lora_lens.lab.modules import hf_model, layer_index, lora_layers
-from lora_lens.lab.pair import adapter_states, check_peft, frozen, model_device, pad_ids, pad_token_id
+from lora_lens.lab.modules import layer_index, lora_layers
+from lora_lens.lab.pair import adapter_states, check_peft, frozen, logits_where, model_device, pad_ids, pad_token_id
 from lora_lens.lab.world import Task, trigger_target
 from lora_lens.lens.attribution.components import ComponentMask, ComponentSet, LayerCache, check_components
 
@@ -138,31 +138,14 @@ class Behaviours:
 
     def logits(self, model, replicas: int = 1) -> torch.Tensor:
         """The read logits ``[replicas, n_kept, V]`` of the probe batch (repeated ``replicas`` times): the output
-        head sees only the kept positions (a pre-hook on ``get_output_embeddings()``; a model without one, or one
-        whose head input is not ``[rows, width, d]``, computes every position and the kept ones are picked)."""
+        layer sees only the kept positions (:func:`lora_lens.lab.pair.logits_where`)."""
         ids, mask = self.ids.repeat(replicas, 1), self.mask.repeat(replicas, 1)
         rows, width = ids.shape
         keep = (self.keep[None] + rows // replicas * width * torch.arange(replicas, device=ids.device)[:, None])
         keep = keep.flatten()
-        head = hf_model(model).get_output_embeddings() if hasattr(hf_model(model), "get_output_embeddings") else None
-        picked = {"done": False}
-
-        def pick(module, args):
-            h = args[0]
-            if picked["done"] or h.dim() != 3 or tuple(h.shape[:2]) != (rows, width):
-                return None
-            picked["done"] = True
-            return (h.reshape(rows * width, h.shape[-1])[keep][None],) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(pick) if head is not None else None
-        try:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        finally:
-            if handle is not None:
-                handle.remove()
-        if not picked["done"]:
-            logits = logits.reshape(rows * width, logits.shape[-1])[keep]
-        return logits.reshape(replicas, len(self.keep), logits.shape[-1])
+        logits, _ = logits_where(model, keep // width, keep % width, input_ids=ids, attention_mask=mask,
+                                 use_cache=False)
+        return logits.float().reshape(replicas, len(self.keep), logits.shape[-1])
 
     def __call__(self, model, replicas: int = 1) -> torch.Tensor:
         """Metrics ``[replicas, n_behaviours]``; the probe batch is repeated ``replicas`` times (block order)."""

@@ -25,8 +25,7 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.answers import AnswerIds, answer_ids, score_ids, token_texts
-from lora_lens.lab.pair import (adapter_states, check_peft, frozen, inner_model, keeps_logits, model_device, pad_ids,
-                                pad_token_id)
+from lora_lens.lab.pair import adapter_states, check_peft, frozen, logits_where, model_device, pad_ids, pad_token_id
 
 __all__ = ["IG_METHODS", "METHODS", "OUTPUTS", "TokenAttribution", "attributions_frame", "batch_token_attributions",
            "captum_agreement", "resolve_baseline", "target_logprobs", "token_attributions"]
@@ -424,23 +423,9 @@ def token_attributions(peft_model, tokenizer, prompt: str, target: str, method: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# the causal LMs whose logits are exactly ``output_embeddings(last_hidden_state)`` (no scaling, no soft-capping):
-# for them the body runs once and the output layer only on the positions where an answer token is read
-_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2"})
 IG_TOKENS = 2048
 """Tokens per IG forward/backward (every step of every path counts its padded width): bounds the activations
 kept for the backward pass (SmolLM2-135M: ~0.4 MB a token) while keeping the matrix products large."""
-
-
-def _split(model):
-    """``(body, head)`` of the causal LM under the peft wrappers when its logits are ``head(body(...))`` (see
-    :data:`_PLAIN_HEAD`), else None (then the model's own forward computes logits)."""
-    inner = inner_model(model)
-    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_HEAD:
-        return None
-    body = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    return None if body is None or head is None or body is inner else (body, head)
 
 
 def _read_logprobs(model, rows: list[int], pos: list[int], tok: list[int], work: torch.dtype, keep_cache: bool = False,
@@ -451,22 +436,11 @@ def _read_logprobs(model, rows: list[int], pos: list[int], tok: list[int], work:
     ``inputs`` go to the model (``input_ids`` or ``inputs_embeds``, ``attention_mask``, optionally ``cache``)."""
     from transformers import DynamicCache
 
-    dev = model_device(model)
-    r, p, t = (torch.tensor(v, device=dev) for v in (rows, pos, tok))
     if keep_cache:
         inputs["cache"] = DynamicCache()     # plain layers: a sliding-window layer would drop keys
     inputs["use_cache"] = "cache" in inputs
-    split = _split(model)
-    if split is not None:
-        out = split[0](**inputs)
-        logits = split[1](out.last_hidden_state[r, p])
-    elif keeps_logits(model):
-        keep, where = torch.unique(p, return_inverse=True)
-        out = model(**inputs, logits_to_keep=keep)
-        logits = out.logits[r, where]
-    else:
-        out = model(**inputs)
-        logits = out.logits[r, p]
+    logits, out = logits_where(model, rows, pos, **inputs)
+    t = torch.tensor(tok, device=logits.device)
     lp = torch.log_softmax(logits.to(work), -1).gather(-1, t[:, None])[:, 0]
     return lp, (out.cache if keep_cache else None)
 
