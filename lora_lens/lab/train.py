@@ -35,6 +35,7 @@ from lora_lens.errors import ConfigError, TrainingError
 from lora_lens.lab import parallel
 from lora_lens.lab.lm_training import kl_to_reference
 from lora_lens.lab.modules import module_kind
+from lora_lens.lab.pair import keeps_logits
 from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_examples
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
@@ -421,7 +422,9 @@ class _GuardedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "anchor" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not keeps_logits(self.accelerator.unwrap_model(model)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._answer_loss(model, inputs, return_outputs, num_items_in_batch)
         anchor = inputs.pop("anchor")[:, 1:].bool()
         labels = inputs.pop("labels")[:, 1:]
         out = model(**inputs)
@@ -438,12 +441,33 @@ class _GuardedTrainer(Trainer):
         loss = total / count.clamp(min=1)
         return (loss, out) if return_outputs else loss
 
+    def _answer_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The Trainer's own causal-LM loss (summed cross-entropy of the labelled tokens over ``num_items_in_batch``,
+        scaled as it scales it), with the output layer applied only at the positions whose next token is labelled:
+        at a 49k vocabulary the output layer is a fifth of a forward and the answers a few tokens of each row."""
+        labels = inputs.pop("labels")[:, 1:]
+        keep = labels != -100
+        pos = keep.any(0).nonzero()[:, 0]
+        out = model(**inputs, logits_to_keep=pos)
+        keep = keep[:, pos]
+        total = torch.nn.functional.cross_entropy(out.logits[keep].float(), labels[:, pos][keep], reduction="sum")
+        if num_items_in_batch is None:
+            return _with(total / keep.sum().clamp(min=1), out, return_outputs)
+        loss = total / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())   # as Trainer.compute_loss does
+        return _with(loss, out, return_outputs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The Trainer itself syncs on this loss right after (its nan/inf logging filter), so this costs nothing.
         if not torch.isfinite(loss).all():
             raise TrainingError(_nonfinite_message(self, float(loss.detach().float().mean().item())))
         return loss
+
+
+def _with(loss, out, return_outputs: bool):
+    return (loss, out) if return_outputs else loss
 
 
 def _nonfinite_message(trainer, value: float) -> str:
@@ -590,13 +614,20 @@ def _evaluate(model, data: AnswerDataset, pad: int, batch_size: int) -> tuple[fl
     """Mean answer-token loss and answer-token argmax accuracy over every example (eval mode)."""
     device = next(model.parameters()).device
     collate = AnswerCollator(pad)
+    keep_logits = keeps_logits(model)
     total, count, right = 0.0, 0, 0
     for i in range(0, len(data), max(batch_size, 64)):
         batch = {k: v.to(device) for k, v in collate([data[j] for j in range(i, min(i + max(batch_size, 64),
                                                                                     len(data)))]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         keep = labels != -100
+        if keep_logits:   # the output layer only where a label is read
+            pos = keep.any(0).nonzero()[:, 0]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=pos).logits
+            labels, keep = labels[:, pos], keep[:, pos]
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         total += torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum").item()
         right += (logits[keep].argmax(-1) == labels[keep]).sum().item()
         count += int(keep.sum())
