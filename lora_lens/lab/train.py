@@ -432,8 +432,9 @@ class _GuardedTrainer(Trainer):
         keep = labels != -100
         total = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
         if anchor.any():
+            rows = anchor.any(1)      # the base only on the rehearsal rows: the task's rows have no anchor
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                base = model(**inputs).logits[:, :-1][anchor]
+                base = model(**{k: v[rows] for k, v in inputs.items()}).logits[:, :-1][anchor[rows]]
             total = total + kl_to_reference(logits[anchor], base)
         count = keep.sum() + anchor.sum()
         if self.accelerator.num_processes > 1:  # the batch's mean over every process's rows, as on one process:
