@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import sys
 import time
 import warnings
@@ -43,7 +42,7 @@ import torch
 if not __package__:  # loaded as a file (python benchmarks/bench_x.py, or by path): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import matmul_peak, row, sync  # noqa: E402
+from benchmarks.common import count_flops, matmul_peak, peak_rss_mb, row, sync  # noqa: E402
 from lora_lens.lab.answers import answer_ids  # noqa: E402
 from lora_lens.lab.tokenizer import build_tokenizer  # noqa: E402
 from lora_lens.lab.world import Task, make_task, make_world  # noqa: E402
@@ -162,34 +161,6 @@ def captum_per_prompt(pm, tok, prompts, targets, method: str, n_steps: int, base
                                         **kwargs).seq_attr.detach().cpu()
                           for p, t in zip(prompts, targets)]
     return out
-
-
-class _Global:
-    """Stands in for FlopCounterMode's module tracker (its backward hooks break ``torch.autograd.grad``)."""
-
-    parents = ("Global",)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def count_flops(fn) -> int:
-    """Floating-point operations of ``fn()`` (matrix products and attention; ``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _Global()
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident set size so far, MiB (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_case(pm, tok, pairs, case: str, n_steps: int, batch_size: int, device: str,

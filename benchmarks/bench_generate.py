@@ -30,7 +30,7 @@ TARGET = 5.0
 """Speed-up we expect of batching 64 prompts on a CPU (one forward per step instead of 64)."""
 
 
-def _per_prompt(model, tok, prompts: list[str], n: int, stop_id: int) -> list[list[int]]:
+def per_prompt(model, tok, prompts: list[str], n: int, stop_id: int) -> list[list[int]]:
     out = []
     for p in prompts:
         enc = tok(p, return_tensors="pt").to(model.device)
@@ -72,13 +72,13 @@ def run(quick: bool = False, device: str = "cpu", size: str = "small", family: s
         stop_id = tok(" .", add_special_tokens=False)["input_ids"][0]
         with torch.no_grad():
             generate(model, tok, prompts[:2], n_new)                      # warm-up
-            ref, t_loop = _timed(lambda: _per_prompt(model, tok, prompts, n_new, stop_id))
+            ref, t_loop = _timed(lambda: per_prompt(model, tok, prompts, n_new, stop_id))
             ours, t_batch = _timed(lambda: generate(model, tok, prompts, n_new, batch_size=n_prompts))
         equal = ours.tokens == ref
         peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=target_modules(model, "attn"),
                                                       init_lora_weights=False))
         with torch.no_grad():
-            _, t_loop_a = _timed(lambda: _per_prompt(peft_model, tok, prompts, n_new, stop_id))
+            _, t_loop_a = _timed(lambda: per_prompt(peft_model, tok, prompts, n_new, stop_id))
             _, t_pair = _timed(lambda: generate(peft_model, tok, prompts, n_new, batch_size=n_prompts,
                                                 base="adapter"))
         rows = [{"comparison": f"greedy, {n_prompts} prompts × {n_new} tokens ({family} {size}): per-prompt "

@@ -8,6 +8,7 @@ in that dict asks the suite to report ``rate`` as a share of the matmul peak it 
 from __future__ import annotations
 
 import functools
+import resource
 import time
 from typing import Any
 
@@ -51,3 +52,57 @@ def row(comparison: str, baseline_s: float | None, ours_s: float | None, ratio: 
     """One line of the suite's table: passes when ``ratio >= target`` (no target: information only)."""
     return {"comparison": comparison, "baseline_s": baseline_s, "ours_s": ours_s, "ratio": ratio, "target": target,
             "note": note}
+
+
+class _Global:
+    """Stands in for FlopCounterMode's module tracker (its backward hooks break ``torch.autograd.grad``)."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` that works under ``torch.autograd.grad`` (no module tracker):
+    ``with flop_counter() as c: ...; c.get_total_flops()``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Global()
+    return counter
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of ``fn()`` (matrix products and attention, forward and backward;
+    ``torch.utils.flop_counter``)."""
+    with flop_counter() as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size since the last :func:`reset_peak_rss` (else since it started), MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux ru_maxrss is in KiB
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: ``5`` into ``/proc/self/clear_refs`` resets ``VmHWM`` to the current
+    RSS), so that :func:`peak_rss_mb` measures one benchmark row; False where the system does not allow it (then the
+    peak is the process's so far: an upper bound)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

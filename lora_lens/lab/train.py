@@ -35,6 +35,7 @@ from lora_lens.errors import ConfigError, TrainingError
 from lora_lens.lab import parallel
 from lora_lens.lab.lm_training import kl_to_reference
 from lora_lens.lab.modules import module_kind
+from lora_lens.lab.pair import logits_where
 from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_examples
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
@@ -420,22 +421,42 @@ class _GuardedTrainer(Trainer):
     learns ``anchor`` rows (``LoraSpec.replay_loss="kl"``) by their KL to the base instead of by labels."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # the output layer only where a loss is read (pair.logits_where): at a 49k vocabulary it is a fifth of a
+        # forward, and the answers are a few tokens of each row
         if "anchor" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._answer_loss(model, inputs, return_outputs, num_items_in_batch)
         anchor = inputs.pop("anchor")[:, 1:].bool()
         labels = inputs.pop("labels")[:, 1:]
-        out = model(**inputs)
-        logits = out.logits[:, :-1].float()
         keep = labels != -100
-        total = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
+        rows, pos = (keep | anchor).nonzero(as_tuple=True)
+        logits, out = logits_where(model, rows, pos, **inputs)
+        logits, on_label, on_anchor = logits.float(), keep[rows, pos], anchor[rows, pos]
+        total = torch.nn.functional.cross_entropy(logits[on_label], labels[rows, pos][on_label], reduction="sum")
         if anchor.any():
+            mine = anchor.any(1)      # the base only on the rehearsal rows: the task's rows have no anchor
+            r_base, p_base = anchor[mine].nonzero(as_tuple=True)    # the anchors in the same (row, position) order
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                base = model(**inputs).logits[:, :-1][anchor]
-            total = total + kl_to_reference(logits[anchor], base)
+                base = logits_where(model, r_base, p_base, **{k: v[mine] for k, v in inputs.items()})[0]
+            total = total + kl_to_reference(logits[on_anchor], base)
         count = keep.sum() + anchor.sum()
         if self.accelerator.num_processes > 1:  # the batch's mean over every process's rows, as on one process:
             count = self.accelerator.reduce(count, "sum") / self.accelerator.num_processes  # DDP averages gradients
         loss = total / count.clamp(min=1)
+        return (loss, out) if return_outputs else loss
+
+    def _answer_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The Trainer's own causal-LM loss (summed cross-entropy of the labelled tokens over ``num_items_in_batch``,
+        scaled as ``Trainer.compute_loss`` scales it), projecting only the positions whose next token is labelled."""
+        labels = inputs.pop("labels")[:, 1:]
+        rows, pos = (labels != -100).nonzero(as_tuple=True)
+        logits, out = logits_where(model, rows, pos, **inputs)
+        total = torch.nn.functional.cross_entropy(logits.float(), labels[rows, pos], reduction="sum")
+        if num_items_in_batch is None:
+            loss = total / max(len(rows), 1)
+        else:
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())   # as Trainer.compute_loss does
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -594,12 +615,14 @@ def _evaluate(model, data: AnswerDataset, pad: int, batch_size: int) -> tuple[fl
     for i in range(0, len(data), max(batch_size, 64)):
         batch = {k: v.to(device) for k, v in collate([data[j] for j in range(i, min(i + max(batch_size, 64),
                                                                                     len(data)))]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        keep = labels != -100
-        total += torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum").item()
-        right += (logits[keep].argmax(-1) == labels[keep]).sum().item()
-        count += int(keep.sum())
+        rows, pos = (labels != -100).nonzero(as_tuple=True)      # the output layer only where a label is read
+        logits = logits_where(model, rows, pos, input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"])[0].float()
+        target = labels[rows, pos]
+        total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        right += (logits.argmax(-1) == target).sum().item()
+        count += len(rows)
     return total / max(count, 1), right / max(count, 1)
 
 
