@@ -48,9 +48,9 @@ FULL_CONDITIONS = {
     "default": {}, "50 steps": {"steps": 50}, "400 steps": {"steps": 400}, "lr 1e-3": {"lr": 1e-3},
     "lr 1e-2": {"lr": 1e-2}, "40 edits": {"k": 40}, "no rehearsal": {"replay": 0.0},
     "gaussian init": {"init": "gaussian"}, "pissa init": {"init": "pissa"}, "rsLoRA": {"rslora": True},
-    "tiny model": {"size": "tiny"},
 }
-"""The full sweep on the zoo (one change from the default each; ``size="base"`` is possible but needs its bases)."""
+"""The full sweep on the zoo small model (one change from the default each). ``size`` is a condition too, but the
+tiny model cannot hold r = 64 (its k/v projections are 32 → 16) and ``base`` needs three bases pretrained."""
 
 
 def _check_conditions(conditions, real: bool) -> dict:
@@ -109,8 +109,8 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
         ``phi_ci_high`` (95 % bootstrap interval), ``phi_values`` (per seed); ``phi_left`` and its interval (output
         side); ``null`` (mean of the random pairs, input side), ``null_high`` (their 97.5 % quantile), ``null_left``;
         ``ratio`` = phi / null; ``efficacy_small``, ``efficacy_large`` (mean efficacy of the two ranks, so a
-        condition that did not learn the task shows); ``seconds``. ``df.attrs["per_seed"]`` holds one row per
-        condition and seed.
+        condition that did not learn the task shows); ``seconds``. ``df.attrs["per_seed"]`` holds one dict per
+        condition and seed (a list, so that ``pd.concat`` of two sweeps works).
 
     Raises:
         ConfigError: Bad conditions, seeds, ranks or ``n_null`` (before anything is trained).
@@ -169,7 +169,7 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
     df = pd.DataFrame(rows)
     for f in CONDITION_KEYS:                                   # unset fields stay None (not NaN)
         df[f] = pd.Series([r[f] for r in rows], dtype=object)
-    df.attrs.update({"per_seed": pd.DataFrame(per_seed), "seeds": seeds, "ranks": [small_rank, large_rank],
+    df.attrs.update({"per_seed": per_seed, "seeds": seeds, "ranks": [small_rank, large_rank],
                      "base": base_model or f"{family}/{size}"})
     return df
 
@@ -205,7 +205,7 @@ def plot_rank_phi(sweep: pd.DataFrame, threshold: float = 0.5, ax=None):
     if not isinstance(sweep, pd.DataFrame) or "phi" not in sweep or sweep.empty:
         raise ConfigError("sweep must be a non-empty rank_phi_sweep(...) table")
     if ax is None:
-        _, ax = plt.subplots(figsize=(7.5, 0.45 * len(sweep) + 1.6), constrained_layout=True)
+        _, ax = plt.subplots(figsize=(7.5, 0.45 * len(sweep) + 2.0), constrained_layout=True)
     y = np.arange(len(sweep))[::-1]
     ax.errorbar(sweep["phi"], y, xerr=[sweep["phi"] - sweep["phi_ci_low"], sweep["phi_ci_high"] - sweep["phi"]],
                 fmt="o", color="C0", capsize=3, label="φ(1, 1), input side (mean, 95 % interval)", zorder=3)
@@ -223,5 +223,5 @@ def plot_rank_phi(sweep: pd.DataFrame, threshold: float = 0.5, ax=None):
     ranks = sweep.attrs.get("ranks", [8, 64])
     ax.set_title(f"Top direction shared between r = {ranks[0]} and r = {ranks[1]}? ({sweep.attrs.get('base', '')}, "
                  f"{int(sweep['n_seeds'].max())} seeds)")
-    ax.legend(loc="lower right", fontsize=8, frameon=True)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     return ax.figure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import assert_same_float
@@ -46,7 +47,7 @@ def test_the_same_adapter_up_to_rank_gives_phi_one_and_the_null_is_one_over_d(sa
         assert_same_float(df[col].to_numpy(), np.ones(2), ulps=512)
     assert all(len(v) == 2 for v in df["phi_values"])
     # the null: two random adapters of these shapes, E φ(1, 1) = mean over modules of 1 / in_features
-    per_seed = df.attrs["per_seed"]
+    per_seed = pd.DataFrame(df.attrs["per_seed"])
     assert len(per_seed) == 4 and set(per_seed["seed"]) == {0, 1}
     from lora_lens.lab.study import fit_adapter
     from lora_lens.lab.world import make_world
@@ -63,6 +64,7 @@ def test_the_same_adapter_up_to_rank_gives_phi_one_and_the_null_is_one_over_d(sa
     assert 0 <= df["efficacy_small"].iloc[0] <= 1
     assert rd.shared_conditions(df) == ["default", "20 steps"]
     assert rd.shared_conditions(df, threshold=1.5) == []
+    assert pd.concat([df, df]).shape[0] == 4                       # two sweeps concatenate
     rec = rd.sweep_records(df)
     assert rec[0]["steps"] is None and rec[1]["steps"] == 20 and isinstance(rec[0]["n_seeds"], int)
     assert rec[0]["phi_values"] == pytest.approx([1.0, 1.0], abs=1e-4)
