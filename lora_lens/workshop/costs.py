@@ -28,14 +28,15 @@ __all__ = ["PRETRAIN_SECONDS", "REFERENCE_GFLOPS", "REFERENCE_MINUTES", "cached_
 
 REFERENCE_GFLOPS = 100.0
 """Matmul peak of the reference machine (fp32, 2048², the README's 79–119 GFLOP/s)."""
-REFERENCE_MINUTES = {"00": 0.5, "01": 4.6, "02": 2.3, "03": 4.4, "04": 2.1, "05": 4.5, "06": 1.3, "07": 0.3}
-"""Estimated minutes per notebook at the workshop preset with every base cached (sum 20.0 min: the measured 10.6 min
+REFERENCE_MINUTES = {"00": 0.5, "01": 4.6, "02": 3.3, "03": 4.4, "04": 2.1, "05": 4.5, "06": 1.3, "07": 0.3}
+"""Estimated minutes per notebook at the workshop preset with every base cached (sum 21.0 min: the measured 10.6 min
 of the series with one seed, with 01-03 scaled by their measured ratio three seeds / one seed on a shared 2-core
 machine, 2026-12-01: 01 639 / 278 s = 2.30, 02 147 / 63 s = 2.33, 03 313 / 176 s = 1.78; 04's two more seeds each
 rerun only the semantic route — one diff and one distillation of 100 steps, of the notebook's five — so 1.5 min ×
 (1 + 2 × 0.2), an estimate: its smoke run with two seeds took 164 s on the shared machine, 2026-12-02; 05 runs the
 loop and its baseline once per seed: three times its one-seed 1.5 min; measured 2026-12-02 under load 3.4-4.9:
-14.2 min wall, 9.1 min CPU, with one of its three bases pretrained in the run)."""
+14.2 min wall, 9.1 min CPU, with one of its three bases pretrained in the run; 02's φ sweep adds its 50-step
+condition, six short trainings: 136 s on the shared machine under load ~7, 2026-12-02, so about 1 min more)."""
 PRETRAIN_SECONDS = (53, 135)
 """Measured range for pretraining one ``small`` family on the reference machine (README)."""
 

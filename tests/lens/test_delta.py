@@ -516,3 +516,29 @@ def test_random_adapter_energy_follows_the_dense_size():
         e = np.array([float(torch.linalg.matrix_norm(d.delta())) ** 2 for d in D.random_like(mods, seed=seed)])
         shares.append(e[2:].sum() / e.sum())
     assert np.mean(shares) == pytest.approx(size[2:].sum() / size.sum(), abs=0.02)
+
+
+def test_random_phi_is_max_ij_over_d_within_monte_carlo_error():
+    # two random adapters of the same shapes: uniform singular vectors, so E φ(1, 1) = 1/d of the compared side
+    small = _synthetic([(16, 40), (24, 40), (16, 10)], r=2, seed=0)
+    large = _synthetic([(16, 40), (24, 40), (16, 10)], r=8, seed=1)
+    n = 120
+    null = D.random_phi(small, large, 1, 1, n_samples=n, seed=0)
+    assert null.shape == (n,) and np.all((null >= 0) & (null <= 1))
+    expected = np.mean([1 / 40, 1 / 40, 1 / 10])
+    # four standard errors of the Monte Carlo mean
+    assert abs(null.mean() - expected) < 4 * null.std(ddof=1) / math.sqrt(n)
+    left = D.random_phi(small, large, 1, 1, side="left", n_samples=n, seed=0)
+    assert abs(left.mean() - np.mean([1 / 16, 1 / 24, 1 / 16])) < 4 * left.std(ddof=1) / math.sqrt(n)
+    # φ(1, j) of a random j-dimensional subspace: j / d
+    wide = D.random_phi(small, large, 1, 8, n_samples=n, seed=0)
+    assert abs(wide.mean() - np.mean([8 / 40, 8 / 40, 8 / 10])) < 4 * wide.std(ddof=1) / math.sqrt(n)
+    # seeded, and the trained pair's own φ is not what is returned
+    np.testing.assert_array_equal(D.random_phi(small, large, n_samples=5, seed=3),
+                                  D.random_phi(small, large, n_samples=5, seed=3))
+    assert D.phi_table(small, small)["phi"].mean() == pytest.approx(1.0, abs=1e-5)
+    assert D.random_phi(small, small, n_samples=50).mean() < 0.2
+    with pytest.raises(ConfigError, match="n_samples=0"):
+        D.random_phi(small, large, n_samples=0)
+    with pytest.raises(ConfigError, match="side='up'"):
+        D.random_phi(small, large, side="up")

@@ -83,7 +83,8 @@ def check_01(summary: dict) -> None:
 
 
 def check_02(summary: dict) -> None:
-    """Notebook 02 takes the smoke fact-edit adapter apart (tiny llama: r=4; φ between r=4 and r=16; r=1 vs r=16)."""
+    """Notebook 02 takes the smoke fact-edit adapter apart (tiny llama: r=4; φ between r=4 and r=16, also across two
+    training conditions; r=1 vs r=16)."""
     assert summary["family"] == "llama" and summary["size"] == "tiny" and summary["rank"] == 4
     assert summary["amplification_ranks"] == {"r4": 1, "r8": 4, "r64": 16}
     found = summary["edit_discovery"]
@@ -117,8 +118,20 @@ def check_02(summary: dict) -> None:
     assert summary["energy"]["mid_mlp_energy_ratio_values"] == [None] * len(SMOKE_SEEDS)
     check_ledger_prose(summary, ["top-direction-shared-seeds", "edits-in-middle-mlps-seeds", "effective-rank-low-seeds",
                                  "diff-finds-edits-seeds", "diff-precise-seeds"])
+    # the φ sweep across conditions: its default condition is section 7's φ (the same adapters), each beside its
+    # random-pair null (≈ 1/d), and the prose names every condition
+    sweep = {row["condition"]: row for row in summary["phi_sweep"]}
+    assert list(sweep) == ["default", "50 steps"] and sweep["50 steps"]["steps"] == 50
+    assert_same_float(sweep["default"]["phi"], summary["phi_top1_r8_r64"])
+    for row in sweep.values():
+        assert row["n_seeds"] == len(SMOKE_SEEDS) and len(row["phi_values"]) == len(SMOKE_SEEDS)
+        assert 0.0 <= row["phi_ci_low"] <= row["phi"] <= row["phi_ci_high"] <= 1.0
+        assert abs(row["null"] - summary["phi_chance"]) < 0.5 * summary["phi_chance"]
+        assert row["ratio"] == pytest.approx(row["phi"] / row["null"])
+    assert all(name in summary["phi_sweep_prose"] for name in sweep)
     names = {Path(p).name for p in summary["figures"]}
-    assert {"energy.png", "phi_grid.png", "phi_modules.png", "rank_profile.png", "directions_match.png"} <= names
+    assert {"energy.png", "phi_grid.png", "phi_modules.png", "phi_sweep.png", "rank_profile.png",
+            "directions_match.png"} <= names
     assert all(Path(p).stat().st_size > 0 for p in summary["figures"])
 
 

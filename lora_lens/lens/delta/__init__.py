@@ -12,7 +12,8 @@ From there:
 * :func:`summary` — one row per module: ‖ΔW‖_F, ‖ΔW‖₂ (absolute and relative to ‖W‖), singular values, effective
   rank, stable rank, amplification factor and intruder dimensions; :func:`energy_by` aggregates the share of update
   energy (‖ΔW‖_F²) per layer, relative-depth bin or module type.
-* :func:`phi` / :func:`phi_grid` / :func:`phi_table` — subspace similarity between two adapters (Hu et al. 2021, §7).
+* :func:`phi` / :func:`phi_grid` / :func:`phi_table` — subspace similarity between two adapters (Hu et al. 2021, §7);
+  :func:`random_phi` — its Monte Carlo null, two random adapters of the same shapes and ranks.
 * :func:`amplification_factor` / :func:`amplification` — ‖ΔW‖_F / ‖UᵀWVᵀ‖_F (Hu et al. 2021, Table 7).
 * :func:`intruder_dimensions` — singular vectors of W+ΔW unlike all of W's (Shuttleworth et al. 2024).
 * :func:`random_like` / :func:`random_lora_ranks` / :func:`marchenko_pastur_ranks` — the random-matrix null: a
@@ -49,10 +50,10 @@ from lora_lens.lens.delta.factors import (DTYPE, ModuleDelta, effective_rank, fa
 from lora_lens.lens.delta.spectra import (Intruders, RankNull, amplification, amplification_factor, energy_by,
                                           intruder_dimensions, marchenko_pastur_ranks, random_like, random_lora_ranks,
                                           summary)
-from lora_lens.lens.delta.subspace import SIDES, phi, phi_grid, phi_table
+from lora_lens.lens.delta.subspace import SIDES, phi, phi_grid, phi_table, random_phi
 
 __all__ = ["DTYPE", "SIDES", "Direction", "Intruders", "ModuleDelta", "RankNull", "amplification",
            "amplification_factor", "directions_table", "effective_rank", "energy_by", "factor_svd", "final_norm",
            "intruder_dimensions", "lora_modules", "marchenko_pastur_ranks", "module_deltas", "phi", "phi_grid",
-           "phi_table", "random_like", "random_lora_ranks", "read_directions", "select_module", "stable_rank",
-           "summary"]
+           "phi_table", "random_like", "random_lora_ranks", "random_phi", "read_directions", "select_module",
+           "stable_rank", "summary"]

@@ -8,8 +8,9 @@ import torch
 
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lens.delta.factors import DTYPE, ModuleDelta, module_deltas, select_module
+from lora_lens.lens.delta.spectra import random_like
 
-__all__ = ["SIDES", "phi", "phi_grid", "phi_table"]
+__all__ = ["SIDES", "phi", "phi_grid", "phi_table", "random_phi"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,3 +145,42 @@ def phi_table(m1, m2, i: int = 1, j: int = 1, side: str = "right", adapter_name:
     df["layer"] = df["layer"].astype("Int64")
     return df
 
+
+
+def random_phi(m1, m2, i: int = 1, j: int = 1, side: str = "right", n_samples: int = 32, seed: int = 0,
+               adapter_name: str = "default") -> np.ndarray:
+    """The Monte Carlo null of :func:`phi_table`'s mean: φ(i, j) of two *random* adapters of the same shapes and ranks.
+
+    Each sample draws a random twin of each adapter (:func:`lora_lens.lens.delta.random_like`: the same modules and
+    ranks, i.i.d. Gaussian factors; φ does not depend on their scale) and takes the mean φ(i, j) over the shared
+    modules, exactly as ``phi_table(m1, m2, i, j, side)["phi"].mean()`` does for the trained pair. For Gaussian
+    factors the singular vectors are uniformly distributed, so the mean of the samples tends to the mean over the
+    modules of max(i, j) / d (d: the input width for ``side="right"``, the output width for ``"left"``): 1/d for
+    the top directions.
+
+    Args:
+        m1: First adapter (model with LoRA, or list of :class:`ModuleDelta`), e.g. rank 8.
+        m2: Second adapter on the same base, e.g. rank 64.
+        i, j: Leading directions (clipped to each module's rank, as in :func:`phi_table`).
+        side: See :func:`phi` (``"A"`` reads the random A, as ``"right"`` does in distribution).
+        n_samples: Pairs of random adapters.
+        seed: Seed of the first pair; sample k uses seeds ``2 * (seed + k)`` and ``2 * (seed + k) + 1``.
+        adapter_name: Adapter to read from models.
+
+    Returns:
+        ``[n_samples]`` array of mean φ(i, j), one per pair of random adapters.
+
+    Raises:
+        ConfigError: ``n_samples`` is not a positive integer, or an unknown side.
+        MismatchError: As :func:`phi_table`.
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ConfigError(f"n_samples={n_samples!r} must be a positive integer (random adapter pairs), e.g. 32")
+    if side not in SIDES:
+        raise ConfigError(f"side={side!r} must be one of {list(SIDES)}")
+    d1s, d2s = module_deltas(m1, adapter_name), module_deltas(m2, adapter_name)
+    out = []
+    for k in range(n_samples):
+        s = 2 * (int(seed) + k)
+        out.append(float(phi_table(random_like(d1s, seed=s), random_like(d2s, seed=s + 1), i, j, side)["phi"].mean()))
+    return np.asarray(out)
