@@ -1,11 +1,12 @@
 """The iterative loop: LoRA → analysis of its effect → the next layer of data → LoRA …
 
-Round k trains a fresh LoRA adapter on data layers 0…k. The analysis then finds which target behaviours still fail
-(efficacy probes of the task answered wrongly) and which collateral changes appeared (facts outside the task's
-truth that the adapter moved, found by the behaviour diff), and builds layer k+1 from them: every training-template
-paraphrase of each failing fact with its intended answer, then *anchor* examples that restate a damaged fact with its
-original answer. The loop stops when efficacy reaches the target, or the data token budget or the round limit is
-spent.
+Round k trains a fresh LoRA adapter on data layers 0…k (or, with ``warm_start``, continues round k−1's adapter on
+layer k and a replay of the earlier layers, for a share of the epochs: the default on a task from data). The
+analysis then finds which target behaviours still fail (efficacy probes of the task answered wrongly) and which
+collateral changes appeared (facts outside the task's truth that the adapter moved, found by the behaviour diff),
+and builds layer k+1 from them: every training-template paraphrase of each failing fact with its intended answer,
+then *anchor* examples that restate a damaged fact with its original answer. The loop stops when efficacy reaches
+the target, or the data token budget or the round limit is spent.
 
 The baseline gets the same per-round token budget but adds random examples of the task's own data each round.
 Tokens count the data layers (``prompt answer`` pairs as tokenised), not the rehearsal examples that the training
