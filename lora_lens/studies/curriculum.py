@@ -1,11 +1,12 @@
 """The iterative loop: LoRA → analysis of its effect → the next layer of data → LoRA …
 
-Round k trains a fresh LoRA adapter on data layers 0…k. The analysis then finds which target behaviours still fail
-(efficacy probes of the task answered wrongly) and which collateral changes appeared (facts outside the task's
-truth that the adapter moved, found by the behaviour diff), and builds layer k+1 from them: every training-template
-paraphrase of each failing fact with its intended answer, then *anchor* examples that restate a damaged fact with its
-original answer. The loop stops when efficacy reaches the target, or the data token budget or the round limit is
-spent.
+Round k trains a fresh LoRA adapter on data layers 0…k (or, with ``warm_start``, continues round k−1's adapter on
+layer k and a replay of the earlier layers, for a share of the epochs: the default on a task from data). The
+analysis then finds which target behaviours still fail (efficacy probes of the task answered wrongly) and which
+collateral changes appeared (facts outside the task's truth that the adapter moved, found by the behaviour diff),
+and builds layer k+1 from them: every training-template paraphrase of each failing fact with its intended answer,
+then *anchor* examples that restate a damaged fact with its original answer. The loop stops when efficacy reaches
+the target, or the data token budget or the round limit is spent.
 
 The baseline gets the same per-round token budget but adds random examples of the task's own data each round.
 Tokens count the data layers (``prompt answer`` pairs as tokenised), not the rehearsal examples that the training
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+from transformers import TrainerCallback
 
 from lora_lens import ledger
 from lora_lens.errors import ConfigError
@@ -50,16 +52,24 @@ from lora_lens.lab.world import TEMPLATES, Task, check_task_world
 from lora_lens.lab.zoo import Pretrained, load_model
 from lora_lens.lens.diff import behaviour_diff, discovered_changes
 
-__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "RATIO_CASES", "STRATEGIES", "LoopResult", "check_loop_winner",
-           "collateral_facts", "count_tokens", "fact_groups", "fact_key", "initial_layer", "mined_prompts",
-           "neighbour_answers", "next_layer", "plot_rounds", "random_layer", "run_loop", "tokens_to_target_ratio"]
+__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "RATIO_CASES", "STRATEGIES", "ContinueFrom", "LoopResult",
+           "check_loop_winner", "collateral_facts", "count_tokens", "fact_groups", "fact_key", "initial_layer",
+           "lora_weights", "mined_prompts", "neighbour_answers", "next_layer", "plot_rounds", "random_layer",
+           "replay_sample", "round_examples", "run_loop", "tokens_to_target_ratio"]
 
-LOOP_DEFAULTS = {"zoo": {"steps": 120, "max_rounds": 5},
-                 "data": {"epochs": 8, "batch_size": 16, "replay": 2.0, "max_rounds": 3}}
-"""Notebook 05's defaults per kind of task: the zoo's (fact-edit spec, 120 steps a round) and a task from data's
-(``default_spec("data")`` trained for a number of passes over each round's data rather than a number of steps, so
-that a round with more data is not trained less per example than the one before it; smaller batches and half the
-rehearsal lines: notebook 05 on SmolLM2 with the example task in minutes on one CPU thread)."""
+LOOP_DEFAULTS = {"zoo": {"steps": 120, "max_rounds": 5, "warm_start": False},
+                 "data": {"epochs": 8, "batch_size": 16, "replay": 2.0, "max_rounds": 3, "warm_start": True,
+                          "replay_old": None, "warm_share": 0.5}}
+"""Notebook 05's defaults per kind of task: the zoo's (fact-edit spec, 120 steps a round, every round a fresh
+adapter on all data so far) and a task from data's (``default_spec("data")`` trained for a number of passes over
+each round's data rather than a number of steps, so that a round with more data is not trained less per example
+than the one before it; smaller batches and half the rehearsal lines; from round 1 on a round continues from the
+previous round's adapter on its new layer and a replay of every earlier example for half the epochs
+(``warm_start``, ``replay_old``, ``warm_share``), instead of training a fresh adapter for all the epochs: notebook
+05 on SmolLM2 with the example task in minutes on one CPU thread. A replay of as many earlier examples as new ones
+at the full epochs, measured on SmolLM2, lost efficacy between rounds (0.65 → 0.60), so every earlier example is
+replayed). The keys other than ``max_rounds``, ``warm_start``, ``replay_old`` and ``warm_share`` are
+:class:`~lora_lens.lab.train.LoraSpec` fields."""
 
 MINED_ANSWER_TOKENS = 12
 """Greedy tokens read for a mined prompt's answer (base and adapted), as for the rehearsal of neighbour prompts."""
@@ -76,12 +86,15 @@ class LoopResult:
         target: The efficacy target.
         rounds: One dict per round: ``round``, ``efficacy``, ``paraphrase``, ``specificity``, ``tokens`` (data
             tokens trained on, cumulative), ``examples``, ``added`` / ``added_tokens`` (what the round's layer
-            added), ``failing``
+            added), ``trained`` / ``trained_tokens`` (the data examples and tokens this round's training passed
+            over: all the data so far, or with ``warm_start`` the new layer and its replay), ``failing``
             (efficacy probes still wrong), ``collateral`` (moved facts outside the truth; None on the last round,
             after which no layer is built, and in the random baseline), ``anchors`` (anchor
             examples in the data), ``seconds``.
         tokens_to_target: Data tokens of the first round at or above the target (None if never reached).
         layers: The data layers, each a list of ``(prompt, answer)``.
+        round0_weights: With ``warm_start``: round 0's trained LoRA weights (:func:`lora_weights`), from which a
+            baseline that reuses this round 0 continues; None otherwise.
     """
 
     strategy: str
@@ -89,6 +102,7 @@ class LoopResult:
     rounds: list[dict] = field(default_factory=list)
     tokens_to_target: int | None = None
     layers: list[list[tuple[str, str]]] = field(default_factory=list)
+    round0_weights: dict | None = field(default=None, repr=False)
 
     def table(self) -> pd.DataFrame:
         """The rounds as a DataFrame, with a ``strategy`` column."""
@@ -200,6 +214,63 @@ def random_layer(task: Task, used: list[tuple[str, str]], tokenizer, budget: int
     return _fill(unused + rest, tokenizer, budget)
 
 
+def replay_sample(old: list[tuple[str, str]], n: int, seed: int, round_index: int) -> list[tuple[str, str]]:
+    """``n`` examples of the earlier data ``old`` (at most all of them, each once), drawn with a seed of its own
+    per round: the replay a warm-started round trains on beside its new layer."""
+    n = min(max(int(n), 0), len(old))
+    return random.Random(f"replay-{seed}-{round_index}").sample(list(old), n) if n else []
+
+
+def round_examples(layers: list[list[tuple[str, str]]], warm: bool, replay_old: float | None, seed: int,
+                   round_index: int) -> list[tuple[str, str]]:
+    """The data examples round ``round_index`` trains on, given the layers so far (the last is the new one).
+
+    From scratch (``warm`` False, or round 0): every layer. Continuing the previous round's adapter: the new
+    layer, then :func:`replay_sample` of ``round(replay_old × len(new layer))`` examples of the earlier layers, so
+    that what was learnt is rehearsed while the round's cost follows its new data, not the whole pool;
+    ``replay_old=None``: every earlier example (then the round passes over all the data so far, new layer first).
+    """
+    if not warm or len(layers) < 2:
+        return [ex for layer in layers for ex in layer]
+    old = [ex for layer in layers[:-1] for ex in layer]
+    if replay_old is None:
+        return list(layers[-1]) + old
+    return list(layers[-1]) + replay_sample(old, round(replay_old * len(layers[-1])), seed, round_index)
+
+
+def lora_weights(peft_model) -> dict:
+    """The LoRA weights of a ``PeftModel`` (its active adapter), as a detached CPU copy: what the next round of a
+    warm-started loop continues from (:class:`ContinueFrom`)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+class ContinueFrom(TrainerCallback):
+    """A ``transformers`` callback for :func:`lora_lens.lab.train.train_lora` that starts the new adapter from
+    given LoRA weights (:func:`lora_weights` of an adapter of the same spec on the same base) instead of its fresh
+    initialisation. The weights are copied in place when training begins (the optimiser, made just before, keeps
+    its parameters); a key the new adapter lacks or a shape it does not have is a :class:`ConfigError`."""
+
+    def __init__(self, weights: dict):
+        if not isinstance(weights, dict) or not weights:
+            raise ConfigError(f"weights={type(weights).__name__}: pass lora_weights(peft_model) of a trained adapter")
+        self.weights = weights
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        have = get_peft_model_state_dict(model)
+        bad = sorted(k for k, v in self.weights.items() if k not in have or tuple(have[k].shape) != tuple(v.shape))
+        if bad or len(have) != len(self.weights):
+            first = bad[:1] or sorted(set(have) - set(self.weights))[:1]
+            raise ConfigError(f"the weights to continue from do not fit this adapter ({len(self.weights)} tensors "
+                              f"given, {len(have)} here; first misfit {first}): continue only an adapter of the same "
+                              "spec (rank, targets) on the same base")
+        set_peft_model_state_dict(model, self.weights)
+        return control
+
+
 def neighbour_answers(model, tokenizer, task: Task, max_new_tokens: int = MINED_ANSWER_TOKENS) -> dict[str, str]:
     """The base's greedy answers (adapter off) to the :data:`NEIGHBOUR_PROMPTS` that no example or probe of the
     task uses: computed once per loop, they give the mined prompts and every round's rehearsal (the base is the
@@ -221,19 +292,20 @@ def mined_prompts(model, tokenizer, task: Task, max_new_tokens: int = MINED_ANSW
 
 
 def collateral_facts(peft_model, tokenizer, world, task: Task, min_confidence: float = 0.5,
-                     prompts: list[str] | None = None) -> list[tuple]:
+                     prompts: list[str] | None = None, answers: dict[str, str] | None = None) -> list[tuple]:
     """Facts the adapter moved that the task does not change: ``(entity, relation, original answer)``.
 
     For a task from data (``world`` None) the behaviour diff of ``prompts`` (default :func:`mined_prompts`, never
     probes) with full answers: ``(prompt, base answer)`` of each prompt whose plain base answer moved with
-    confidence ≥ ``min_confidence``, most confident first.
+    confidence ≥ ``min_confidence``, most confident first. ``answers``: the base's answers when already known
+    (:func:`neighbour_answers`): then the base answers only the prompts they lack.
     """
     if _from_data(task):
-        prompts = mined_prompts(peft_model, tokenizer, task) if prompts is None else list(prompts)
+        prompts = mined_prompts(peft_model, tokenizer, task, answers=answers) if prompts is None else list(prompts)
         if not prompts:
             return []
         table = behaviour_diff(peft_model, tokenizer, task=replace(task, probes={}), prompts=prompts,
-                               max_new_tokens=MINED_ANSWER_TOKENS)
+                               max_new_tokens=MINED_ANSWER_TOKENS, base_answers=answers)
         found = discovered_changes(table, min_confidence=min_confidence)
         return [(row.prompt, row.base_answer) for row in found.itertuples()
                 if is_plain_answer(row.prompt, row.base_answer)
@@ -262,7 +334,8 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
              spec: LoraSpec | None = None,
              anchors: bool = True, seed: int = 0, device: str = "cpu", ledger_id: str | None = None,
              adapter: str | Path | None = None, round0: LoopResult | None = None,
-             round_share: float | None = None) -> LoopResult:
+             round_share: float | None = None, warm_start: bool = False, replay_old: float | None = 1.0,
+             warm_share: float = 1.0) -> LoopResult:
     """Run the loop (or its random baseline) on a base.
 
     Args:
@@ -292,8 +365,18 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
             failing facts and collateral build layer 1; from round 1 on each round trains a fresh adapter on
             layer 0 and the layers so far, as usual. Round 0's tokens are those of layer 0.
         round0: The result of another run of the same task, base, spec and seed (and ``adapter``): its round 0 is
-            reused instead of trained again (the random baseline starts where the loop started). Its analysis is
-            not kept, so the targeted loop cannot reuse one.
+            reused instead of trained again (the random baseline starts where the loop started; with
+            ``warm_start`` from its round-0 adapter, kept in ``round0_weights``). Its analysis is not kept, so the
+            targeted loop cannot reuse one.
+        warm_start: From round 1 on, continue the previous round's adapter (:class:`ContinueFrom`) on the new layer
+            plus ``replay_old`` × its size of earlier examples (:func:`round_examples`) instead of training a fresh
+            adapter on all data so far: a round then costs its new data, not the pool. ``tokens`` still counts
+            every data token trained on so far, and both strategies continue alike. The round after a given
+            ``adapter`` trains from scratch on all data so far (that adapter may have another shape).
+        replay_old: With ``warm_start``: earlier examples replayed per new example, ≥ 0 (at most all of them);
+            None: every earlier example.
+        warm_share: With ``warm_start``: the share of the spec's epochs (or steps) a continued round trains, in
+            (0, 1]: it starts from what the previous round learnt.
 
     Returns:
         A :class:`LoopResult`.
@@ -301,7 +384,8 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
     Raises:
         ConfigError: Unknown strategy, a target outside (0, 1], bad round/token limits, a task without efficacy
             probes, a task from data with problems for the tokenizer, a zoo task on a base that is not its zoo
-            model, or a ``round0`` of another layer 0 (checked before anything is trained).
+            model, a bad ``replay_old``, or a ``round0`` of another layer 0 or, with ``warm_start``, without its
+            round-0 weights (checked before anything is trained).
         MismatchError: The task belongs to another world than ``pre``, or ``adapter`` was trained on another base.
         NotFoundError: The task file or ``adapter`` does not exist.
     """
@@ -322,6 +406,19 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
     if schedule is not None and (not isinstance(schedule, (list, tuple)) or any(
             isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in schedule)):
         raise ConfigError(f"schedule={schedule!r} must be a list of token counts ≥ 0, one per round after the first")
+    if not isinstance(warm_start, bool):
+        raise ConfigError(f"warm_start={warm_start!r} must be True (continue the previous round's adapter) or False")
+    if replay_old is not None and (isinstance(replay_old, bool) or not isinstance(replay_old, (int, float))
+                                   or not 0 <= replay_old < float("inf")):
+        raise ConfigError(f"replay_old={replay_old!r} must be a number of earlier examples per new example ≥ 0, "
+                          "e.g. 1.0, or None for every earlier example")
+    if isinstance(warm_share, bool) or not isinstance(warm_share, (int, float)) or not 0 < warm_share <= 1:
+        raise ConfigError(f"warm_share={warm_share!r} must be the share of the spec's epochs a continued round "
+                          "trains, in (0, 1], e.g. 0.5")
+    if (warm_start and round0 is not None and isinstance(round0, LoopResult) and round0.rounds
+            and round0.round0_weights is None and adapter is None):
+        raise ConfigError("round0= has no round-0 weights to continue from (it ran without warm_start): run both "
+                          "with the same warm_start")
     if isinstance(task, (str, Path)):
         task = Task.load(task)
     if not task.probes.get("efficacy"):
@@ -341,15 +438,18 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
     else:
         spec = default_spec("data" if data_task else task.name)
     world = None if data_task else pre.world
+    warm_spec = (spec if warm_share == 1 else replace(spec, epochs=spec.epochs * warm_share) if spec.epochs
+                 else replace(spec, steps=max(1, round(spec.steps * warm_share))))  # a continued round's training
     source = pre.path if zoo else pre
     tokenizer, mined, said = (pre.tokenizer, None, None) if zoo and not data_task else (None, None, None)
+    base = tok = None
     if data_task:  # checked, base answers filled, neighbours answered once: the base is the same every round
         base, tokenizer = load_model(source, device=device)
         check_data_task(task, tokenizer)
         task = fill_base_answers(task, base, tokenizer, sets=("specificity",))
         said = neighbour_answers(base, tokenizer, task)  # for the mined prompts and every round's rehearsal
         mined = mined_prompts(base, tokenizer, task, answers=said) if strategy == "targeted" else []
-        del base
+        tok = tokenizer
     rng = random.Random(seed)
     layers = [initial_layer(task, world)]
     data = list(layers[0])
@@ -359,6 +459,9 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
     round_tokens = round_tokens or count_tokens(tokenizer, data)
     result = LoopResult(strategy, float(target), layers=layers)
     n_anchors = 0
+    weights = None  # warm_start: the previous round's trained LoRA weights, which the next round continues
+    if reused is not None and warm_start:
+        weights = result.round0_weights = round0.round0_weights
     for k in range(max_rounds):
         t0 = time.perf_counter()
         tokens = count_tokens(tokenizer, data)
@@ -366,25 +469,37 @@ def run_loop(pre, task: Task | str | Path, strategy: str = "targeted", target: f
             rec = {**reused, "collateral": None, "seconds": 0.0}
             m, ev, collateral = {"efficacy": rec["efficacy"]}, None, []
         else:
-            model, tok = load_model(source, device=device)
+            if base is None:  # one copy of the base for every round: each round's LoRA is taken off it again
+                base, tok = load_model(source, device=device)
+            trained = []
             if k == 0 and adapter is not None:
-                peft_model = load_adapter(model, adapter)
+                peft_model = load_adapter(base, adapter)
             else:
-                round_task = replace(task, examples=list(data))
-                peft_model = train_lora(model, tok, round_task, spec, seed=seed, world=world, device=device,
-                                        neighbour_answers=said).model
-            ev = evaluate(peft_model, tok, task, base=None)  # the adapted side is what the loop reads
+                trained = round_examples(layers, weights is not None, replay_old, seed, k)
+                peft_model = train_lora(base, tok, replace(task, examples=trained),
+                                        spec if weights is None else warm_spec, seed=seed, world=world,
+                                        device=device, neighbour_answers=said,
+                                        callbacks=[ContinueFrom(weights)] if weights is not None else None).model
+            # the adapted side's scores (teacher-forced) are what the loop reads, not the answers' text: one token
+            ev = evaluate(peft_model, tok, task, base=None, max_new_tokens=1)
             m = ev.metrics
             last = m["efficacy"] >= target or k + 1 == max_rounds  # no next layer: no collateral to look for
-            collateral = (collateral_facts(peft_model, tok, world, task, prompts=mined)
+            collateral = (collateral_facts(peft_model, tok, world, task, prompts=mined, answers=said)
                           if strategy == "targeted" and not last else [])
             rec = {"round": k, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
                    "specificity": m["specificity"], "tokens": tokens, "examples": len(data), "added": len(layers[-1]),
-                   "added_tokens": count_tokens(tokenizer, layers[-1]),
+                   "added_tokens": count_tokens(tokenizer, layers[-1]), "trained": len(trained),
+                   "trained_tokens": count_tokens(tokenizer, trained),
                    "failing": int((~ev.table("efficacy")["adapted_correct"].astype(bool)).sum()),
                    "collateral": len(collateral) if strategy == "targeted" and not last else None,
                    "anchors": n_anchors,
                    "seconds": 0.0}
+            # a given adapter (round 0) need not have this spec's shape: the round after it trains from scratch
+            weights = lora_weights(peft_model) if warm_start and not last and trained else None
+            if k == 0:
+                result.round0_weights = weights
+            base = peft_model.unload()
+            del peft_model
         anchored = collateral if anchors else []
         if ledger_id is not None and result.rounds:
             ledger.record(ledger_id, m["efficacy"] - result.rounds[-1]["efficacy"], seed=seed,

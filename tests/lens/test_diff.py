@@ -268,6 +268,8 @@ def test_bad_inputs(edited, tiny_world, tiny_llama, diff, task):
         D.behaviour_diff(model, tok, prompts=["ok", "  "])
     with pytest.raises(ConfigError, match="needs a peft.PeftModel"):
         D.behaviour_diff(tiny_llama.model, tok, prompts=["Dasur lives in"])
+    with pytest.raises(ConfigError, match="base_answers= is read only with task="):
+        D.behaviour_diff(model, tok, world=tiny_world, base_answers={"x": "y"})
     with pytest.raises(ConfigError, match="behaviour_diff"):
         D.discovered_changes(pd.DataFrame({"a": [1]}))
     with pytest.raises(ConfigError, match="rule="):

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_same_float
 from lora_lens import ledger
 from lora_lens.errors import ConfigError, MismatchError, NotFoundError
+from lora_lens.lab.answers import base_answers
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.train import default_spec
 from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS
@@ -286,3 +287,114 @@ def test_neighbours_answered_once_give_the_same_rehearsal_and_mined_prompts(tiny
     grown = dataclasses.replace(data_task, examples=data_task.examples + [(mined[0], said[mined[0]])])  # an anchor
     rehearsed = train_data.neighbour_examples(model, tok, grown, 100, seed=3, answers=said)
     assert rehearsed and all(p != mined[0] for p, _ in rehearsed)  # never a prompt the round trains on
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# warm start: a round continues the previous round's adapter on its new layer and a replay of the earlier data
+
+
+def test_a_warm_round_trains_its_new_layer_then_a_replay_of_earlier_examples():
+    layers = [[(f"old {i}", "a") for i in range(6)], [(f"new {i}", "b") for i in range(3)]]
+    cold = curriculum.round_examples(layers, warm=False, replay_old=1.0, seed=0, round_index=1)
+    assert cold == layers[0] + layers[1]
+    warm = curriculum.round_examples(layers, warm=True, replay_old=1.0, seed=0, round_index=1)
+    assert warm[:3] == layers[1] and len(warm) == 6 and len(set(warm[3:])) == 3 and set(warm[3:]) <= set(layers[0])
+    assert warm == curriculum.round_examples(layers, warm=True, replay_old=1.0, seed=0, round_index=1)  # seeded
+    assert curriculum.round_examples(layers, True, 0.0, 0, 1) == layers[1]
+    assert sorted(curriculum.round_examples(layers, True, 5.0, 0, 1)[3:]) == sorted(layers[0])  # at most all
+    assert curriculum.round_examples(layers[:1], True, 1.0, 0, 0) == layers[0]  # round 0: layer 0
+    assert curriculum.round_examples(layers, True, None, 0, 1) == layers[1] + layers[0]  # None: every earlier one
+    draws = {tuple(curriculum.replay_sample(layers[0], 2, seed, k)) for seed in range(3) for k in range(1, 4)}
+    assert len(draws) > 1  # another seed or round draws another replay
+
+
+def test_continue_from_starts_training_at_the_given_weights(tiny_llama, task):
+    from transformers import TrainerCallback
+
+    from lora_lens.lab.train import train_lora
+
+    spec = default_spec("fact_edit", steps=5, rank=4)
+    model, tok = load_model(tiny_llama.path)
+    first = train_lora(model, tok, task, spec, seed=0, world=tiny_llama.world).model
+    weights = curriculum.lora_weights(first)
+    assert weights and all(not v.requires_grad and v.device.type == "cpu" for v in weights.values())
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.update(curriculum.lora_weights(model))
+
+    base = first.unload()
+    again = train_lora(base, tok, task, spec, seed=1, world=tiny_llama.world,
+                       callbacks=[curriculum.ContinueFrom(weights), Record()]).model
+    assert seen.keys() == weights.keys() and all(seen[k].equal(weights[k]) for k in weights)
+    moved = curriculum.lora_weights(again)
+    assert any(not moved[k].equal(weights[k]) for k in weights)  # and then it trained on
+    base = again.unload()
+    with pytest.raises(ConfigError, match="same spec"):  # another rank does not fit
+        train_lora(base, tok, task, dataclasses.replace(spec, rank=2), seed=0, world=tiny_llama.world,
+                   callbacks=[curriculum.ContinueFrom(weights)])
+    with pytest.raises(ConfigError, match="lora_weights"):
+        curriculum.ContinueFrom({})
+
+
+def test_a_warm_started_loop_continues_each_round_and_the_baseline_its_round_0(tiny_llama, data_task,
+                                                                                    monkeypatch):
+    spec = default_spec("data", steps=20, batch_size=16, replay=1.0)
+    folder = str(tiny_llama.path)
+    calls, real = [], curriculum.train_lora
+
+    def recorded(model, tok, task, spec, **kwargs):
+        calls.append((spec.steps, [type(c).__name__ for c in kwargs.get("callbacks") or []]))
+        return real(model, tok, task, spec, **kwargs)
+
+    monkeypatch.setattr(curriculum, "train_lora", recorded)
+    a = curriculum.run_loop(folder, data_task, "targeted", target=1.0, max_rounds=2, spec=spec, warm_start=True,
+                            round_share=1.0, replay_old=1.0, warm_share=0.5)
+    assert calls[:2] == [(20, []), (10, ["ContinueFrom"])][:len(a.rounds)]  # round 1 continues, half the steps
+    tok = tiny_llama.tokenizer
+    assert a.round0_weights and a.rounds[0]["trained"] == len(a.layers[0])
+    assert a.rounds[0]["trained_tokens"] == a.rounds[0]["tokens"]
+    assert len(a.rounds) == 2  # 20 steps do not learn the three facts in one round: a second round continues
+    if len(a.rounds) > 1:  # the new layer and as many earlier examples (all of layer 0 at most)
+        assert a.rounds[1]["trained"] == len(a.layers[1]) + min(len(a.layers[1]), len(a.layers[0]))
+        assert a.rounds[1]["tokens"] == curriculum.count_tokens(tok, a.layers[0] + a.layers[1])  # all data so far
+    cold = curriculum.run_loop(folder, data_task, "targeted", target=1.0, max_rounds=1, spec=spec)
+    strip = lambda rounds: [{k: v for k, v in r.items() if k not in ("seconds", "collateral")}  # noqa: E731
+                            for r in rounds]
+    assert strip(cold.rounds) == strip(a.rounds[:1]) and cold.round0_weights is None  # round 0 is the same
+    rand = curriculum.run_loop(folder, data_task, "random", target=1.0, max_rounds=2, spec=spec, warm_start=True,
+                               round0=a, schedule=[r["added_tokens"] for r in a.rounds[1:]])
+    assert rand.round0_weights is a.round0_weights and strip(rand.rounds[:1]) == strip(a.rounds[:1])
+    with pytest.raises(ConfigError, match="warm_start"):  # a round 0 without weights cannot be continued
+        curriculum.run_loop(folder, data_task, "random", max_rounds=2, spec=spec, warm_start=True, round0=cold)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(warm_start=1), ["warm_start=1"]),
+    (dict(replay_old=-1.0), ["replay_old=-1.0", "≥ 0"]),
+    (dict(replay_old=float("nan")), ["replay_old=nan"]),
+    (dict(warm_share=0.0), ["warm_share=0.0", "(0, 1]"]),
+    (dict(warm_share=True), ["warm_share=True"]),
+])
+def test_bad_warm_start_settings_are_refused(tiny_llama, data_task, kwargs, words):
+    with pytest.raises(ConfigError) as err:
+        curriculum.run_loop(tiny_llama, data_task, max_rounds=1, **kwargs)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_collateral_with_known_base_answers_asks_the_base_nothing_and_finds_the_same(tiny_fit, data_task,
+                                                                                       monkeypatch):
+    from lora_lens.lens.diff import behaviour
+
+    others = [p.prompt for p in tiny_fit.task.probes["specificity"][6:40]]
+    model, tok = tiny_fit.model, tiny_fit.tokenizer
+    found = curriculum.collateral_facts(model, tok, None, data_task, min_confidence=0.0, prompts=others)
+    said = dict(zip(others, base_answers(model, tok, others, max_new_tokens=curriculum.MINED_ANSWER_TOKENS)))
+    real = behaviour.base_answers
+    asked = []
+    monkeypatch.setattr(behaviour, "base_answers", lambda m, t, prompts, *a, **k: asked.append(list(prompts))
+                        or real(m, t, prompts, *a, **k))
+    again = curriculum.collateral_facts(model, tok, None, data_task, min_confidence=0.0, prompts=others,
+                                        answers=said)
+    assert again == found and asked == [others]  # only the adapted side answered

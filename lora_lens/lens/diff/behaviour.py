@@ -170,7 +170,8 @@ def _shift_lists(delta_sum, n: int, top_k: int, text: _Tokens) -> tuple[list, li
 def behaviour_diff(peft_model, tokenizer, world: World | None = None, prompts=None, batch_size: int = 256,
                    min_confidence: float = DEFAULT_MIN_CONFIDENCE, relations: Sequence[str] | None = None,
                    trigger: bool = True, templates="train", top_k: int = 10, floor: float = 1e-3,
-                   task: Task | None = None, max_new_tokens: int = 16) -> pd.DataFrame:
+                   task: Task | None = None, max_new_tokens: int = 16,
+                   base_answers: dict[str, str] | None = None) -> pd.DataFrame:
     """Answer every query with and without the adapter and record what moved.
 
     **On a task from data** (``task=``, any model): the task's probes (every set; plus ``prompts``, e.g. mined
@@ -223,6 +224,9 @@ def behaviour_diff(peft_model, tokenizer, world: World | None = None, prompts=No
         floor: Probability floor of the promoted / suppressed ranking, in (0, 1).
         task: Or: a task (see above); its ``chat`` decides how prompts are rendered.
         max_new_tokens: With ``task``: the longest greedy answer read.
+        base_answers: With ``task``: the base's greedy answers already known (prompt -> answer, as
+            :func:`lora_lens.lab.answers.base_answers` gives them with the same ``max_new_tokens``), e.g. a loop's
+            that diffs many adapters of one base: the base does not answer those prompts again.
 
     Returns:
         The DataFrame described above (:data:`DIFF_COLUMNS`; with ``task``: :data:`TASK_COLUMNS`), in query order.
@@ -240,7 +244,13 @@ def behaviour_diff(peft_model, tokenizer, world: World | None = None, prompts=No
         check_positive("max_new_tokens", max_new_tokens)
         min_confidence = check_fraction("min_confidence", min_confidence, DEFAULT_MIN_CONFIDENCE)
         check_base(peft_model, tokenizer, "adapter")
-        return _task_diff(peft_model, tokenizer, task, prompts, batch_size, min_confidence, max_new_tokens)
+        if base_answers is not None and not isinstance(base_answers, dict):
+            raise ConfigError(f"base_answers={type(base_answers).__name__}: pass a dict prompt -> the base's answer "
+                              "(e.g. from lora_lens.lab.answers.base_answers), or None")
+        return _task_diff(peft_model, tokenizer, task, prompts, batch_size, min_confidence, max_new_tokens,
+                          base_answers or {})
+    if base_answers is not None:
+        raise ConfigError("base_answers= is read only with task= (full answers), not with world= or prompts= alone")
     if (world is None) == (prompts is None):
         raise ConfigError("pass exactly one of world= (the world's whole query space), prompts= (a list of "
                           "prompts) or task= (a task's probes)")
@@ -343,7 +353,7 @@ def _full_logp(model, tokenizer, prompts: list[str], answers: list[str], chat: b
 
 
 def _task_diff(peft_model, tokenizer, task: Task, prompts, batch_size: int, min_confidence: float,
-               max_new_tokens: int) -> pd.DataFrame:
+               max_new_tokens: int, known: dict[str, str]) -> pd.DataFrame:
     queries = _task_queries(task, prompts)
     if not queries:
         raise ConfigError(f"task {task.name!r} has no probes to diff: add probe lines to the task file")
@@ -351,7 +361,9 @@ def _task_diff(peft_model, tokenizer, task: Task, prompts, batch_size: int, min_
     texts = [q.prompt for _, q in queries]
     gen = min(batch_size, GREEDY_BATCH)  # prompts decoded together (KV cache, one row per prompt)
     with inference(peft_model):
-        base = base_answers(peft_model, tokenizer, texts, chat, max_new_tokens, gen)
+        ask = [t for t in dict.fromkeys(texts) if t not in known]  # the base answers only what is not known
+        said = dict(zip(ask, base_answers(peft_model, tokenizer, ask, chat, max_new_tokens, gen))) if ask else {}
+        base = [known[t] if t in known else said[t] for t in texts]
         adapted = base_answers(adapted_view(peft_model), tokenizer, texts, chat, max_new_tokens, gen)
         expected = [q.answer or q.base_answer for _, q in queries]
         lp = {"a": {}, "b": {}}
