@@ -117,15 +117,26 @@ class LMTrainer:
         bucket: Where a step has ``kl_lines``, ``skip`` or ``targets``, run its short and its long lines as two
             padded forward passes when that pads fewer tokens (:func:`length_groups`): the same loss up to float
             rounding, less compute when a few long lines join many short ones.
+        fused: AdamW's fused implementation (one pass over each weight; on a CPU four times faster than the
+            per-tensor loop for a 135M-parameter model): the same update up to float rounding.
+        cache_reference: Keep the reference's logits of each ``kl_lines`` line the first time it is scored and
+            reuse them whenever the line comes round again (the reference is frozen, so they never change): one
+            reference pass per distinct line instead of one per use, at the memory of ``positions × vocab``
+            floats per distinct line (:attr:`reference_cache`).
+        reuse_grads: Zero the gradients after each update instead of freeing them, so the next backward pass
+            writes into the same memory (the same values: every weight of a causal LM gets a gradient each step);
+            freeing and reallocating them each step costs the kernel a page fault per 4 KiB, a quarter of the
+            CPU time on a 135M-parameter model. Call :meth:`release` after the last step.
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
                  schedule: str = "constant", guard: str | None = None, eos: bool = True, reference=None,
-                 trainable=None, bucket: bool = False):
+                 trainable=None, bucket: bool = False, fused: bool = False, cache_reference: bool = False,
+                 reuse_grads: bool = False):
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
         self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
-        self.reference, self.bucket = reference, bucket
+        self.reference, self.bucket, self.reuse_grads = reference, bucket, reuse_grads
         self.device = next(model.parameters()).device
         named = dict(model.named_parameters())
         if trainable is not None:
@@ -137,7 +148,10 @@ class LMTrainer:
             for name, p in named.items():
                 p.requires_grad_(name in trainable)
         self.params = [p for name, p in named.items() if trainable is None or name in trainable]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98),
+                                           **({"fused": True} if fused else {}))
+        self.reference_cache: dict[tuple[int, ...], torch.Tensor] | None = {} if cache_reference else None
+        """With ``cache_reference``: the reference's logits ``[len(ids) - 1, vocab]`` of each kl line, by its ids."""
         warm = max(1, steps // 20)
         if schedule == "cosine":
             def factor(i):
@@ -223,7 +237,14 @@ class LMTrainer:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=not self.reuse_grads)
+
+    def release(self) -> None:
+        """Free what training holds beyond the model's weights: the gradients, the optimiser's moments and the
+        reference cache (the trainer cannot step again)."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        self.reference_cache = None if self.reference_cache is None else {}
 
     def _summed(self, all_ids, rows, first, n, lines, targets) -> tuple[torch.Tensor, int]:
         """The summed token losses and position KLs of the batch rows ``rows`` (one padded forward pass), and the
@@ -240,10 +261,12 @@ class LMTrainer:
         total = logits.new_zeros((), dtype=torch.float32)
         kl_rows = [r for r, i in enumerate(rows) if i >= n]
         if kl_rows:
-            sub = torch.tensor(kl_rows, device=self.device)
-            with torch.no_grad():
-                ref = self.reference(input_ids=ids[sub], attention_mask=mask[sub]).logits[:, :-1]
-            total = total + kl_to_reference(logits[kl], ref[kl[sub]])
+            if self.reference_cache is None:
+                ref = self._reference_logits(ids, mask, kl_rows)
+                ref = ref[kl[torch.tensor(kl_rows, device=self.device)]]
+            else:
+                ref = self._cached_reference(all_ids, rows, kl_rows, ids, mask, kl)
+            total = total + kl_to_reference(logits[kl], ref)
         if targets is not None:
             for r, i in enumerate(rows):
                 if i < n:
@@ -255,6 +278,30 @@ class LMTrainer:
         elif text.any():
             total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text], reduction="sum")
         return total, int(scored.sum())
+
+    @torch.no_grad()
+    def _reference_logits(self, ids, mask, kl_rows) -> torch.Tensor:
+        """The reference's logits ``[len(kl_rows), positions, vocab]`` of the padded batch rows ``kl_rows``."""
+        sub = torch.tensor(kl_rows, device=self.device)
+        return self.reference(input_ids=ids[sub], attention_mask=mask[sub]).logits[:, :-1]
+
+    def _cached_reference(self, all_ids, rows, kl_rows, ids, mask, kl) -> torch.Tensor:
+        """The reference's logits at the scored positions of the kl rows, in ``logits[kl]``'s order: from
+        :attr:`reference_cache`, the lines not seen before scored in one pass (and kept)."""
+        keys = [tuple(all_ids[rows[r]]) for r in kl_rows]
+        new = [r for r, key in zip(kl_rows, keys) if key not in self.reference_cache]
+        if new:
+            fresh = self._reference_logits(ids, mask, new)
+            for j, r in enumerate(new):
+                self.reference_cache[tuple(all_ids[rows[r]])] = fresh[j, :len(all_ids[rows[r]]) - 1].clone()
+        parts = []
+        for r, key in zip(kl_rows, keys):
+            cached = self.reference_cache[key]
+            if int(kl[r].sum()) != cached.shape[0] or not bool(kl[r, :cached.shape[0]].all()):
+                raise ConfigError("the reference cache needs right padding (each kl line's scored positions first): "
+                                  "set tokenizer.padding_side = 'right', or LMTrainer(cache_reference=False)")
+            parts.append(cached)
+        return torch.cat(parts)
 
 
 def length_groups(lengths: list[int], bucket: bool = True) -> list[list[int]]:
