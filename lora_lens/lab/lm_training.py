@@ -127,16 +127,22 @@ class LMTrainer:
             writes into the same memory (the same values: every weight of a causal LM gets a gradient each step);
             freeing and reallocating them each step costs the kernel a page fault per 4 KiB, a quarter of the
             CPU time on a 135M-parameter model. Call :meth:`release` after the last step.
+        max_rows: Where a step has ``kl_lines``, ``skip`` or ``targets`` (one process), run at most this many lines
+            per forward and backward pass, their gradients summed (the same loss and gradient up to float rounding):
+            the activations and full-vocabulary logits of only ``max_rows`` lines are held at a time. None: the
+            whole batch (or its :func:`length_groups`) in one pass.
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
                  schedule: str = "constant", guard: str | None = None, eos: bool = True, reference=None,
                  trainable=None, bucket: bool = False, fused: bool = False, cache_reference: bool = False,
-                 reuse_grads: bool = False):
+                 reuse_grads: bool = False, max_rows: int | None = None):
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ConfigError(f"max_rows={max_rows!r} must be a positive integer (lines per pass) or None")
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
         self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
-        self.reference, self.bucket, self.reuse_grads = reference, bucket, reuse_grads
+        self.reference, self.bucket, self.reuse_grads, self.max_rows = reference, bucket, reuse_grads, max_rows
         self.device = next(model.parameters()).device
         named = dict(model.named_parameters())
         if trainable is not None:
@@ -204,6 +210,8 @@ class LMTrainer:
         first = [max(int(k), 1) - 1 for k in skip] if skip is not None else [0] * n
         first += [0] * len(kl_lines)
         mine = self._shared_rows(len(all_ids)) if shared else list(range(len(all_ids)))
+        if self.max_rows is not None and not shared:
+            return self._chunked(all_ids, mine, first, n, lines, targets), tokens
         total, count = None, 0
         for group in length_groups([len(all_ids[i]) for i in mine], self.bucket):
             part, scored = self._summed(all_ids, [mine[g] for g in group], first, n, lines, targets)
@@ -218,6 +226,26 @@ class LMTrainer:
         parallel.sum_gradients(self.params)
         self._update()
         return loss, tokens
+
+    def _chunked(self, all_ids, rows, first, n, lines, targets) -> torch.Tensor:
+        """The step in passes of at most :attr:`max_rows` lines (within :func:`length_groups`), each pass's
+        backward run before the next forward, the update after the last; returns the batch loss."""
+        count = max(sum(max(len(all_ids[i]) - 1 - first[i], 0) for i in rows), 1)  # the scored positions
+        total = None
+        for group in length_groups([len(all_ids[i]) for i in rows], self.bucket):
+            group = [rows[g] for g in group]
+            for k in range(0, len(group), self.max_rows):
+                part, _ = self._summed(all_ids, group[k:k + self.max_rows], first, n, lines, targets)
+                (part / count).backward()
+                total = part.detach() if total is None else total + part.detach()
+        loss = total / count
+        try:
+            self._check(loss)
+        except TrainingError:
+            self.optimizer.zero_grad(set_to_none=not self.reuse_grads)  # nothing of this step is applied
+            raise
+        self._update()
+        return loss
 
     def _shared_rows(self, n_rows: int) -> list[int]:
         """This process's rows of a batch of ``n_rows`` lines under a data-parallel launch (every N-th one)."""

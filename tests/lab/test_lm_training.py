@@ -178,3 +178,26 @@ def test_reused_gradients_make_the_same_steps_and_release_frees_them(fresh_tiny,
         assert trainer.reference_cache == {}
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_passes_of_a_few_rows_give_the_same_loss_and_update(fresh_tiny, tiny_world):
+    tok = fresh_tiny()[1]
+    reference, _ = fresh_tiny()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    replay = LineCycle(tiny_world.corpus(), random.Random(4)).take(4) + [" ".join(tiny_world.general_train[:2])]
+    runs = []
+    for max_rows in (None, 2, 1):
+        model, _ = fresh_tiny()
+        trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference, bucket=True, max_rows=max_rows)
+        model.train()
+        losses = [trainer.step(LINES, replay, skip=[3, 2])[0].item() for _ in range(2)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    for losses, weights in runs[1:]:
+        for a, b in zip(runs[0][0], losses):
+            assert_same_float(a, b, ulps=4096)
+        assert max(float((w - v).abs().max()) for w, v in zip(runs[0][1], weights)) < 1e-5
+    with pytest.raises(ConfigError, match="max_rows=0"):
+        LMTrainer(fresh_tiny()[0], tok, lr=1e-3, steps=10, max_rows=0)
