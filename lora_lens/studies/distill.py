@@ -527,7 +527,7 @@ def forgetting_prose(transfer: Transfer, sweep: pd.DataFrame | None = None, max_
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     how = ("learnt by its KL to the base (the base's whole next-token distribution)" if t.get("replay_loss") == "kl"
            else "learnt by its tokens")
-    verdict = "holds" if m["specificity_drop"] <= max_drop else "fails"
+    verdict = "holds" if m["specificity_drop"] <= max_drop + 1e-9 else "fails"  # 1.0 - 0.95 is 0.05000000000000004
     text = (f"Measured here ({transfer.family}, {t.get('steps', 0)} steps, {t.get('replay_share', 0):.0%} of each "
             f"batch replayed, {how}): the distilled model carries {fmt(m['transfer_rate'])} of the adapter's edits "
             f"(transfer rate) and {fmt(m['paraphrase_transfer'])} of its held-out phrasings (paraphrase transfer). "
