@@ -117,15 +117,32 @@ class LMTrainer:
         bucket: Where a step has ``kl_lines``, ``skip`` or ``targets``, run its short and its long lines as two
             padded forward passes when that pads fewer tokens (:func:`length_groups`): the same loss up to float
             rounding, less compute when a few long lines join many short ones.
+        fused: AdamW's fused implementation (one pass over each weight; on a CPU four times faster than the
+            per-tensor loop for a 135M-parameter model): the same update up to float rounding.
+        cache_reference: Keep the reference's logits of each ``kl_lines`` line the first time it is scored and
+            reuse them whenever the line comes round again (the reference is frozen, so they never change): one
+            reference pass per distinct line instead of one per use, at the memory of ``positions × vocab``
+            floats per distinct line (:attr:`reference_cache`).
+        reuse_grads: Zero the gradients after each update instead of freeing them, so the next backward pass
+            writes into the same memory (the same values: every weight of a causal LM gets a gradient each step);
+            freeing and reallocating them each step costs the kernel a page fault per 4 KiB, a quarter of the
+            CPU time on a 135M-parameter model. Call :meth:`release` after the last step.
+        max_rows: Where a step has ``kl_lines``, ``skip`` or ``targets`` (one process), run at most this many lines
+            per forward and backward pass, their gradients summed (the same loss and gradient up to float rounding):
+            the activations and full-vocabulary logits of only ``max_rows`` lines are held at a time. None: the
+            whole batch (or its :func:`length_groups`) in one pass.
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
                  schedule: str = "constant", guard: str | None = None, eos: bool = True, reference=None,
-                 trainable=None, bucket: bool = False):
+                 trainable=None, bucket: bool = False, fused: bool = False, cache_reference: bool = False,
+                 reuse_grads: bool = False, max_rows: int | None = None):
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ConfigError(f"max_rows={max_rows!r} must be a positive integer (lines per pass) or None")
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
         self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
-        self.reference, self.bucket = reference, bucket
+        self.reference, self.bucket, self.reuse_grads, self.max_rows = reference, bucket, reuse_grads, max_rows
         self.device = next(model.parameters()).device
         named = dict(model.named_parameters())
         if trainable is not None:
@@ -137,7 +154,10 @@ class LMTrainer:
             for name, p in named.items():
                 p.requires_grad_(name in trainable)
         self.params = [p for name, p in named.items() if trainable is None or name in trainable]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98),
+                                           **({"fused": True} if fused else {}))
+        self.reference_cache: dict[tuple[int, ...], torch.Tensor] | None = {} if cache_reference else None
+        """With ``cache_reference``: the reference's logits ``[len(ids) - 1, vocab]`` of each kl line, by its ids."""
         warm = max(1, steps // 20)
         if schedule == "cosine":
             def factor(i):
@@ -190,6 +210,8 @@ class LMTrainer:
         first = [max(int(k), 1) - 1 for k in skip] if skip is not None else [0] * n
         first += [0] * len(kl_lines)
         mine = self._shared_rows(len(all_ids)) if shared else list(range(len(all_ids)))
+        if self.max_rows is not None and not shared:
+            return self._chunked(all_ids, mine, first, n, lines, targets), tokens
         total, count = None, 0
         for group in length_groups([len(all_ids[i]) for i in mine], self.bucket):
             part, scored = self._summed(all_ids, [mine[g] for g in group], first, n, lines, targets)
@@ -204,6 +226,26 @@ class LMTrainer:
         parallel.sum_gradients(self.params)
         self._update()
         return loss, tokens
+
+    def _chunked(self, all_ids, rows, first, n, lines, targets) -> torch.Tensor:
+        """The step in passes of at most :attr:`max_rows` lines (within :func:`length_groups`), each pass's
+        backward run before the next forward, the update after the last; returns the batch loss."""
+        count = max(sum(max(len(all_ids[i]) - 1 - first[i], 0) for i in rows), 1)  # the scored positions
+        total = None
+        for group in length_groups([len(all_ids[i]) for i in rows], self.bucket):
+            group = [rows[g] for g in group]
+            for k in range(0, len(group), self.max_rows):
+                part, _ = self._summed(all_ids, group[k:k + self.max_rows], first, n, lines, targets)
+                (part / count).backward()
+                total = part.detach() if total is None else total + part.detach()
+        loss = total / count
+        try:
+            self._check(loss)
+        except TrainingError:
+            self.optimizer.zero_grad(set_to_none=not self.reuse_grads)  # nothing of this step is applied
+            raise
+        self._update()
+        return loss
 
     def _shared_rows(self, n_rows: int) -> list[int]:
         """This process's rows of a batch of ``n_rows`` lines under a data-parallel launch (every N-th one)."""
@@ -223,7 +265,14 @@ class LMTrainer:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=not self.reuse_grads)
+
+    def release(self) -> None:
+        """Free what training holds beyond the model's weights: the gradients, the optimiser's moments and the
+        reference cache (the trainer cannot step again)."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        self.reference_cache = None if self.reference_cache is None else {}
 
     def _summed(self, all_ids, rows, first, n, lines, targets) -> tuple[torch.Tensor, int]:
         """The summed token losses and position KLs of the batch rows ``rows`` (one padded forward pass), and the
@@ -240,10 +289,12 @@ class LMTrainer:
         total = logits.new_zeros((), dtype=torch.float32)
         kl_rows = [r for r, i in enumerate(rows) if i >= n]
         if kl_rows:
-            sub = torch.tensor(kl_rows, device=self.device)
-            with torch.no_grad():
-                ref = self.reference(input_ids=ids[sub], attention_mask=mask[sub]).logits[:, :-1]
-            total = total + kl_to_reference(logits[kl], ref[kl[sub]])
+            if self.reference_cache is None:
+                ref = self._reference_logits(ids, mask, kl_rows)
+                ref = ref[kl[torch.tensor(kl_rows, device=self.device)]]
+            else:
+                ref = self._cached_reference(all_ids, rows, kl_rows, ids, mask, kl)
+            total = total + kl_to_reference(logits[kl], ref)
         if targets is not None:
             for r, i in enumerate(rows):
                 if i < n:
@@ -255,6 +306,30 @@ class LMTrainer:
         elif text.any():
             total = total + torch.nn.functional.cross_entropy(logits[text].float(), ids[:, 1:][text], reduction="sum")
         return total, int(scored.sum())
+
+    @torch.no_grad()
+    def _reference_logits(self, ids, mask, kl_rows) -> torch.Tensor:
+        """The reference's logits ``[len(kl_rows), positions, vocab]`` of the padded batch rows ``kl_rows``."""
+        sub = torch.tensor(kl_rows, device=self.device)
+        return self.reference(input_ids=ids[sub], attention_mask=mask[sub]).logits[:, :-1]
+
+    def _cached_reference(self, all_ids, rows, kl_rows, ids, mask, kl) -> torch.Tensor:
+        """The reference's logits at the scored positions of the kl rows, in ``logits[kl]``'s order: from
+        :attr:`reference_cache`, the lines not seen before scored in one pass (and kept)."""
+        keys = [tuple(all_ids[rows[r]]) for r in kl_rows]
+        new = [r for r, key in zip(kl_rows, keys) if key not in self.reference_cache]
+        if new:
+            fresh = self._reference_logits(ids, mask, new)
+            for j, r in enumerate(new):
+                self.reference_cache[tuple(all_ids[rows[r]])] = fresh[j, :len(all_ids[rows[r]]) - 1].clone()
+        parts = []
+        for r, key in zip(kl_rows, keys):
+            cached = self.reference_cache[key]
+            if int(kl[r].sum()) != cached.shape[0] or not bool(kl[r, :cached.shape[0]].all()):
+                raise ConfigError("the reference cache needs right padding (each kl line's scored positions first): "
+                                  "set tokenizer.padding_side = 'right', or LMTrainer(cache_reference=False)")
+            parts.append(cached)
+        return torch.cat(parts)
 
 
 def length_groups(lengths: list[int], bucket: bool = True) -> list[list[int]]:

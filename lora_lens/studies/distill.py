@@ -71,18 +71,20 @@ __all__ = ["CORPUS_LOSSES", "DISTILL_DEFAULTS", "REPLAY_LOSSES", "TRAINED", "Tra
 
 DISTILL_DEFAULTS = {
     "zoo": dict(steps=150, batch_size=32, lr=1e-3, replay=0.5, replay_loss="text", trained="all",
-                corpus_loss="text"),
+                corpus_loss="text", fused=False, max_rows=None),
     # a pretrained model's full weights move far at the zoo's rate, and its own answers are brittle: three quarters
     # of each batch is replay learnt by its KL to the base, and each distilled line is learnt by its KL to the adapted
     # model (the teacher: its whole distribution, not only the answer it wrote). SmolLM2-135M + the example task,
     # seeds 0/1/2: transfer 0.90/0.95/0.90, specificity drop 0.05/0.05/0.10 (the lines' own tokens: 0.85/0.80/0.90
     # and 0.05/0.10/0.05)
     "data": dict(steps=60, batch_size=8, lr=2e-5, replay=0.75, replay_loss="kl", trained="all",
-                 corpus_loss="teacher"),
+                 corpus_loss="teacher", fused=True, max_rows=4),
 }
 """The continued-pretraining recipe :func:`distill` uses where ``steps`` / ``batch_size`` / ``lr`` / ``replay`` /
 ``replay_loss`` / ``trained`` / ``corpus_loss`` are None: ``zoo`` for a zoo target, ``data`` for any other base (a
-task from data).
+task from data). ``fused`` and ``max_rows`` (always from here): AdamW's fused update and passes of at most four
+lines for a pretrained model (the same update up to float rounding; a quarter of the optimiser's time, half the
+activation memory); the zoo keeps the one-pass step and per-tensor loop its recorded numbers come from.
 
 ``data`` on SmolLM2-135M with ``examples/smollm2_facts.jsonl`` and its default adapter (60 steps of 8 lines, lr 2e-5,
 the semantic corpus of 20 lines, :func:`self_replay`). Seed 0: replay 0.5 learnt by its tokens gives transfer 1.0,
@@ -140,13 +142,17 @@ def appends_eos(tokenizer) -> bool:
 def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list[str] = (), replay: float = 0.5,
                          steps: int = 150, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                          replay_loss: str = "text", reference=None, trained: str = "all", corpus_loss: str = "text",
-                         prompts: list[str] = (), teacher=None) -> dict:
+                         prompts: list[str] = (), teacher=None, fused: bool = False,
+                         max_rows: int | None = None) -> dict:
     """Train every weight of ``model`` (in place) on ``corpus`` mixed with replay; full-sequence causal LM loss.
 
     Each batch holds ``round(replay × batch_size)`` lines drawn from ``replay_lines`` and the rest from ``corpus``
     (each cycled in a seeded shuffled order). The step is :class:`lora_lens.lab.lm_training.LMTrainer`'s (the one
     pretraining uses): AdamW without weight decay, linear warmup over the first 5 % of the steps, then constant.
     Each line ends with the eos only where :func:`appends_eos` says so (never a chat delimiter after plain text).
+    The reference's logits of a ``kl`` replay line are computed once, the first time the line is drawn, and reused
+    each time it comes round again (``LMTrainer(cache_reference=True)``: the reference is frozen); a ``teacher``
+    line's targets likewise once, before the first step.
 
     Args:
         model: A causal LM without adapter (trained in place, left in eval mode).
@@ -173,10 +179,15 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
         prompts: The prompts the corpus lines start with (``answer``), e.g. :func:`task_prompts`.
         teacher: The model a ``teacher`` line is learnt from (e.g. the adapted model), or its
             :func:`lora_lens.lab.lm_training.teacher_targets` computed beforehand.
+        fused: AdamW's fused implementation (``LMTrainer(fused=True)``: the same update up to float rounding, a
+            quarter of the optimiser's time on a CPU).
+        max_rows: Lines per forward and backward pass (``LMTrainer(max_rows=...)``: the same gradient up to float
+            rounding, the activations and full-vocabulary logits of fewer lines held at once); None: the batch.
 
     Returns:
         ``{"step": [...], "loss": [...], "steps", "seconds", "tokens", "corpus_lines", "replay_share", "eos",
-        "replay_loss", "trained", "corpus_loss"}``.
+        "replay_loss", "trained", "corpus_loss", "reference_lines"}`` (``reference_lines``: distinct replay lines
+        the reference scored, each once).
 
     Raises:
         ConfigError: An empty corpus, ``replay`` outside [0, 1], replay without replay lines, bad schedule, an
@@ -215,7 +226,9 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
     if corpus_loss == "teacher":
         targets = teacher if isinstance(teacher, dict) else teacher_targets(teacher, tokenizer, corpus, eos)
     trainer = LMTrainer(model, tokenizer, lr, steps, schedule="constant", guard="continued pretraining", eos=eos,
-                        reference=reference if replay_loss == "kl" else None, trainable=names, bucket=True)
+                        reference=reference if replay_loss == "kl" else None, trainable=names, bucket=True,
+                        fused=fused, cache_reference=replay_loss == "kl", reuse_grads=True,
+                        max_rows=max_rows)
     curve = {"step": [], "loss": []}
     tokens = 0
     t0 = time.perf_counter()
@@ -236,9 +249,12 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
             curve["loss"].append(round(loss.item(), 5))
     model.eval()
     model.requires_grad_(True)
+    reference_lines = len(trainer.reference_cache or ())
+    trainer.release()  # the gradients, the optimiser's moments and the reference cache: the model keeps its weights
     return {**curve, "steps": steps, "seconds": time.perf_counter() - t0, "tokens": tokens,
             "corpus_lines": len(corpus), "replay_share": n_replay / batch_size, "eos": eos,
-            "replay_loss": replay_loss, "trained": trained, "corpus_loss": corpus_loss}
+            "replay_loss": replay_loss, "trained": trained, "corpus_loss": corpus_loss,
+            "reference_lines": reference_lines}
 
 
 CORPUS_LOSSES = ("text", "answer", "teacher")
@@ -443,7 +459,8 @@ def distill(target, fit, corpus: list[str], replay: float | None = None, steps: 
     with _base_of(target, source, folder, fit, device) as base:
         record = continue_pretraining(model, tokenizer, corpus, replay_lines, replay, steps, batch_size, lr, seed,
                                       replay_loss=replay_loss, reference=base, trained=trained,
-                                      corpus_loss=corpus_loss, teacher=teacher,
+                                      corpus_loss=corpus_loss, teacher=teacher, fused=kind["fused"],
+                                      max_rows=kind["max_rows"],
                                       prompts=task_prompts(fit.task) if corpus_loss == "answer" else ())
         ev = evaluate(model, tokenizer, fit.task, base=base)
     return Transfer(route, label, model, tokenizer, transfer_metrics(ev, fit.evaluation.metrics), record)
@@ -510,7 +527,7 @@ def forgetting_prose(transfer: Transfer, sweep: pd.DataFrame | None = None, max_
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     how = ("learnt by its KL to the base (the base's whole next-token distribution)" if t.get("replay_loss") == "kl"
            else "learnt by its tokens")
-    verdict = "holds" if m["specificity_drop"] <= max_drop else "fails"
+    verdict = "holds" if m["specificity_drop"] <= max_drop + 1e-9 else "fails"  # 1.0 - 0.95 is 0.05000000000000004
     text = (f"Measured here ({transfer.family}, {t.get('steps', 0)} steps, {t.get('replay_share', 0):.0%} of each "
             f"batch replayed, {how}): the distilled model carries {fmt(m['transfer_rate'])} of the adapter's edits "
             f"(transfer rate) and {fmt(m['paraphrase_transfer'])} of its held-out phrasings (paraphrase transfer). "

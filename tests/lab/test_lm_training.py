@@ -114,3 +114,90 @@ def test_bucketed_steps_give_the_same_loss(fresh_tiny, tiny_world):
     assert len(length_groups([len(x) for x in line_ids(tok, LINES + replay)])) == 2
     for a, b in zip(*losses):
         assert_same_float(a, b, ulps=4096)
+
+
+def test_the_cached_reference_equals_the_per_step_reference(fresh_tiny, tiny_world):
+    """Replay lines that come round again are scored by the reference once (its logits kept), with the losses and
+    the trained weights of the per-step reference, up to float rounding; a line of another length is scored anew."""
+    tok = fresh_tiny()[1]
+    reference, _ = fresh_tiny()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pool = LineCycle(tiny_world.corpus(), random.Random(2)).take(3) + [" ".join(tiny_world.general_train[:2])]
+    order = LineCycle(pool, random.Random(3))
+    batches = [order.take(3) for _ in range(4)]  # 12 draws of 4 distinct lines: every line comes round again
+    runs = []
+    for cache in (False, True):
+        model, _ = fresh_tiny()
+        trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference, bucket=True, cache_reference=cache)
+        model.train()
+        losses = [trainer.step(LINES, kept, skip=[3, 2])[0].item() for kept in batches]
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer))
+    (plain, w_plain, t_plain), (cached, w_cached, t_cached) = runs
+    assert t_plain.reference_cache is None and len(t_cached.reference_cache) == len(set(pool)) == 4
+    for key, logits in t_cached.reference_cache.items():
+        assert logits.shape == (len(key) - 1, reference.config.vocab_size)
+    assert all(loss > 1e-3 for loss in plain)  # the reference differs from the model: the KL is not trivially 0
+    for a, b in zip(plain, cached):
+        assert_same_float(a, b, ulps=4096)
+    assert max(float((w_plain[n] - w_cached[n]).abs().max()) for n in w_plain) < 1e-5
+
+
+def test_the_fused_optimiser_makes_the_same_update(fresh_tiny, tiny_world):
+    replay = LineCycle(tiny_world.corpus(), random.Random(0)).take(3)
+    weights = []
+    for fused in (False, True):
+        model, tok = fresh_tiny()
+        reference, _ = fresh_tiny()
+        trainer = LMTrainer(model, tok, lr=1e-2, steps=4, reference=reference, fused=fused)
+        assert trainer.optimizer.defaults["fused"] is (True if fused else None)
+        model.train()
+        for _ in range(3):
+            trainer.step(LINES, replay)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    moved = max(float((weights[0][n] - p).abs().max()) for n, p in fresh_tiny()[0].named_parameters())
+    assert moved > 1e-3 and max(float((weights[0][n] - weights[1][n]).abs().max()) for n in weights[0]) < 1e-5
+
+
+def test_reused_gradients_make_the_same_steps_and_release_frees_them(fresh_tiny, tiny_world):
+    replay = LineCycle(tiny_world.corpus(), random.Random(0)).take(3)
+    reference, _ = fresh_tiny()
+    runs = []
+    for reuse in (False, True):
+        model, tok = fresh_tiny()
+        trainer = LMTrainer(model, tok, lr=1e-2, steps=4, reference=reference, reuse_grads=reuse,
+                            cache_reference=True)
+        model.train()
+        losses = [trainer.step(LINES, replay)[0].item() for _ in range(3)]
+        held = [p.grad is not None for p in model.parameters()]
+        assert all(held) if reuse else not any(held)
+        trainer.release()
+        assert all(p.grad is None for p in model.parameters()) and not trainer.optimizer.state
+        assert trainer.reference_cache == {}
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_passes_of_a_few_rows_give_the_same_loss_and_update(fresh_tiny, tiny_world):
+    tok = fresh_tiny()[1]
+    reference, _ = fresh_tiny()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    replay = LineCycle(tiny_world.corpus(), random.Random(4)).take(4) + [" ".join(tiny_world.general_train[:2])]
+    runs = []
+    for max_rows in (None, 2, 1):
+        model, _ = fresh_tiny()
+        trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference, bucket=True, max_rows=max_rows)
+        model.train()
+        losses = [trainer.step(LINES, replay, skip=[3, 2])[0].item() for _ in range(2)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    for losses, weights in runs[1:]:
+        for a, b in zip(runs[0][0], losses):
+            assert_same_float(a, b, ulps=4096)
+        assert max(float((w - v).abs().max()) for w, v in zip(runs[0][1], weights)) < 1e-5
+    with pytest.raises(ConfigError, match="max_rows=0"):
+        LMTrainer(fresh_tiny()[0], tok, lr=1e-3, steps=10, max_rows=0)

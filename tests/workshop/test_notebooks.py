@@ -183,6 +183,11 @@ def check_04(summary: dict) -> None:
     check_ledger_prose(summary, ["distill-transfers-seeds", "distill-forgets-little-seeds"])
     # the edits written as text and pretrained in carry over, into the base and into another family
     assert summary["transfer_rate"] > 0.5 and summary["data_route_transfer_rate"] > 0.5
+    # a route of the semantic corpus's own lines is the semantic run (not trained again)
+    assert set(summary["shared_routes"]) <= {"data", "contrastive"}
+    for name, key in (("data", "data_route_transfer_rate"), ("contrastive", "contrastive_transfer_rate")):
+        if name in summary["shared_routes"]:
+            assert summary[key] == summary["first_seed"]["transfer_rate"], name
     assert summary["cross_family_transfer_rate"] > 0.0
     # merging the adapter reproduces it exactly
     assert summary["merge_transfer_rate"] == pytest.approx(1.0)

@@ -75,6 +75,10 @@ def check_04(summary: dict) -> None:
     # 30 steps are a fraction of the default schedule (DISTILL_DEFAULTS["data"]: 60): some edits carry over (0.25 with
     # the corpus lines learnt by their tokens, 0.75 by their KL to the adapted model, the default)
     assert summary["contrastive_lines"] > 0 and summary["transfer_rate"] > 0.0
+    # the adapter answers its training prompts with its training answers: the data route's lines are the semantic
+    # corpus's, so the semantic run serves it (not trained twice)
+    assert "data" in summary["shared_routes"]
+    assert summary["data_route_transfer_rate"] == summary["first_seed"]["transfer_rate"]
     assert [r["replay"] for r in summary["replay_sweep"]] == [0.5] and summary["replay"] == 0.5
     assert summary["schedule"] == {"steps": 30, "batch_size": 8, "lr": 2e-05, "replay_loss": "kl",
                                    "corpus_loss": "teacher"}
