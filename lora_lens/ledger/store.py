@@ -78,13 +78,22 @@ class Hypothesis:
         return f"after >= {self.min_runs} live run(s): supported when pass share >= {self.fraction:g}, else refuted"
 
     def passes(self, value: float) -> bool:
-        """Whether ``value`` satisfies the prediction."""
+        """Whether ``value`` satisfies the prediction. A value that equals a threshold up to float rounding (relative
+        1e-9) is on it, whatever its last bits: a drop of ``1.0 - 0.95`` meets ``<= 0.05``, and fails ``< 0.05``."""
         t = self.threshold
         if self.comparator == "between":
-            return t[0] <= value <= t[1]
+            return (t[0] <= value <= t[1]) or _on(value, t[0]) or _on(value, t[1])
         if self.comparator in ("==", "!="):
-            return math.isclose(value, t, rel_tol=1e-9, abs_tol=1e-12) == (self.comparator == "==")
+            return _on(value, t) == (self.comparator == "==")
+        if _on(value, t):
+            return self.comparator in (">=", "<=")
         return _OPS[self.comparator](value, t)
+
+
+
+def _on(value: float, threshold: float) -> bool:
+    """``value`` equals ``threshold`` up to float rounding."""
+    return math.isclose(value, threshold, rel_tol=1e-9, abs_tol=1e-12)
 
 
 @dataclasses.dataclass(frozen=True)

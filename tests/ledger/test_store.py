@@ -180,3 +180,16 @@ def test_sigkill_mid_write_leaves_a_consistent_ledger(db):
     assert ledger.record("acc-high", 0.99, path=db).id > 0
     assert counts(db)[1] == n + 1
     assert_consistent(db)
+
+
+@pytest.mark.parametrize("comparator, threshold, value, passes", [
+    ("<=", 0.05, 1.0 - 0.95, True),            # 0.05000000000000004: on the bound, not over it
+    ("<", 0.05, 1.0 - 0.95, False),
+    (">=", 0.3, 0.1 + 0.2, True), (">", 0.3, 0.1 + 0.2, False),
+    ("<=", 0.05, 0.0500001, False), (">=", 0.3, 0.2999999, False),
+    ("between", (0.3, 0.5), 0.1 + 0.2, True), ("between", (0.3, 0.5), 0.29, False),
+    ("==", 0.3, 0.1 + 0.2, True), ("!=", 0.3, 0.1 + 0.2, False),
+])
+def test_a_value_on_the_threshold_up_to_rounding_is_on_it(comparator, threshold, value, passes):
+    h = store.Hypothesis("h", "claim", "m", comparator, threshold)
+    assert h.passes(value) is passes
