@@ -84,16 +84,22 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident set size since the last :func:`reset_peak_rss` (else since it started), MiB."""
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` field (``VmHWM``, ``VmRSS``) in MiB, None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux ru_maxrss is in KiB
+    return None
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size since the last :func:`reset_peak_rss` (else since it started), MiB."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def reset_peak_rss() -> bool:
@@ -103,6 +109,7 @@ def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
         return False
+    hwm, rss = _status_mb("VmHWM"), _status_mb("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 16     # the window did start at the current RSS
