@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -40,9 +40,10 @@ from lora_lens.lab.train_data import AnswerCollator, AnswerDataset, training_exa
 from lora_lens.lab.world import Task, World
 from lora_lens.utils import progress_callbacks, set_seed, show_progress
 
-__all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "LoraSpec", "TrainResult", "check_no_lora",
+__all__ = ["DATA_STEPS", "INITS", "PRESETS", "REPLAY_LOSSES", "ContinueFrom", "LoraSpec", "TrainResult",
+           "check_no_lora",
            "check_rank", "check_spec", "default_spec", "has_lora",
-           "linear_modules", "lora_config", "matched_modules", "target_modules", "train_lora"]
+           "linear_modules", "lora_config", "lora_weights", "matched_modules", "target_modules", "train_lora"]
 
 DATA_STEPS = 20
 """Optimiser steps of the default spec for a task from data (full batch)."""
@@ -582,6 +583,40 @@ def train_lora(model, tokenizer, task: Task, spec: LoraSpec | None = None, seed:
                "train_seconds": train_seconds}
     return TrainResult(peft_model, spec, task.name, task.world_fingerprint, seed, history, train_seconds, final_loss,
                        metrics)
+
+
+def lora_weights(peft_model) -> dict:
+    """The LoRA weights of a ``PeftModel`` (its active adapter), as a detached CPU copy: what a later training
+    continues from (:class:`ContinueFrom`; e.g. the next round of a warm-started loop in
+    :mod:`lora_lens.studies.curriculum`)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+class ContinueFrom(TrainerCallback):
+    """A ``transformers`` callback for :func:`lora_lens.lab.train.train_lora` that starts the new adapter from
+    given LoRA weights (:func:`lora_weights` of an adapter of the same spec on the same base) instead of its fresh
+    initialisation. The weights are copied in place when training begins (the optimiser, made just before, keeps
+    its parameters); a key the new adapter lacks or a shape it does not have is a :class:`ConfigError`."""
+
+    def __init__(self, weights: dict):
+        if not isinstance(weights, dict) or not weights:
+            raise ConfigError(f"weights={type(weights).__name__}: pass lora_weights(peft_model) of a trained adapter")
+        self.weights = weights
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        have = get_peft_model_state_dict(model)
+        bad = sorted(k for k, v in self.weights.items() if k not in have or tuple(have[k].shape) != tuple(v.shape))
+        if bad or len(have) != len(self.weights):
+            first = bad[:1] or sorted(set(have) - set(self.weights))[:1]
+            raise ConfigError(f"the weights to continue from do not fit this adapter ({len(self.weights)} tensors "
+                              f"given, {len(have)} here; first misfit {first}): continue only an adapter of the same "
+                              "spec (rank, targets) on the same base")
+        set_peft_model_state_dict(model, self.weights)
+        return control
 
 
 def _training_args(spec: LoraSpec, seed: int, device: str, out_dir: Path, n: int) -> TrainingArguments:

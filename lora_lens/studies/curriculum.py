@@ -36,7 +36,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
-from transformers import TrainerCallback
 
 from lora_lens import ledger
 from lora_lens.errors import ConfigError
@@ -46,13 +45,13 @@ from lora_lens.lab.answers import base_answers
 from lora_lens.lab.probes import evaluate
 from lora_lens.lab.study import check_data_task
 from lora_lens.lab.tasks import fill_base_answers
-from lora_lens.lab.train import LoraSpec, check_spec, default_spec, train_lora
+from lora_lens.lab.train import ContinueFrom, LoraSpec, check_spec, default_spec, lora_weights, train_lora
 from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS, is_plain_answer, reads_in_context
 from lora_lens.lab.world import TEMPLATES, Task, check_task_world
 from lora_lens.lab.zoo import Pretrained, load_model
 from lora_lens.lens.diff import behaviour_diff, discovered_changes
 
-__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "RATIO_CASES", "STRATEGIES", "ContinueFrom", "LoopResult",
+__all__ = ["LOOP_DEFAULTS", "MINED_ANSWER_TOKENS", "RATIO_CASES", "STRATEGIES", "LoopResult",
            "check_loop_winner", "collateral_facts", "count_tokens", "fact_groups", "fact_key", "initial_layer",
            "lora_weights", "mined_prompts", "neighbour_answers", "next_layer", "plot_rounds", "random_layer",
            "replay_sample", "round_examples", "run_loop", "tokens_to_target_ratio"]
@@ -236,39 +235,6 @@ def round_examples(layers: list[list[tuple[str, str]]], warm: bool, replay_old: 
     if replay_old is None:
         return list(layers[-1]) + old
     return list(layers[-1]) + replay_sample(old, round(replay_old * len(layers[-1])), seed, round_index)
-
-
-def lora_weights(peft_model) -> dict:
-    """The LoRA weights of a ``PeftModel`` (its active adapter), as a detached CPU copy: what the next round of a
-    warm-started loop continues from (:class:`ContinueFrom`)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
-
-
-class ContinueFrom(TrainerCallback):
-    """A ``transformers`` callback for :func:`lora_lens.lab.train.train_lora` that starts the new adapter from
-    given LoRA weights (:func:`lora_weights` of an adapter of the same spec on the same base) instead of its fresh
-    initialisation. The weights are copied in place when training begins (the optimiser, made just before, keeps
-    its parameters); a key the new adapter lacks or a shape it does not have is a :class:`ConfigError`."""
-
-    def __init__(self, weights: dict):
-        if not isinstance(weights, dict) or not weights:
-            raise ConfigError(f"weights={type(weights).__name__}: pass lora_weights(peft_model) of a trained adapter")
-        self.weights = weights
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        have = get_peft_model_state_dict(model)
-        bad = sorted(k for k, v in self.weights.items() if k not in have or tuple(have[k].shape) != tuple(v.shape))
-        if bad or len(have) != len(self.weights):
-            first = bad[:1] or sorted(set(have) - set(self.weights))[:1]
-            raise ConfigError(f"the weights to continue from do not fit this adapter ({len(self.weights)} tensors "
-                              f"given, {len(have)} here; first misfit {first}): continue only an adapter of the same "
-                              "spec (rank, targets) on the same base")
-        set_peft_model_state_dict(model, self.weights)
-        return control
 
 
 def neighbour_answers(model, tokenizer, task: Task, max_new_tokens: int = MINED_ANSWER_TOKENS) -> dict[str, str]:

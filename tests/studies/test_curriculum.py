@@ -13,7 +13,7 @@ from lora_lens import ledger
 from lora_lens.errors import ConfigError, MismatchError, NotFoundError
 from lora_lens.lab.answers import base_answers
 from lora_lens.lab.probes import evaluate
-from lora_lens.lab.train import default_spec
+from lora_lens.lab.train import ContinueFrom, default_spec, lora_weights
 from lora_lens.lab.train_data import NEIGHBOUR_PROMPTS
 from lora_lens.lab.world import TEMPLATES, Task, make_task, make_world
 from lora_lens.lab.zoo import load_model
@@ -316,26 +316,26 @@ def test_continue_from_starts_training_at_the_given_weights(tiny_llama, task):
     spec = default_spec("fact_edit", steps=5, rank=4)
     model, tok = load_model(tiny_llama.path)
     first = train_lora(model, tok, task, spec, seed=0, world=tiny_llama.world).model
-    weights = curriculum.lora_weights(first)
+    weights = lora_weights(first)
     assert weights and all(not v.requires_grad and v.device.type == "cpu" for v in weights.values())
     seen = {}
 
     class Record(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen.update(curriculum.lora_weights(model))
+            seen.update(lora_weights(model))
 
     base = first.unload()
     again = train_lora(base, tok, task, spec, seed=1, world=tiny_llama.world,
-                       callbacks=[curriculum.ContinueFrom(weights), Record()]).model
+                       callbacks=[ContinueFrom(weights), Record()]).model
     assert seen.keys() == weights.keys() and all(seen[k].equal(weights[k]) for k in weights)
-    moved = curriculum.lora_weights(again)
+    moved = lora_weights(again)
     assert any(not moved[k].equal(weights[k]) for k in weights)  # and then it trained on
     base = again.unload()
     with pytest.raises(ConfigError, match="same spec"):  # another rank does not fit
         train_lora(base, tok, task, dataclasses.replace(spec, rank=2), seed=0, world=tiny_llama.world,
-                   callbacks=[curriculum.ContinueFrom(weights)])
+                   callbacks=[ContinueFrom(weights)])
     with pytest.raises(ConfigError, match="lora_weights"):
-        curriculum.ContinueFrom({})
+        ContinueFrom({})
 
 
 def test_a_warm_started_loop_continues_each_round_and_the_baseline_its_round_0(tiny_llama, data_task,
