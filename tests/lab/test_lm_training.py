@@ -15,6 +15,17 @@ from lora_lens.lab.lm_training import LineCycle, LMTrainer, kl_to_reference, len
 LINES = ["Kutar lives in Kozadun .", "The home town of Kutar is Kozadun ."]
 
 
+def _nudged(model, seed: int | None = None):
+    """``model`` with every weight moved by 0.05 × normal noise (``seed``: torch's global seed first, else its
+    current state): a reference that differs from the model it teaches."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 def test_kl_to_reference_is_the_summed_kl_of_the_reference_distribution():
     torch.manual_seed(0)
     a, b = torch.randn(3, 7), torch.randn(3, 7)
@@ -85,10 +96,7 @@ def test_teacher_lines_of_an_identical_teacher_cost_nothing(fresh_tiny, tiny_wor
     replay = LineCycle(tiny_world.corpus(), random.Random(0)).take(3)
     loss, _ = LMTrainer(model, tok, lr=1e-3, steps=10, reference=teacher).step(LINES, replay, targets=targets)
     assert_same_float(loss.item(), 0.0)
-    other, _ = fresh_tiny()
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    other = _nudged(fresh_tiny()[0])
     far = teacher_targets(other, tok, LINES)
     assert LMTrainer(model, tok, lr=1e-3, steps=10).step(LINES, targets=far)[0].item() > 1e-3
     with pytest.raises(ConfigError, match="has no teacher target"):
@@ -120,11 +128,7 @@ def test_the_cached_reference_equals_the_per_step_reference(fresh_tiny, tiny_wor
     """Replay lines that come round again are scored by the reference once (its logits kept), with the losses and
     the trained weights of the per-step reference, up to float rounding; a line of another length is scored anew."""
     tok = fresh_tiny()[1]
-    reference, _ = fresh_tiny()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    reference = _nudged(fresh_tiny()[0], seed=0)
     pool = LineCycle(tiny_world.corpus(), random.Random(2)).take(3) + [" ".join(tiny_world.general_train[:2])]
     order = LineCycle(pool, random.Random(3))
     batches = [order.take(3) for _ in range(4)]  # 12 draws of 4 distinct lines: every line comes round again
@@ -182,11 +186,7 @@ def test_reused_gradients_make_the_same_steps_and_release_frees_them(fresh_tiny,
 
 def test_passes_of_a_few_rows_give_the_same_loss_and_update(fresh_tiny, tiny_world):
     tok = fresh_tiny()[1]
-    reference, _ = fresh_tiny()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    reference = _nudged(fresh_tiny()[0], seed=1)
     replay = LineCycle(tiny_world.corpus(), random.Random(4)).take(4) + [" ".join(tiny_world.general_train[:2])]
     runs = []
     for max_rows in (None, 2, 1):
