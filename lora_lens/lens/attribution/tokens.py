@@ -25,6 +25,7 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.answers import AnswerIds, answer_ids, score_ids, token_texts
+from lora_lens.lab.decoding import cache_argument, returned_cache
 from lora_lens.lab.pair import adapter_states, check_peft, frozen, logits_where, model_device, pad_ids, pad_token_id
 
 __all__ = ["IG_METHODS", "METHODS", "OUTPUTS", "TokenAttribution", "attributions_frame", "batch_token_attributions",
@@ -429,20 +430,23 @@ kept for the backward pass (SmolLM2-135M: ~0.4 MB a token) while keeping the mat
 
 
 def _read_logprobs(model, rows: list[int], pos: list[int], tok: list[int], work: torch.dtype, keep_cache: bool = False,
-                   **inputs) -> tuple[torch.Tensor, object]:
+                   past=None, **inputs) -> tuple[torch.Tensor, object]:
     """``log p(tok[i])`` read at position ``pos[i]`` of batch row ``rows[i]`` — the output layer is applied only at
     those positions — and the model's KV cache (with ``keep_cache=True``; every position kept, no sliding window).
 
-    ``inputs`` go to the model (``input_ids`` or ``inputs_embeds``, ``attention_mask``, optionally ``cache``)."""
+    ``inputs`` go to the model (``input_ids`` or ``inputs_embeds``, ``attention_mask``); ``past`` is a KV cache of
+    the positions before them, passed under the model's own cache argument name."""
     from transformers import DynamicCache
 
     if keep_cache:
-        inputs["cache"] = DynamicCache()     # plain layers: a sliding-window layer would drop keys
-    inputs["use_cache"] = "cache" in inputs
+        past = DynamicCache()     # plain layers: a sliding-window layer would drop keys
+    if past is not None:
+        inputs[cache_argument(model)] = past
+    inputs["use_cache"] = past is not None
     logits, out = logits_where(model, rows, pos, **inputs)
     t = torch.tensor(tok, device=logits.device)
     lp = torch.log_softmax(logits.to(work), -1).gather(-1, t[:, None])[:, 0]
-    return lp, (out.cache if keep_cache else None)
+    return lp, (returned_cache(out) if keep_cache else None)
 
 
 def _sum_per_row(lp: torch.Tensor, rows: list[int], n: int) -> torch.Tensor:
@@ -528,11 +532,11 @@ def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tu
                 for c, x in enumerate(chunk):
                     p, t = _reads(len(rows[x[1]].ids), rows[x[1]].target_ids, offset=j)
                     rr, pp, tt = rr + [c] * len(p), pp + p, tt + t
-                extra = {}
+                past = None
                 if j:   # the intact prompts' keys and values before j (a mask over them and the suffix)
-                    extra["cache"] = _cache_rows(cache, torch.tensor([x[0] for x in chunk], device=dev), j)
+                    past = _cache_rows(cache, torch.tensor([x[0] for x in chunk], device=dev), j)
                     smask = torch.cat([torch.ones(len(chunk), j, dtype=smask.dtype, device=dev), smask], 1)
-                lp, _ = _read_logprobs(model, rr, pp, tt, work, input_ids=sids, attention_mask=smask, **extra)
+                lp, _ = _read_logprobs(model, rr, pp, tt, work, past=past, input_ids=sids, attention_mask=smask)
                 f = _sum_per_row(lp, rr, len(chunk))
                 f = f.exp() if prob else f
                 delta = (f0[[x[0] for x in chunk]] - f).to(DTYPE).cpu()
