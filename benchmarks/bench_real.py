@@ -222,17 +222,21 @@ def pretrain_lines(task: Task, n: int) -> list[str]:
 
 
 def pretrain_row(factory, tok, lines: list[str], steps: int, device: str) -> dict:
-    """Continued pretraining (every weight) both ways, one batch of all the lines per step."""
+    """Continued pretraining (every weight) both ways, one batch of all the lines per step: ``LMTrainer`` with the
+    settings :func:`lora_lens.studies.distill.continue_pretraining` uses on a real model (fused AdamW, gradients
+    zeroed in place, passes of ``max_rows`` lines) vs a plain ``Trainer`` (its default AdamW)."""
     import transformers
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from lora_lens.lab.lm_training import LMTrainer
+    from lora_lens.studies.distill import DISTILL_DEFAULTS
 
-    lr = 1e-5
+    lr, kind = 1e-5, DISTILL_DEFAULTS["data"]
 
-    def ours():
+    def ours():   # LMTrainer as continue_pretraining runs it on a real model
         model = factory().to(device).train()
-        trainer = LMTrainer(model, tok, lr=lr, steps=steps, eos=False)
+        trainer = LMTrainer(model, tok, lr=lr, steps=steps, eos=False, bucket=True, fused=kind["fused"],
+                            reuse_grads=True, max_rows=kind["max_rows"])
         losses = [float(trainer.step(lines)[0]) for _ in range(steps)]
         return losses
 

@@ -206,7 +206,7 @@ class LMTrainer:
             self._check(loss)
             loss.backward()
             self._update()
-            return loss, tokens
+            return loss.detach(), tokens
         first = [max(int(k), 1) - 1 for k in skip] if skip is not None else [0] * n
         first += [0] * len(kl_lines)
         mine = self._shared_rows(len(all_ids)) if shared else list(range(len(all_ids)))
@@ -225,7 +225,7 @@ class LMTrainer:
         (total / count).backward()
         parallel.sum_gradients(self.params)
         self._update()
-        return loss, tokens
+        return loss.detach(), tokens
 
     def _chunked(self, all_ids, rows, first, n, lines, targets) -> torch.Tensor:
         """The step in passes of at most :attr:`max_rows` lines (within :func:`length_groups`), each pass's
