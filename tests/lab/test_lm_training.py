@@ -10,7 +10,8 @@ import torch
 
 from conftest import assert_same_float
 from lora_lens.errors import ConfigError
-from lora_lens.lab.lm_training import LineCycle, LMTrainer, kl_to_reference, length_groups, line_ids, teacher_targets
+from lora_lens.lab.lm_training import (CACHE_DTYPE, LineCycle, LMTrainer, kl_to_reference, length_groups, line_ids,
+                                       teacher_targets)
 
 LINES = ["Kutar lives in Kozadun .", "The home town of Kutar is Kozadun ."]
 
@@ -125,8 +126,9 @@ def test_bucketed_steps_give_the_same_loss(fresh_tiny, tiny_world):
 
 
 def test_the_cached_reference_equals_the_per_step_reference(fresh_tiny, tiny_world):
-    """Replay lines that come round again are scored by the reference once (its logits kept), with the losses and
-    the trained weights of the per-step reference, up to float rounding; a line of another length is scored anew."""
+    """Replay lines that come round again are scored by the reference once (its log-probabilities kept in
+    CACHE_DTYPE), with the losses and the trained weights of the per-step reference up to float16's rounding of
+    the kept log-probabilities; a line of another length is scored anew."""
     tok = fresh_tiny()[1]
     reference = _nudged(fresh_tiny()[0], seed=0)
     pool = LineCycle(tiny_world.corpus(), random.Random(2)).take(3) + [" ".join(tiny_world.general_train[:2])]
@@ -141,12 +143,18 @@ def test_the_cached_reference_equals_the_per_step_reference(fresh_tiny, tiny_wor
         runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer))
     (plain, w_plain, t_plain), (cached, w_cached, t_cached) = runs
     assert t_plain.reference_cache is None and len(t_cached.reference_cache) == len(set(pool)) == 4
-    for key, logits in t_cached.reference_cache.items():
-        assert logits.shape == (len(key) - 1, reference.config.vocab_size)
+    for key, logp in t_cached.reference_cache.items():
+        assert logp.shape == (len(key) - 1, reference.config.vocab_size) and logp.dtype == CACHE_DTYPE
+        assert_same_float(logp.float().logsumexp(-1), torch.zeros(len(key) - 1), dtype=CACHE_DTYPE, ulps=16)
     assert all(loss > 1e-3 for loss in plain)  # the reference differs from the model: the KL is not trivially 0
     for a, b in zip(plain, cached):
-        assert_same_float(a, b, ulps=4096)
-    assert max(float((w_plain[n] - w_cached[n]).abs().max()) for n in w_plain) < 1e-5
+        assert_same_float(a, b, dtype=CACHE_DTYPE, ulps=4)
+    # AdamW divides each gradient by its own scale, so a coordinate whose gradient is near 0 moves by up to lr on
+    # a rounding difference: the updates agree to 1 % of their size, not to the last bit
+    start = {n: p.detach() for n, p in fresh_tiny()[0].named_parameters()}
+    moved = sum(float((w_plain[n] - start[n]).abs().sum()) for n in w_plain)
+    apart = sum(float((w_plain[n] - w_cached[n]).abs().sum()) for n in w_plain)
+    assert apart < 0.01 * moved, (apart, moved)
 
 
 def test_the_fused_optimiser_makes_the_same_update(fresh_tiny, tiny_world):
