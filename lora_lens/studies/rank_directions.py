@@ -144,8 +144,9 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
         ``phi_ci_high`` (95 % bootstrap interval), ``phi_values`` (per seed); ``phi_left`` and its interval (output
         side); ``null`` (mean of the random pairs, input side), ``null_high`` (their 97.5 % quantile), ``null_left``;
         ``ratio`` = phi / null; ``efficacy_small``, ``efficacy_large`` (mean efficacy of the two ranks, so a
-        condition that did not learn the task shows); ``seconds`` (spent on the condition's pairs, summed). ``df.attrs["per_seed"]`` holds one dict per
-        condition and seed (a list, so that ``pd.concat`` of two sweeps works).
+        condition that did not learn the task shows); ``seconds`` (spent on the condition's pairs, summed).
+        ``df.attrs["per_seed"]`` holds one dict per condition and seed (a list, so that ``pd.concat`` of two sweeps
+        works).
 
     Raises:
         ConfigError: Bad conditions, seeds, ranks, ``n_null``, ``workers`` or ``devices`` (before anything is
