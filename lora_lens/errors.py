@@ -6,7 +6,7 @@ generic ``except`` clauses keep working.
 """
 
 __all__ = ["ConfigError", "CorruptError", "LoraLensError", "MismatchError", "NotFoundError", "NotebookError",
-           "TrainingError"]
+           "TrainingError", "WorkerError"]
 
 
 class LoraLensError(Exception):
@@ -35,3 +35,7 @@ class TrainingError(LoraLensError, RuntimeError):
 
 class NotebookError(LoraLensError, RuntimeError):
     """A notebook of the series failed or is malformed."""
+
+
+class WorkerError(LoraLensError, RuntimeError):
+    """A job run in a worker process failed, or the worker died (:func:`lora_lens.workers.run_jobs`)."""

@@ -32,6 +32,11 @@ same tokens; a statistic no run can measure is left out with its reason (:attr:`
 ``pattern_table(...).attrs["skipped"]`` for the patterns). :func:`portable_pairs` finds bases of one architecture
 and config shape, between which :func:`portability` carries an adapter.
 
+**Several processes.** ``run_study(..., workers=N)`` runs the base × seed runs N at once in worker processes
+(:func:`lora_lens.workers.run_jobs`; ``devices=["cuda:0", "cuda:1"]`` pins them to GPUs in turn): each run is one
+call of a module-level function that returns plain data (its rows, tables, tokens, attributions and the adapter
+factors φ needs — not the base weights), so the study is the same with any number of workers.
+
 With three seeds a bootstrap interval is coarse (there are only ten distinct resamples): it shows the spread
 over seeds, not a precise coverage guarantee.
 
@@ -51,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from peft import PeftModel
 
 from lora_lens.checks import check_positive
@@ -66,7 +72,8 @@ from lora_lens.lens import delta
 from lora_lens.studies.nulls import SHUFFLED_STATS, shuffled_task, upper_weight, weight_nulls, weight_stats
 from lora_lens.studies.patterns import (PATTERNS, Pattern, bootstrap_ci, declare_patterns, null_id, pattern_prose,
                                         pattern_records, pattern_table, pooled_ci, record_patterns)
-from lora_lens.utils import progress_bar, stable_hash
+from lora_lens.utils import stable_hash
+from lora_lens.workers import check_devices, check_workers, run_jobs, worker_device
 
 __all__ = ["DEFAULT_FAMILIES", "SHARED_TYPES", "Study", "attribution_agreement", "check_bases", "check_families",
            "check_seeds", "pair_matrix", "portability", "portability_prose", "portability_summary", "portable_pairs",
@@ -388,10 +395,87 @@ def _check_real_base(source: str, task: Task, n_probes: int, device: str) -> dic
     return facts
 
 
+def _records(mods: list) -> list[dict]:
+    """What :func:`_phi_rows` reads of each module (names, depth, factors and their SVD) as plain arrays: no base
+    weight W, so that a run's result sent back from a worker stays small."""
+    return [{"name": d.name, "layer": d.layer, "module_type": d.module_type, "depth": d.depth,
+             "B": d.B.numpy(), "A": d.A.numpy(), "scaling": d.scaling, "adapter": d.adapter,
+             "fan_in_fan_out": d.fan_in_fan_out, "dora": d.dora, "svd": [x.numpy() for x in d.svd()]}
+            for d in mods]
+
+
+def _deltas(records: list[dict]) -> list:
+    """:class:`~lora_lens.lens.delta.ModuleDelta` again from :func:`_records` (an empty W: not for W's statistics)."""
+    return [delta.ModuleDelta(name=r["name"], layer=r["layer"], module_type=r["module_type"], depth=r["depth"],
+                              B=torch.from_numpy(r["B"]), A=torch.from_numpy(r["A"]), scaling=r["scaling"],
+                              W=torch.empty(0), adapter=r["adapter"], fan_in_fan_out=r["fan_in_fan_out"],
+                              dora=r["dora"], _svd=tuple(torch.from_numpy(x) for x in r["svd"]))
+            for r in records]
+
+
+_BASE: dict = {}
+"""The zoo base this process loaded last (one at a time): the seeds of a family load it once."""
+
+
+def _zoo_base(family: str, size: str, world: World, cache, device: str) -> Pretrained:
+    key = (family, size, world.fingerprint(), str(cache), device)
+    if key not in _BASE:
+        _BASE.clear()
+        _BASE[key] = get_pretrained(family, size, world=world, cache=cache, device=device)
+    return _BASE[key]
+
+
+def _study_run(family: str, base, seed: int, task: Task, spec: LoraSpec, options: dict) -> dict:
+    """One run of :func:`run_study` (one base × one seed), in this process or in a worker (:mod:`lora_lens.workers`).
+
+    Args:
+        family: The base's label (the ``family`` column).
+        base: A real model's name or folder, or ``(family, size, world)`` of a zoo base (from the cache, pretrained
+            when absent; the runs of one base in one process share one load).
+        seed: The adapter seed.
+        task: The task (resolved).
+        spec: The adapter spec.
+        options: ``n_probes, ig_steps, top_tokens, null_samples, shuffled, cache, device`` of :func:`run_study`
+            (the device is the worker's when the pool was given devices: :func:`lora_lens.workers.worker_device`).
+
+    Returns:
+        Plain data: ``family, seed``, ``row`` (the run's row of :attr:`Study.runs` before the cross-run columns),
+        ``energy`` and ``types`` rows, ``tokens``, ``attributions``, and ``modules`` / ``random`` (the trained
+        adapter's and its random twin's factors, for φ between seeds).
+    """
+    o = options
+    cache, device = o["cache"], worker_device(o["device"])
+    if isinstance(base, tuple):
+        base = _zoo_base(*base, cache=cache, device=device)
+    fit = fit_adapter(base, task, seed=seed, spec=spec, cache=cache, device=device)
+    m = fit.evaluation.metrics
+    row, extra = _measure(fit, fit.task, o["n_probes"], o["ig_steps"], o["top_tokens"], seed, o["null_samples"])
+    row = {"family": family, "seed": seed, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
+           "specificity": m["specificity"], "perplexity_ratio": m["perplexity_ratio"], **row,
+           "train_seconds": fit.train["train_seconds"], "adapter_dir": str(fit.adapter_dir)}
+    summ = extra["summary"]
+    by_layer = delta.energy_by(summ, "layer").dropna(subset=["layer"])
+    energy = [{"family": family, "seed": seed, "layer": int(r.layer), "depth": float(r.depth),
+               "share": float(r.share)} for r in by_layer.itertuples()]
+    g = summ.groupby("shared_type")
+    types = [{"family": family, "seed": seed, "shared_type": t, "energy_share": float(e), "param_share": float(p)}
+             for t, e, p in zip(g.groups, g["energy_share"].sum(), g["params"].sum() / summ["params"].sum())]
+    if o["shuffled"]:
+        sfit = fit_adapter(base, shuffled_task(task, seed=seed), seed=seed, spec=spec, cache=cache, device=device)
+        sstats = weight_stats(delta.summary(delta.lora_modules(sfit.model), intruders=False))
+        row |= {f"shuffled_{k}": sstats[k] for k in SHUFFLED_STATS}
+        row["shuffled_efficacy"] = sfit.evaluation.metrics["efficacy"]
+        del sfit
+    return {"family": family, "seed": seed, "row": row, "energy": energy, "types": types,
+            "tokens": extra["tokens"], "attributions": extra["attributions"],
+            "modules": _records(extra["modules"]), "random": _records(extra["random"])}
+
+
 def run_study(families=None, seeds=3, size: str = "small", world: World | None = None,
               task: str | Path | Task = "fact_edit", task_seed: int = 0, spec: LoraSpec | None = None,
               n_probes: int = 16, ig_steps: int = 16, top_tokens: int = 10, null_samples: int = 32,
-              shuffled: bool = False, cache=None, device: str = "cpu", base_models=None, **spec_overrides) -> Study:
+              shuffled: bool = False, cache=None, device: str = "cpu", base_models=None, workers: int = 1,
+              devices=None, **spec_overrides) -> Study:
     """Train and measure the same adapter on every base × seed (bases and adapters come from the cache).
 
     Args:
@@ -418,6 +502,12 @@ def run_study(families=None, seeds=3, size: str = "small", world: World | None =
             a local folder, ``"smollm2-135m"``; with a task from data). Real bases are loaded once first: the task
             is checked against each tokenizer before anything trains. Input attributions are compared only between
             bases that read the probes as the same tokens (:attr:`Study.tokenizers`).
+        workers: Processes the runs (base × seed) are spread over (:func:`lora_lens.workers.run_jobs`): 1 runs them
+            here one after another; N > 1 pretrains every zoo base here first, then runs N at once, each worker
+            with CPUs // N threads and its own copy of a base (N times the memory). The numbers are the same as
+            with 1 (every run is seeded) up to float rounding of other thread counts.
+        devices: With ``workers > 1``, torch devices the workers take in turn (e.g. ``["cuda:0", "cuda:1"]``);
+            default every run on ``device``.
         **spec_overrides: :class:`LoraSpec` fields (``rank``, ``steps`` …).
 
     Returns:
@@ -426,7 +516,8 @@ def run_study(families=None, seeds=3, size: str = "small", world: World | None =
     Raises:
         ConfigError: Unknown family or size, both ``families`` and ``base_models``, a zoo task for a real base or a
             task from data for a zoo family, a task with problems for a base's tokenizer, fewer than two seeds, a
-            bad spec or count — all before any training.
+            bad spec or count, bad ``workers`` or ``devices`` — all before any training.
+        WorkerError: With ``workers > 1``, a run failed in its worker (named, with the worker's traceback).
         NotFoundError: A base or task file that does not exist.
     """
     t0 = time.perf_counter()
@@ -436,45 +527,36 @@ def run_study(families=None, seeds=3, size: str = "small", world: World | None =
         check_positive(name, value)
     if not isinstance(shuffled, bool):
         raise ConfigError(f"shuffled={shuffled!r} must be True or False (train a shuffled-answers adapter per run)")
+    check_workers(workers)
+    check_devices(devices)
     bases, task, world = _resolve_bases(families, base_models, task, world, task_seed, size)
     spec = check_spec(spec) if spec is not None else default_spec(spec_kind(task), **spec_overrides)
     facts = {label: (_check_real_base(source, task, n_probes, device) if not is_zoo else
                      {"architecture": source, "shape": stable_hash([source, size]), "tokens": "world"})
              for label, source, is_zoo in bases}
+    options = {"n_probes": n_probes, "ig_steps": ig_steps, "top_tokens": top_tokens, "null_samples": null_samples,
+               "shuffled": shuffled, "cache": cache, "device": device}
+    if workers > 1:     # every zoo base pretrained here once (on all CPUs); the workers load it from the cache
+        for _, source, is_zoo in bases:
+            if is_zoo:
+                get_pretrained(source, size, world=world, cache=cache, device=device)
+    jobs = [(family, (source, size, world) if is_zoo else source, seed, task, spec, options)
+            for family, source, is_zoo in bases for seed in seeds]
+    try:
+        results = run_jobs(_study_run, jobs, workers=workers, devices=devices, desc="runs")
+    finally:
+        _BASE.clear()
     rows, energy, types, phis, tokens, attrs = [], [], [], [], {}, {}
-    bar = progress_bar(total=len(bases) * len(seeds), desc="runs")
-    for family, source, is_zoo in bases:
-        pre = get_pretrained(source, size, world=world, cache=cache, device=device) if is_zoo else source
+    for family, _, _ in bases:
         mods, random = {}, {}
-        for seed in seeds:
-            fit = fit_adapter(pre, task, seed=seed, spec=spec, cache=cache, device=device)
-            m = fit.evaluation.metrics
-            row, extra = _measure(fit, fit.task, n_probes, ig_steps, top_tokens, seed, null_samples)
-            rows.append({"family": family, "seed": seed, "efficacy": m["efficacy"], "paraphrase": m["paraphrase"],
-                         "specificity": m["specificity"], "perplexity_ratio": m["perplexity_ratio"], **row,
-                         "train_seconds": fit.train["train_seconds"], "adapter_dir": str(fit.adapter_dir)})
-            summ = extra["summary"]
-            by_layer = delta.energy_by(summ, "layer").dropna(subset=["layer"])
-            energy += [{"family": family, "seed": seed, "layer": int(r.layer), "depth": float(r.depth),
-                        "share": float(r.share)} for r in by_layer.itertuples()]
-            g = summ.groupby("shared_type")
-            types += [{"family": family, "seed": seed, "shared_type": t, "energy_share": float(e),
-                       "param_share": float(p)} for t, e, p in zip(g.groups, g["energy_share"].sum(),
-                                                                   g["params"].sum() / summ["params"].sum())]
-            if shuffled:
-                sfit = fit_adapter(pre, shuffled_task(task, seed=seed), seed=seed, spec=spec, cache=cache,
-                                   device=device)
-                sstats = weight_stats(delta.summary(delta.lora_modules(sfit.model), intruders=False))
-                rows[-1] |= {f"shuffled_{k}": sstats[k] for k in SHUFFLED_STATS}
-                rows[-1]["shuffled_efficacy"] = sfit.evaluation.metrics["efficacy"]
-                del sfit
-            tokens[(family, seed)] = extra["tokens"]
-            attrs[(family, seed)] = extra["attributions"]
-            mods[seed], random[seed] = extra["modules"], extra["random"]
-            del fit
-            bar.update()
+        for r in (r for r in results if r["family"] == family):
+            rows.append(r["row"])
+            energy += r["energy"]
+            types += r["types"]
+            tokens[(family, r["seed"])] = r["tokens"]
+            attrs[(family, r["seed"])] = r["attributions"]
+            mods[r["seed"]], random[r["seed"]] = _deltas(r["modules"]), _deltas(r["random"])
         phis += _phi_rows(family, mods, random)
-    bar.close()
     runs = pd.DataFrame(rows)
     phi = pd.DataFrame(phis)
     token_keys = {label: f["tokens"] for label, f in facts.items()}

@@ -12,6 +12,7 @@ condition's mean φ(1, 1) over the adapted modules (with its 95 % bootstrap inte
 Seeds follow notebook 02 (:func:`lora_lens.lab.study.seed_list`): on the zoo seed s is the world's, the base's
 pretraining and the adapter's seed; on your own model (``base_model``) only the adapter's. Adapters come from the
 adapter cache (:func:`lora_lens.lab.study.fit_adapter`), so the default condition reuses notebook 02's own.
+``workers=N`` trains N (condition, seed) pairs at once in worker processes (:func:`lora_lens.workers.run_jobs`).
 
 Example:
     >>> df = rank_phi_sweep({"default": {}, "4x steps": {"steps": 800}}, seeds=[0, 1, 2])   # doctest: +SKIP
@@ -33,6 +34,7 @@ from lora_lens.lab.world import make_task, make_world
 from lora_lens.lab.zoo import SIZES, get_pretrained
 from lora_lens.lens import delta
 from lora_lens.stats import over_seeds
+from lora_lens.workers import check_devices, check_workers, run_jobs, worker_device
 
 __all__ = ["CONDITION_KEYS", "DEFAULT_CONDITIONS", "FULL_CONDITIONS", "plot_rank_phi", "rank_phi_sweep",
            "shared_conditions", "sweep_records"]
@@ -83,10 +85,39 @@ def _label(c: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items()) or "default"
 
 
+def _pair_run(label: str, cond: dict, s: int, base: dict) -> tuple[dict, float]:
+    """One condition × seed of :func:`rank_phi_sweep` (here or in a worker: :mod:`lora_lens.workers`): the two
+    ranks' adapters and their φ; ``(per-seed record, seconds)``."""
+    t0 = time.perf_counter()
+    device, cache = worker_device(base["device"]), base["cache"]
+    small_rank, large_rank, n_null = base["small_rank"], base["large_rank"], base["n_null"]
+    spec = {f: v for f, v in cond.items() if f not in ("size", "k")}
+    if base["real"]:
+        pre, task = base["base_model"], base["task_file"]
+    else:
+        pre = get_pretrained(base["family"], cond.get("size", base["size"]),
+                             world=make_world(n_entities=base["n_entities"], seed=s), seed=s, device=device,
+                             cache=cache)
+        task = make_task(pre.world, "fact_edit", seed=s, **({"k": cond["k"]} if "k" in cond else {}))
+    fits = {r: fit_adapter(pre, task, seed=s, rank=r, device=device, cache=cache, **spec)
+            for r in dict.fromkeys((small_rank, large_rank))}
+    m1, m2 = (delta.lora_modules(fits[r].model) for r in (small_rank, large_rank))
+    null = delta.random_phi(m1, m2, 1, 1, n_samples=n_null, seed=1000 * s)
+    record = {
+        "condition": label, "seed": s,
+        "phi": float(delta.phi_table(m1, m2, 1, 1)["phi"].mean()),
+        "phi_left": float(delta.phi_table(m1, m2, 1, 1, side="left")["phi"].mean()),
+        "null": float(null.mean()), "null_high": float(np.quantile(null, 0.975)),
+        "null_left": float(delta.random_phi(m1, m2, 1, 1, side="left", n_samples=n_null, seed=1000 * s).mean()),
+        "efficacy_small": fits[small_rank].evaluation.metrics.get("efficacy"),
+        "efficacy_large": fits[large_rank].evaluation.metrics.get("efficacy")}
+    return record, time.perf_counter() - t0
+
+
 def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size: str = "small",
                    n_entities: int = 200, small_rank: int = 8, large_rank: int = 64, base_model: str = "",
                    task_file: str = "", n_null: int = 16, device: str = "cpu", cache=None,
-                   log=None) -> pd.DataFrame:
+                   log=None, workers: int = 1, devices=None) -> pd.DataFrame:
     """φ(1, 1) between a rank-``small_rank`` and a rank-``large_rank`` adapter under each condition, over seeds.
 
     Args:
@@ -101,7 +132,11 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
         n_null: Random adapter pairs per seed for the null (:func:`lora_lens.lens.delta.random_phi`).
         device: Torch device.
         cache: Cache root (default: the shared one).
-        log: Optional callable receiving one line per trained pair (progress).
+        log: Optional callable receiving one line per trained pair (progress; as pairs finish).
+        workers: Processes the (condition, seed) pairs are spread over (:func:`lora_lens.workers.run_jobs`): 1
+            trains them here one after another; N > 1 pretrains every zoo base here first, then trains N pairs at
+            once (CPUs // N threads each, N copies of a base in memory). The same numbers either way (seeded).
+        devices: With ``workers > 1``, torch devices the workers take in turn (e.g. ``["cuda:0", "cuda:1"]``).
 
     Returns:
         One row per condition: ``condition`` (its label), the condition's fields, ``n_seeds``; ``phi`` (mean over
@@ -109,13 +144,18 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
         ``phi_ci_high`` (95 % bootstrap interval), ``phi_values`` (per seed); ``phi_left`` and its interval (output
         side); ``null`` (mean of the random pairs, input side), ``null_high`` (their 97.5 % quantile), ``null_left``;
         ``ratio`` = phi / null; ``efficacy_small``, ``efficacy_large`` (mean efficacy of the two ranks, so a
-        condition that did not learn the task shows); ``seconds``. ``df.attrs["per_seed"]`` holds one dict per
-        condition and seed (a list, so that ``pd.concat`` of two sweeps works).
+        condition that did not learn the task shows); ``seconds`` (spent on the condition's pairs, summed).
+        ``df.attrs["per_seed"]`` holds one dict per condition and seed (a list, so that ``pd.concat`` of two sweeps
+        works).
 
     Raises:
-        ConfigError: Bad conditions, seeds, ranks or ``n_null`` (before anything is trained).
+        ConfigError: Bad conditions, seeds, ranks, ``n_null``, ``workers`` or ``devices`` (before anything is
+            trained).
+        WorkerError: With ``workers > 1``, a pair failed in its worker (named, with the worker's traceback).
     """
     real = bool(base_model)
+    check_workers(workers)
+    check_devices(devices)
     conditions = _check_conditions(DEFAULT_CONDITIONS if conditions is None else conditions, real)
     seeds = list(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
@@ -127,33 +167,23 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
         raise ConfigError(f"small_rank={small_rank} > large_rank={large_rank}: pass the smaller rank first")
     if real and not task_file:
         raise ConfigError("base_model is given without task_file: pass the JSONL task both adapters are trained on")
-    rows, per_seed = [], []
+    base = {"real": real, "base_model": base_model, "task_file": task_file, "family": family, "size": size,
+            "n_entities": n_entities, "small_rank": small_rank, "large_rank": large_rank, "n_null": n_null,
+            "device": device, "cache": cache}
+    jobs = [(label, cond, s, base) for label, cond in conditions.items() for s in seeds]
+    if workers > 1 and not real:   # every zoo base pretrained here once, before the workers load it from the cache
+        for zoo_size, s in dict.fromkeys((cond.get("size", size), s) for _, cond, s, _ in jobs):
+            get_pretrained(family, zoo_size, world=make_world(n_entities=n_entities, seed=s), seed=s, device=device,
+                           cache=cache)
+
+    def logged(i, result):
+        if log is not None:
+            p = result[0]
+            log(f"{p['condition']} seed {p['seed']}: φ(1,1) {p['phi']:.3f} (null {p['null']:.4f})")
+
+    results = run_jobs(_pair_run, jobs, workers=workers, devices=devices, desc="rank pairs", on_done=logged)
+    rows, per_seed = [], [p for p, _ in results]
     for label, cond in conditions.items():
-        spec = {f: v for f, v in cond.items() if f not in ("size", "k")}
-        t0 = time.perf_counter()
-        for s in seeds:
-            if real:
-                base, task = base_model, task_file
-            else:
-                base = get_pretrained(family, cond.get("size", size), world=make_world(n_entities=n_entities, seed=s),
-                                      seed=s, device=device, cache=cache)
-                task = make_task(base.world, "fact_edit", seed=s, **({"k": cond["k"]} if "k" in cond else {}))
-            fits = {r: fit_adapter(base, task, seed=s, rank=r, device=device, cache=cache, **spec)
-                    for r in dict.fromkeys((small_rank, large_rank))}
-            m1, m2 = (delta.lora_modules(fits[r].model) for r in (small_rank, large_rank))
-            null = delta.random_phi(m1, m2, 1, 1, n_samples=n_null, seed=1000 * s)
-            per_seed.append({
-                "condition": label, "seed": s,
-                "phi": float(delta.phi_table(m1, m2, 1, 1)["phi"].mean()),
-                "phi_left": float(delta.phi_table(m1, m2, 1, 1, side="left")["phi"].mean()),
-                "null": float(null.mean()), "null_high": float(np.quantile(null, 0.975)),
-                "null_left": float(delta.random_phi(m1, m2, 1, 1, side="left", n_samples=n_null,
-                                                    seed=1000 * s).mean()),
-                "efficacy_small": fits[small_rank].evaluation.metrics.get("efficacy"),
-                "efficacy_large": fits[large_rank].evaluation.metrics.get("efficacy")})
-            if log is not None:
-                log(f"{label} seed {s}: φ(1,1) {per_seed[-1]['phi']:.3f} (null {per_seed[-1]['null']:.4f})")
-            del fits, m1, m2
         ps = [p for p in per_seed if p["condition"] == label]
         phi, left = over_seeds([p["phi"] for p in ps]), over_seeds([p["phi_left"] for p in ps])
         null = float(np.mean([p["null"] for p in ps]))
@@ -165,7 +195,7 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
                      "phi_left_ci_high": left["ci_high"], "null": null,
                      "null_high": float(np.max([p["null_high"] for p in ps])),
                      "null_left": float(np.mean([p["null_left"] for p in ps])), "ratio": phi["mean"] / null,
-                     **eff, "seconds": time.perf_counter() - t0})
+                     **eff, "seconds": float(sum(t for p, t in results if p["condition"] == label))})
     df = pd.DataFrame(rows)
     for f in CONDITION_KEYS:                                   # unset fields stay None (not NaN)
         df[f] = pd.Series([r[f] for r in rows], dtype=object)

@@ -10,7 +10,7 @@ run at once (jupyter_client gives each kernel free ports). A notebook starts whe
 (:func:`~lora_lens.workshop.series.dependencies`) has finished ``ok``; ties go to the lower prefix, so ``jobs=1``
 runs the series in prefix order. After the first failure no new notebook starts; those already running finish.
 With ``jobs > 1`` each kernel gets ``OMP_NUM_THREADS = CPUs // jobs`` (at least 1) unless ``$OMP_NUM_THREADS`` is
-set, so that parallel notebooks do not oversubscribe the CPUs.
+set, so that parallel notebooks do not oversubscribe the CPUs (:func:`lora_lens.workers.thread_env`).
 
 ``<run>/run.json`` (written atomically after every change) records per notebook: status, wall seconds, peak RSS of
 its kernel (``max_rss_mb``, from ``getrusage(RUSAGE_CHILDREN)`` of its worker), parameters and ``inputs_hash``
@@ -49,13 +49,13 @@ from typing import Any, Iterable, Mapping
 import nbformat
 
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
+from lora_lens.workers import thread_env
 from lora_lens.workshop import presets, progress
 from lora_lens.workshop.execution import poll_shell_in_slices
 from lora_lens.workshop.series import (RESERVED, Notebook, declared_needs, declared_parameters, default_notebooks_dir,
                                        dependencies, discover, inputs_hash, plan, select)
 
-__all__ = ["DEFAULT_JOBS", "ENV_VARS", "INLINE_BACKEND", "NotebookFailed", "load_run", "run_series",
-           "thread_env"]
+__all__ = ["DEFAULT_JOBS", "ENV_VARS", "INLINE_BACKEND", "NotebookFailed", "load_run", "run_series"]
 
 ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS", "LORA_LENS_LEDGER")
 """The run context every kernel gets (the ledger path too: each preset records into its own ledger)."""
@@ -176,17 +176,6 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)
 """``lora-lens run``'s default ``--jobs``: two notebooks at once where there are two CPUs (each notebook spends
 seconds starting its kernel and importing torch, which the other one's work overlaps)."""
-
-
-def thread_env(jobs: int) -> dict[str, str]:
-    """``OMP_NUM_THREADS`` for the kernels: the CPUs shared out between ``jobs`` notebooks (unless already set).
-
-    Notebooks running at once with torch's default of one thread per CPU each would oversubscribe the CPUs, and
-    spinning threads then slow every notebook down far more than the parallelism gains.
-    """
-    if jobs == 1 or os.environ.get("OMP_NUM_THREADS"):
-        return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
 
 
 @contextlib.contextmanager

@@ -191,3 +191,66 @@ def test_a_zoo_entry_loads_with_the_world_tokenizer(family, tiny_world, tmp_path
     _, loaded = load_model(tmp_path)
     words = " ".join(sorted(tiny_world.values["profession"]))
     assert loaded(words)["input_ids"] == tok(words)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------ several processes
+
+STUDY_TINY = dict(families=["llama"], seeds=2, size="tiny", rank=4, steps=30, n_probes=4, ig_steps=4, top_tokens=5,
+                  null_samples=4)
+
+
+def _numbers(study: compare.Study) -> pd.DataFrame:
+    """The runs table without what differs between two caches and two clocks (folders, seconds)."""
+    return study.runs.drop(columns=["adapter_dir", "train_seconds"])
+
+
+def test_a_study_over_two_workers_gives_the_numbers_of_one(tiny_llama, tiny_world, tmp_path, monkeypatch):
+    """Two caches holding the same tiny base, so that both studies train their adapters (none from the cache); one
+    thread everywhere, so that the float rounding is the same in this process and in the workers (~30 s)."""
+    import shutil
+
+    import torch
+
+    for name in ("one", "two"):
+        shutil.copytree(tiny_llama.path, tmp_path / name / "models" / tiny_llama.path.name)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        two = compare.run_study(world=tiny_world, cache=tmp_path / "two", workers=2, **STUDY_TINY)
+        one = compare.run_study(world=tiny_world, cache=tmp_path / "one", **STUDY_TINY)
+    finally:
+        torch.set_num_threads(threads)
+    assert list((tmp_path / "one" / "adapters").iterdir()) and list((tmp_path / "two" / "adapters").iterdir())
+    a, b = _numbers(two), _numbers(one)
+    assert list(a.columns) == list(b.columns) and a[["family", "seed"]].equals(b[["family", "seed"]])
+    numeric = a.select_dtypes("number").columns
+    np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), rtol=1e-5, atol=1e-7)
+    assert a.drop(columns=numeric).equals(b.drop(columns=numeric))
+    for table in ("energy", "types", "phi"):
+        x, y = getattr(two, table), getattr(one, table)
+        nums = x.select_dtypes("number").columns
+        np.testing.assert_allclose(x[nums].to_numpy(float), y[nums].to_numpy(float), rtol=1e-5, atol=1e-7)
+    assert two.tokens == one.tokens
+
+
+def test_a_study_refuses_bad_workers_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="workers=0"):
+        compare.run_study(cache=tmp_path, workers=0, **STUDY_TINY)
+    with pytest.raises(ConfigError, match="devices='cuda:0'"):
+        compare.run_study(cache=tmp_path, workers=2, devices="cuda:0", **STUDY_TINY)
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_run_sends_back_the_factors_phi_reads_without_the_base_weights(tiny_fit):
+    """What a worker returns for φ: the factors and their SVD as arrays (small), φ unchanged."""
+    from lora_lens.lens import delta
+
+    mods = delta.lora_modules(tiny_fit.model)
+    records = compare._records(mods)
+    assert all(set(r) >= {"B", "A", "svd"} and "W" not in r for r in records)
+    back = compare._deltas(records)
+    assert all(d.W.numel() == 0 for d in back)
+    for side in ("left", "right"):
+        pd.testing.assert_frame_equal(delta.phi_table(back, back, 1, 1, side=side),
+                                      delta.phi_table(mods, mods, 1, 1, side=side))

@@ -85,3 +85,38 @@ def test_two_ranks_differ_and_the_figure_shows_every_condition(same_rank):
     assert ax.get_xlim() == (0, 1) and any("null" in t.get_text() for t in ax.get_legend().get_texts())
     with pytest.raises(ConfigError, match="rank_phi_sweep"):
         rd.plot_rank_phi(same_rank.drop(columns="phi"))
+
+
+def test_two_workers_give_the_sweep_of_one(same_rank, test_cache, tmp_path, monkeypatch):
+    """Both sweeps train their pairs (two caches with the bases of the seeds, no adapters), one thread everywhere:
+    the same φ, nulls and efficacies."""
+    import shutil
+
+    import torch
+
+    for name in ("one", "two"):
+        for entry in (test_cache / "models").glob("llama-tiny-*"):
+            shutil.copytree(entry, tmp_path / name / "models" / entry.name)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    lines = []
+    args = dict(conditions={"30 steps": {"steps": 30}}, small_rank=4, large_rank=8, **TINY)
+    try:
+        two = rd.rank_phi_sweep(**args, cache=tmp_path / "two", workers=2, log=lines.append)
+        one = rd.rank_phi_sweep(**args, cache=tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert list((tmp_path / "two" / "adapters").iterdir()) and sorted(lines)[0].startswith("30 steps seed 0: φ(1,1)")
+    a, b = pd.DataFrame(two.attrs["per_seed"]), pd.DataFrame(one.attrs["per_seed"])
+    assert a[["condition", "seed"]].equals(b[["condition", "seed"]])
+    np.testing.assert_allclose(a.drop(columns=["condition", "seed"]).to_numpy(float),
+                               b.drop(columns=["condition", "seed"]).to_numpy(float), rtol=1e-5, atol=1e-7)
+    cols = ["phi", "phi_ci_low", "phi_ci_high", "phi_left", "null", "ratio", "efficacy_small", "efficacy_large"]
+    np.testing.assert_allclose(two[cols].to_numpy(float), one[cols].to_numpy(float), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_workers_are_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="workers=0"):
+        rd.rank_phi_sweep(None, cache=tmp_path, workers=0, **TINY)
+    assert not (tmp_path / "models").exists()

@@ -12,7 +12,7 @@ from conftest import write_notebook
 from lora_lens import cli
 from lora_lens.errors import ConfigError, LoraLensError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
-from lora_lens.workshop.runner import ENV_VARS, NotebookFailed, run_series, thread_env
+from lora_lens.workshop.runner import ENV_VARS, NotebookFailed, run_series
 from lora_lens.workshop.series import Notebook, declared_parameters, dependencies
 
 RECORD = """\
@@ -295,15 +295,6 @@ def test_cli_runs_two_notebooks_at_once_by_default(tmp_path):
     folder = _stamped(tmp_path / "nbs", ["00", "01"])
     assert cli.main(["run", "--notebooks", str(folder), "--out", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "run.json").read_text())["jobs"] == DEFAULT_JOBS
-
-
-def test_parallel_kernels_share_the_cpus(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert thread_env(1) == {} and thread_env(3) == {"OMP_NUM_THREADS": "2"}
-    assert thread_env(16) == {"OMP_NUM_THREADS": "1"}
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert thread_env(3) == {}  # the user's choice wins
 
 
 def test_needs_all_runs_last_and_needs_are_validated(tmp_path):
