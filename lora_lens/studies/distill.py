@@ -150,8 +150,8 @@ def continue_pretraining(model, tokenizer, corpus: list[str], replay_lines: list
     (each cycled in a seeded shuffled order). The step is :class:`lora_lens.lab.lm_training.LMTrainer`'s (the one
     pretraining uses): AdamW without weight decay, linear warmup over the first 5 % of the steps, then constant.
     Each line ends with the eos only where :func:`appends_eos` says so (never a chat delimiter after plain text).
-    The reference's logits of a ``kl`` replay line are computed once, the first time the line is drawn, and reused
-    each time it comes round again (``LMTrainer(cache_reference=True)``: the reference is frozen); a ``teacher``
+    The reference's log-probabilities of a ``kl`` replay line are computed once, the first time the line is drawn,
+    and reused (in float16) each time it comes round again (``LMTrainer(cache_reference=True)``); a ``teacher``
     line's targets likewise once, before the first step.
 
     Args:
