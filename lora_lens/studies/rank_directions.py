@@ -85,6 +85,13 @@ def _label(c: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items()) or "default"
 
 
+def _zoo_base(base: dict, cond: dict, s: int, device: str):
+    """The zoo base of one condition × seed of :func:`rank_phi_sweep` (from the cache; pretrained when absent)."""
+    return get_pretrained(base["family"], cond.get("size", base["size"]),
+                          world=make_world(n_entities=base["n_entities"], seed=s), seed=s, device=device,
+                          cache=base["cache"])
+
+
 def _pair_run(label: str, cond: dict, s: int, base: dict) -> tuple[dict, float]:
     """One condition × seed of :func:`rank_phi_sweep` (here or in a worker: :mod:`lora_lens.workers`): the two
     ranks' adapters and their φ; ``(per-seed record, seconds)``."""
@@ -95,9 +102,7 @@ def _pair_run(label: str, cond: dict, s: int, base: dict) -> tuple[dict, float]:
     if base["real"]:
         pre, task = base["base_model"], base["task_file"]
     else:
-        pre = get_pretrained(base["family"], cond.get("size", base["size"]),
-                             world=make_world(n_entities=base["n_entities"], seed=s), seed=s, device=device,
-                             cache=cache)
+        pre = _zoo_base(base, cond, s, device)
         task = make_task(pre.world, "fact_edit", seed=s, **({"k": cond["k"]} if "k" in cond else {}))
     fits = {r: fit_adapter(pre, task, seed=s, rank=r, device=device, cache=cache, **spec)
             for r in dict.fromkeys((small_rank, large_rank))}
@@ -172,9 +177,8 @@ def rank_phi_sweep(conditions=None, seeds=(0, 1, 2), family: str = "llama", size
             "device": device, "cache": cache}
     jobs = [(label, cond, s, base) for label, cond in conditions.items() for s in seeds]
     if workers > 1 and not real:   # every zoo base pretrained here once, before the workers load it from the cache
-        for zoo_size, s in dict.fromkeys((cond.get("size", size), s) for _, cond, s, _ in jobs):
-            get_pretrained(family, zoo_size, world=make_world(n_entities=n_entities, seed=s), seed=s, device=device,
-                           cache=cache)
+        for cond, s in {(cond.get("size", size), s): (cond, s) for _, cond, s, _ in jobs}.values():
+            _zoo_base(base, cond, s, device)
 
     def logged(i, result):
         if log is not None:
