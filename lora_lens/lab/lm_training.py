@@ -22,8 +22,9 @@ import torch
 
 from lora_lens.errors import ConfigError, TrainingError
 from lora_lens.lab import parallel
+from lora_lens.lab.batching import length_groups, padded_chunks
 
-__all__ = ["CACHE_DTYPE", "SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference", "length_groups", "line_ids",
+__all__ = ["CACHE_DTYPE", "SCHEDULES", "LMTrainer", "LineCycle", "kl_to_reference", "line_ids",
            "teacher_targets"]
 
 CACHE_DTYPE = torch.float16
@@ -137,18 +138,25 @@ class LMTrainer:
             per forward and backward pass, their gradients summed (the same loss and gradient up to float rounding):
             the activations and full-vocabulary logits of only ``max_rows`` lines are held at a time. None: the
             whole batch (or its :func:`length_groups`) in one pass.
+        max_tokens: Where a step has ``kl_lines``, ``skip`` or ``targets`` (one process), at most this many padded
+            tokens per pass (rows sorted by length, :func:`lora_lens.lab.batching.padded_chunks`; a longer line
+            gets a pass of its own), with ``max_rows`` or alone: the activations and ``tokens × vocab`` logits a pass
+            holds, whatever the lines' lengths (SmolLM2-135M, a 49k vocabulary: about 3 MB per padded token while
+            the step's backward runs). None: no token budget.
     """
 
     def __init__(self, model, tokenizer, lr: float, steps: int, weight_decay: float = 0.0,
                  schedule: str = "constant", guard: str | None = None, eos: bool = True, reference=None,
                  trainable=None, bucket: bool = False, fused: bool = False, cache_reference: bool = False,
-                 reuse_grads: bool = False, max_rows: int | None = None):
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-            raise ConfigError(f"max_rows={max_rows!r} must be a positive integer (lines per pass) or None")
+                 reuse_grads: bool = False, max_rows: int | None = None, max_tokens: int | None = None):
+        for name, value, what in (("max_rows", max_rows, "lines"), ("max_tokens", max_tokens, "padded tokens")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r} must be a positive integer ({what} per pass) or None")
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
         self.model, self.tokenizer, self.lr, self.guard, self.eos = model, tokenizer, lr, guard, eos
-        self.reference, self.bucket, self.reuse_grads, self.max_rows = reference, bucket, reuse_grads, max_rows
+        self.reference, self.bucket, self.reuse_grads = reference, bucket, reuse_grads
+        self.max_rows, self.max_tokens = max_rows, max_tokens
         self.device = next(model.parameters()).device
         named = dict(model.named_parameters())
         if trainable is not None:
@@ -217,7 +225,7 @@ class LMTrainer:
         first = [max(int(k), 1) - 1 for k in skip] if skip is not None else [0] * n
         first += [0] * len(kl_lines)
         mine = self._shared_rows(len(all_ids)) if shared else list(range(len(all_ids)))
-        if self.max_rows is not None and not shared:
+        if (self.max_rows is not None or self.max_tokens is not None) and not shared:
             return self._chunked(all_ids, mine, first, n, lines, targets), tokens
         total, count = None, 0
         for group in length_groups([len(all_ids[i]) for i in mine], self.bucket):
@@ -235,14 +243,15 @@ class LMTrainer:
         return loss.detach(), tokens
 
     def _chunked(self, all_ids, rows, first, n, lines, targets) -> torch.Tensor:
-        """The step in passes of at most :attr:`max_rows` lines (within :func:`length_groups`), each pass's
-        backward run before the next forward, the update after the last; returns the batch loss."""
+        """The step in passes of at most :attr:`max_rows` lines and :attr:`max_tokens` padded tokens (within
+        :func:`length_groups`, rows sorted by length), each pass's backward run before the next forward, the update
+        after the last; returns the batch loss."""
         count = max(sum(max(len(all_ids[i]) - 1 - first[i], 0) for i in rows), 1)  # the scored positions
         total = None
         for group in length_groups([len(all_ids[i]) for i in rows], self.bucket):
-            group = [rows[g] for g in group]
-            for k in range(0, len(group), self.max_rows):
-                part, _ = self._summed(all_ids, group[k:k + self.max_rows], first, n, lines, targets)
+            group = sorted((rows[g] for g in group), key=lambda i: len(all_ids[i]))
+            for a, e in padded_chunks([len(all_ids[i]) for i in group], self.max_rows or len(group), self.max_tokens):
+                part, _ = self._summed(all_ids, group[a:e], first, n, lines, targets)
                 (part / count).backward()
                 total = part.detach() if total is None else total + part.detach()
         loss = total / count
@@ -338,21 +347,3 @@ class LMTrainer:
                                   "set tokenizer.padding_side = 'right', or LMTrainer(cache_reference=False)")
             parts.append(cached)
         return torch.cat(parts)
-
-
-def length_groups(lengths: list[int], bucket: bool = True) -> list[list[int]]:
-    """The rows of a batch in one or two padded forward passes: all rows in their order, or (``bucket``, when it
-    pads at least a quarter fewer tokens) the shorter and the longer rows apart, split where the padded size is
-    smallest (a few long replay lines among short ones need not pad every short line to their length)."""
-    everything = list(range(len(lengths)))
-    if not bucket or len(lengths) < 2:
-        return [everything]
-    order = sorted(everything, key=lambda i: lengths[i])
-    best, cut = len(order) * lengths[order[-1]], None
-    for k in range(1, len(order)):
-        cost = k * lengths[order[k - 1]] + (len(order) - k) * lengths[order[-1]]
-        if cost < best:
-            best, cut = cost, k
-    if cut is None or best > 0.75 * len(order) * lengths[order[-1]]:  # an extra pass for less than a quarter: no
-        return [everything]
-    return [sorted(order[:cut]), sorted(order[cut:])]

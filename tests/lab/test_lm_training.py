@@ -10,7 +10,8 @@ import torch
 
 from conftest import assert_same_float
 from lora_lens.errors import ConfigError
-from lora_lens.lab.lm_training import (CACHE_DTYPE, LineCycle, LMTrainer, kl_to_reference, length_groups, line_ids,
+from lora_lens.lab.batching import length_groups, padded_chunks
+from lora_lens.lab.lm_training import (CACHE_DTYPE, LineCycle, LMTrainer, kl_to_reference, line_ids,
                                        teacher_targets)
 
 LINES = ["Kutar lives in Kozadun .", "The home town of Kutar is Kozadun ."]
@@ -197,15 +198,38 @@ def test_passes_of_a_few_rows_give_the_same_loss_and_update(fresh_tiny, tiny_wor
     reference = _nudged(fresh_tiny()[0], seed=1)
     replay = LineCycle(tiny_world.corpus(), random.Random(4)).take(4) + [" ".join(tiny_world.general_train[:2])]
     runs = []
-    for max_rows in (None, 2, 1):
+    widest = []
+    for max_rows, max_tokens in ((None, None), (2, None), (1, None), (None, 24), (3, 40)):
         model, _ = fresh_tiny()
-        trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference, bucket=True, max_rows=max_rows)
+        trainer = LMTrainer(model, tok, lr=1e-3, steps=10, reference=reference, bucket=True, max_rows=max_rows,
+                            max_tokens=max_tokens)
+        passes = []
+        summed = trainer._summed
+        trainer._summed = lambda all_ids, rows, *a: passes.append([len(all_ids[i]) for i in rows]) or summed(
+            all_ids, rows, *a)
         model.train()
         losses = [trainer.step(LINES, replay, skip=[3, 2])[0].item() for _ in range(2)]
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+        assert len(passes) >= 2 * (max_rows is not None or max_tokens is not None)  # the unbudgeted step: none
+        for lengths in passes:
+            assert len(lengths) <= (max_rows or len(lengths))
+            assert len(lengths) == 1 or len(lengths) * max(lengths) <= (max_tokens or len(lengths) * max(lengths))
+        widest.append(max((len(x) * max(x) for x in passes), default=None))
+    assert widest[3] <= 24 < max(len(line_ids(tok, [x])[0]) for x in LINES + replay) * 2  # the budget binds
     for losses, weights in runs[1:]:
         for a, b in zip(runs[0][0], losses):
             assert_same_float(a, b, ulps=4096)
         assert max(float((w - v).abs().max()) for w, v in zip(runs[0][1], weights)) < 1e-5
     with pytest.raises(ConfigError, match="max_rows=0"):
         LMTrainer(fresh_tiny()[0], tok, lr=1e-3, steps=10, max_rows=0)
+    with pytest.raises(ConfigError, match=r"max_tokens=True .*padded tokens per pass"):
+        LMTrainer(fresh_tiny()[0], tok, lr=1e-3, steps=10, max_tokens=True)
+
+
+def test_padded_chunks_keep_each_pass_under_its_budgets():
+    assert list(padded_chunks([3, 4, 5, 9], max_rows=4)) == [(0, 4)]
+    assert list(padded_chunks([3, 4, 5, 9], max_rows=2)) == [(0, 2), (2, 4)]
+    assert list(padded_chunks([3, 4, 5, 9], max_rows=4, max_tokens=15)) == [(0, 3), (3, 4)]  # 3 × 5, then 9 alone
+    assert list(padded_chunks([20, 30], max_rows=4, max_tokens=8)) == [(0, 1), (1, 2)]  # a longer row: a pass alone
+    assert list(padded_chunks([2, 2, 3, 3], max_rows=4, key=[0, 0, 1, 1])) == [(0, 2), (2, 4)]
+    assert list(padded_chunks([1, 8], max_rows=4, fill=0.9)) == [(0, 1), (1, 2)]  # 9 real of 16 padded: apart

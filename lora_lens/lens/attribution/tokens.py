@@ -25,6 +25,7 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 
 from lora_lens.errors import ConfigError, MismatchError
 from lora_lens.lab.answers import AnswerIds, answer_ids, score_ids, token_texts
+from lora_lens.lab.batching import padded_chunks
 from lora_lens.lab.decoding import cache_argument, returned_cache
 from lora_lens.lab.pair import adapter_states, check_peft, frozen, logits_where, model_device, pad_ids, pad_token_id
 
@@ -474,25 +475,6 @@ PAD_FILL = 0.9
 position, are not split by it: smaller batches cost it more than the padding)."""
 
 
-def _chunks(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None, key: Sequence | None = None,
-            fill: float = 0.0) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` ranges over items sorted by length (and ``key``): each at most ``max_rows`` items, at most
-    ``max_tokens`` padded tokens, at least a share ``fill`` of them real, one ``key`` value per range."""
-    start, n = 0, len(lengths)
-    while start < n:
-        end, real, width = start + 1, lengths[start], lengths[start]
-        while end < n and end - start < max_rows and (key is None or key[end] == key[start]):
-            width = max(width, lengths[end])
-            if max_tokens is not None and (end - start + 1) * width > max_tokens:
-                break
-            if real + lengths[end] < fill * (end - start + 1) * width:
-                break
-            real += lengths[end]
-            end += 1
-        yield start, end
-        start = end
-
-
 def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """For every row and reference: the explained output (``log p`` or ``p`` of the whole answer) intact minus with
     one token replaced by the reference's token there (positions where they agree need no forward pass and add 0),
@@ -524,7 +506,7 @@ def _batched_ablation(model, tokenizer, rows: list[_Row], batch_size: int) -> tu
             jobs = [(b, i, k, j, ref[j]) for b, i in enumerate(block) for ref in rows[i].refs
                     for k, j in enumerate(rows[i].positions) if ref[j] != rows[i].ids[j]]
             jobs.sort(key=lambda x: (x[3], len(seqs[x[1]])))
-            for a, e in _chunks([len(seqs[x[1]]) - x[3] for x in jobs], batch_size, key=[x[3] for x in jobs]):
+            for a, e in padded_chunks([len(seqs[x[1]]) - x[3] for x in jobs], batch_size, key=[x[3] for x in jobs]):
                 chunk, j = jobs[a:e], jobs[a][3]
                 suffix = [[x[4]] + seqs[x[1]][j + 1:] for x in chunk]
                 sids, smask, _ = pad_ids(suffix, pad, dev)
@@ -570,7 +552,7 @@ def _batched_ig(model, tokenizer, rows: list[_Row], n_steps: int, ig_method: str
     total = torch.zeros_like(E)
     by_length = sorted(range(len(owner)), key=lambda i: int(last[i]))
     pairs = [(i, k) for i in by_length for k in range(n_steps)]
-    for a, e in _chunks([int(last[i]) + 1 for i, _ in pairs], batch_size, IG_TOKENS, fill=PAD_FILL):
+    for a, e in padded_chunks([int(last[i]) + 1 for i, _ in pairs], batch_size, IG_TOKENS, fill=PAD_FILL):
         chunk = pairs[a:e]
         pi = torch.tensor([i for i, _ in chunk], device=dev)
         ki = torch.tensor([k for _, k in chunk])
