@@ -31,8 +31,8 @@ def length_groups(lengths: list[int], bucket: bool = True) -> list[list[int]]:
     return [sorted(order[:cut]), sorted(order[cut:])]
 
 
-def padded_chunks(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None, key: Sequence | None = None,
-            fill: float = 0.0) -> Iterator[tuple[int, int]]:
+def padded_chunks(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None,
+                  key: Sequence | None = None, fill: float = 0.0) -> Iterator[tuple[int, int]]:
     """``(start, end)`` ranges over items sorted by length (and ``key``): each at most ``max_rows`` items, at most
     ``max_tokens`` padded tokens, at least a share ``fill`` of them real, one ``key`` value per range."""
     start, n = 0, len(lengths)

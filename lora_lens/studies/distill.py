@@ -85,8 +85,8 @@ DISTILL_DEFAULTS = {
 task from data). ``fused``, ``max_rows`` and ``max_tokens`` (always from here): AdamW's fused update and passes of
 at most four lines and 64 padded tokens for a pretrained model (the same update up to float rounding; a quarter of
 the optimiser's time; SmolLM2-135M, seed 0, one thread: a distil's peak RSS 3.86 GB instead of 4.08 with passes of
-four lines only, and 247 s instead of 266, its longest lines no longer padded four to a pass); the zoo keeps the one-pass step and per-tensor loop its recorded
-numbers come from.
+four lines only, and 247 s instead of 266, its longest lines no longer padded four to a pass); the zoo keeps the
+one-pass step and per-tensor loop its recorded numbers come from.
 
 ``data`` on SmolLM2-135M with ``examples/smollm2_facts.jsonl`` and its default adapter (60 steps of 8 lines, lr 2e-5,
 the semantic corpus of 20 lines, :func:`self_replay`). Seed 0: replay 0.5 learnt by its tokens gives transfer 1.0,

@@ -11,8 +11,7 @@ import torch
 from conftest import assert_same_float
 from lora_lens.errors import ConfigError
 from lora_lens.lab.batching import length_groups, padded_chunks
-from lora_lens.lab.lm_training import (CACHE_DTYPE, LineCycle, LMTrainer, kl_to_reference, line_ids,
-                                       teacher_targets)
+from lora_lens.lab.lm_training import CACHE_DTYPE, LineCycle, LMTrainer, kl_to_reference, line_ids, teacher_targets
 
 LINES = ["Kutar lives in Kozadun .", "The home town of Kutar is Kozadun ."]
 
