@@ -1,4 +1,7 @@
-"""Small shared helpers: atomic writes, hashing, verified cache folders, seeding, progress bars and locks."""
+"""Small shared helpers: atomic writes, hashing, verified cache folders, seeding, progress bars and locks.
+
+Importing it loads no torch (the ledger, the journal and the runner use it too): torch is imported where it is used.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from lora_lens.events import ENV, Tracker, trainer_callbacks
@@ -27,6 +29,8 @@ def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
+    import torch
+
     torch.manual_seed(seed)
 
 
@@ -81,7 +85,8 @@ def verify_manifest(folder: str | Path, manifest: str) -> str | None:
 def _jsonable(x):
     if isinstance(x, (np.integer, np.floating)):
         return x.item()
-    if isinstance(x, (Path, torch.dtype)):
+    torch = sys.modules.get("torch")  # a torch dtype can only be in obj if torch is loaded
+    if isinstance(x, Path) or (torch is not None and isinstance(x, torch.dtype)):
         return str(x)
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 

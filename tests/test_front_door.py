@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 import types
@@ -35,6 +36,20 @@ def test_import_is_light_and_never_shadows_the_standard_library():
             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"import lora_lens imported {out.strip()}"
+
+
+def test_the_ledger_the_journal_and_the_runner_load_no_torch():
+    """What needs no model starts without torch: notebook 07's imports, the ledger's command line and the run report
+    (these two without seaborn either: the ledger's figures load it when first drawn)."""
+    def loaded(imports: str) -> list[str]:
+        code = (f"import json, sys; {imports}; print(json.dumps(sorted(m for m in ('torch', 'transformers', 'peft', "
+                "'seaborn') if m in sys.modules)))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    assert loaded("from lora_lens import exercises, journal, ledger, write_json") == ["seaborn"]  # 07's figures
+    assert loaded("import lora_lens.workshop.report, lora_lens.workshop.runner, lora_lens.ledger.command") == []
+    assert loaded("from lora_lens import ledger; ledger.plot_timeline") == ["seaborn"]
 
 
 def test_every_module_declares_all():

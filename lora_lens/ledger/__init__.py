@@ -59,14 +59,14 @@ Modules: :mod:`~lora_lens.ledger.store` (records, SQLite schema, run context, lo
 record, retract, queries, the verdict rule), :mod:`~.export` (md/html/jsonl, import), :mod:`~.plots` (figures),
 :mod:`~.command` (``lora-lens ledger [--ledger PATH] list | show ID | export --format md|jsonl|html [--out FILE] |
 import FILE``) and :mod:`~.journal` (what notebook 07 shows). This package re-exports the API, so
-``from lora_lens import ledger; ledger.declare(...)`` is all a notebook needs.
+``from lora_lens import ledger; ledger.declare(...)`` is all a notebook needs. The two figures load matplotlib and
+seaborn on first use, so that the ledger's command line and the run report start without them.
 """
 
 
 from lora_lens.ledger.api import (VERDICTS, declare, evidence, history, hypotheses, hypothesis, record, retract,
                                   verdict, verdict_text)
 from lora_lens.ledger.export import export, export_hypothesis, import_jsonl
-from lora_lens.ledger.plots import plot_evidence, plot_timeline
 from lora_lens.ledger.store import (COMPARATORS, RULES, SCHEMA_VERSION, Evidence, Hypothesis, RunContext, git_commit,
                                     ledger_path, machine, run_context, thread_count)
 
@@ -74,3 +74,11 @@ __all__ = ["COMPARATORS", "RULES", "SCHEMA_VERSION", "VERDICTS", "Evidence", "Hy
            "evidence", "export", "export_hypothesis", "git_commit", "history", "hypotheses", "hypothesis",
            "import_jsonl", "ledger_path", "machine", "plot_evidence", "plot_timeline", "record", "retract",
            "run_context", "thread_count", "verdict", "verdict_text"]
+
+
+def __getattr__(name: str):
+    if name in ("plot_evidence", "plot_timeline"):  # the figures, loaded when first asked for
+        from lora_lens.ledger import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,8 @@
 Every check of the series lives here, named after its notebook and exercise (``Exercise 02-1`` …). Each returns a
 one-line message that starts with ``"correct"``, ``"not yet"`` or ``"not attempted"``: it says whether the
 participant's answer holds and, if not, where to look — never the answer itself. The journal's exercises (07) build
-their practice ledgers in scratch files of their own, never in the participant's ledger.
+their practice ledgers in scratch files of their own, never in the participant's ledger. The checks that read a model
+import the lab inside the check, so that importing this module (notebook 07 does) loads no torch.
 
 Example:
     >>> from lora_lens.workshop import exercises
@@ -19,11 +20,6 @@ from pathlib import Path
 
 from lora_lens import ledger
 from lora_lens.errors import ConfigError, LoraLensError, NotFoundError
-from lora_lens.lab.modules import layer_index
-from lora_lens.lab.probes import next_token_logits
-from lora_lens.lab.tokenizer import token_id
-from lora_lens.lens.delta import phi_table, read_directions
-from lora_lens.lens.diff import discovered_changes, score_against_truth
 
 __all__ = ["PRACTICE_STEPS", "check_best_rank", "check_collateral", "check_confidence_threshold", "check_deletion_k",
            "check_direction_reads_edit", "check_fastest_family", "check_own_hypothesis", "check_paraphrase_gap",
@@ -46,7 +42,6 @@ _FORGET_RECORDS = ((0, 0.031, "seed 0"), (1, -0.006, "seed 1"),
                    (2, 0.044, "seed 2; NOTE added later: the rank-2 run crashed, so this gap compares rank 16 "
                               "with the rank-2 adapter of seed 0"),
                    (3, 0.027, "seed 3"))
-
 
 
 
@@ -81,6 +76,9 @@ def check_paraphrase_gap(pre, entity: str, relation: str) -> str:
         entity: Entity of the fact.
         relation: Relation of the fact (a pretraining relation).
     """
+    from lora_lens.lab.probes import next_token_logits
+    from lora_lens.lab.tokenizer import token_id
+
     world = pre.world
     if relation not in world.facts or entity not in world.facts[relation]:
         return f"not yet: ({entity!r}, {relation!r}) is not a fact of this world; see world.facts_frame()"
@@ -131,6 +129,8 @@ def check_collateral(fit, entity: str) -> str:
 
 
 def _mean_phi_top1(fit_a, fit_b) -> float:
+    from lora_lens.lens.delta import phi_table
+
     return float(phi_table(fit_a.model, fit_b.model, 1, 1)["phi"].mean())
 
 
@@ -199,6 +199,9 @@ def check_direction_reads_edit(fit, module: str, entity: str, top: int = 5) -> s
         entity: An edited person.
         top: Tokens per sign that count.
     """
+    from lora_lens.lab.modules import layer_index
+    from lora_lens.lens.delta import read_directions
+
     edits = {e["entity"]: e for e in fit.task.truth.get("edits", [])}
     if entity not in edits:
         return f"not yet: {entity!r} is not one of the edited people (see fit.task.truth['edits'])"
@@ -232,6 +235,8 @@ def check_confidence_threshold(diff, task, min_confidence: float, precision: flo
         precision: Precision to reach.
         recall: Recall to keep.
     """
+    from lora_lens.lens.diff import discovered_changes, score_against_truth
+
     try:
         found = discovered_changes(diff, min_confidence=min_confidence)
         s = score_against_truth(found, task, queried=diff)
