@@ -18,12 +18,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from lora_lens.lab.world import make_world
-from lora_lens.lab.zoo import cache_dir
 
-__all__ = ["PRETRAIN_SECONDS", "REFERENCE_GFLOPS", "REFERENCE_MINUTES", "cached_families", "cost_note",
+__all__ = ["NO_MODEL", "PRETRAIN_SECONDS", "REFERENCE_GFLOPS", "REFERENCE_MINUTES", "cached_families", "cost_note",
            "machine_gflops"]
 
 REFERENCE_GFLOPS = 100.0
@@ -37,12 +34,16 @@ rerun only the semantic route — one diff and one distillation of 100 steps, of
 loop and its baseline once per seed: three times its one-seed 1.5 min; measured 2026-12-02 under load 3.4-4.9:
 14.2 min wall, 9.1 min CPU, with one of its three bases pretrained in the run; 02's φ sweep adds its 50-step
 condition, six short trainings: 136 s on the shared machine under load ~7, 2026-12-02, so about 1 min more)."""
+NO_MODEL = ("07",)
+"""Notebooks that load no model (the journal): their cost does not scale with the machine's matmul speed."""
 PRETRAIN_SECONDS = (53, 135)
 """Measured range for pretraining one ``small`` family on the reference machine (README)."""
 
 
 def machine_gflops(seconds: float = 0.2) -> float:
     """A quick float32 matmul throughput measurement of this machine (GFLOP/s)."""
+    import torch  # here, not at the top: the journal's cost note loads no torch
+
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
     n, t0 = 0, time.perf_counter()
@@ -55,6 +56,7 @@ def machine_gflops(seconds: float = 0.2) -> float:
 def cached_families(families: list[str], size: str, n_entities: int, seed: int,
                     cache: str | Path | None = None) -> dict[str, bool]:
     """Whether a pretrained base of each family (this size and world) is in the model cache."""
+    from lora_lens.lab.zoo import cache_dir  # the zoo loads torch: only for a notebook that loads a model
 
     fingerprint = make_world(n_entities=n_entities, seed=seed).fingerprint()
     models = cache_dir(cache) / "models"
@@ -83,6 +85,9 @@ def cost_note(prefix: str, families: list[str] | None = None, size: str = "small
         seeds: The seeds whose bases it loads (one world and base per seed, see
             :func:`lora_lens.lab.study.seed_list`); default ``[seed]``.
     """
+    if families is None and prefix in NO_MODEL:
+        return (f"This notebook loads no model and trains nothing: about {REFERENCE_MINUTES[prefix] * 60:.0f} s on "
+                "any machine (reading the ledger and drawing its figures).")
     speed = machine_gflops()
     scale = REFERENCE_GFLOPS / max(speed, 1e-3)
     minutes = REFERENCE_MINUTES.get(prefix, 1.0) * scale
