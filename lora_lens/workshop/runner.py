@@ -22,8 +22,9 @@ that needs one of those (its input may have changed). After every run (also a fa
 While a notebook runs, the kernel sees the run context in these environment variables:
 ``LORA_LENS_RUN_ID`` (run folder name), ``LORA_LENS_RUN_DIR`` (absolute run folder), ``LORA_LENS_NOTEBOOK``
 (notebook stem), ``LORA_LENS_PARAMS`` (JSON of the parameters passed) and ``LORA_LENS_LEDGER`` (the hypothesis
-ledger: ``$LORA_LENS_LEDGER`` when set, else ``ledger.sqlite`` next to the run folder for the default preset and
-``ledger-<preset>.sqlite`` for any other, so smoke runs never count as evidence); ``MPLBACKEND`` is set to the inline
+ledger: ``$LORA_LENS_LEDGER`` when set, else a file next to the run folder, :func:`ledger_name`: ``ledger.sqlite`` for
+the default preset on the default base, ``ledger-<preset>-<base>.sqlite`` otherwise, so that smoke runs never count as
+evidence and one base never pools another's); ``MPLBACKEND`` is set to the inline
 backend so that figures land in the executed notebook (and the report) even where ``MPLBACKEND=Agg``.
 
 Example:
@@ -39,6 +40,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import resource
 import shutil
 import signal
@@ -49,16 +51,18 @@ from typing import Any, Iterable, Mapping
 import nbformat
 
 from lora_lens.errors import ConfigError, NotebookError, NotFoundError
+from lora_lens.utils import stable_hash
 from lora_lens.workers import thread_env
 from lora_lens.workshop import presets, progress
 from lora_lens.workshop.execution import poll_shell_in_slices
 from lora_lens.workshop.series import (RESERVED, Notebook, declared_needs, declared_parameters, default_notebooks_dir,
                                        dependencies, discover, inputs_hash, plan, select)
 
-__all__ = ["DEFAULT_JOBS", "ENV_VARS", "INLINE_BACKEND", "NotebookFailed", "load_run", "run_series"]
+__all__ = ["BASE_PARAMETERS", "DEFAULT_JOBS", "ENV_VARS", "INLINE_BACKEND", "NotebookFailed", "ledger_name", "load_run",
+           "run_series"]
 
 ENV_VARS = ("LORA_LENS_RUN_ID", "LORA_LENS_RUN_DIR", "LORA_LENS_NOTEBOOK", "LORA_LENS_PARAMS", "LORA_LENS_LEDGER")
-"""The run context every kernel gets (the ledger path too: each preset records into its own ledger)."""
+"""The run context every kernel gets (the ledger path too: each preset and base records into its own ledger)."""
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 """The kernels' matplotlib backend, whatever ``$MPLBACKEND`` says: executed notebooks keep their figures."""
 
@@ -89,6 +93,33 @@ def _resolve_run_dir(out: str | os.PathLike | None) -> Path:
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
     return run_dir
+
+
+BASE_PARAMETERS = ("base_model", "family", "size")
+"""The run-wide parameters that choose the base model of notebooks 01-05: each choice keeps its own ledger."""
+
+
+def ledger_name(preset: str, overrides: Mapping[str, Any]) -> str:
+    """The ledger file a run records into, next to its run folder (unless ``$LORA_LENS_LEDGER`` is set).
+
+    Runs of the default preset on the default base accumulate evidence in ``ledger.sqlite``. Another preset (smoke:
+    tiny models, a test of the code) and another base (``-p base_model=…``, ``-p family=…``, ``-p size=…``) each keep
+    their own file, ``ledger-<preset>-<base>.sqlite``: a hypothesis about one base never pools another base's
+    evidence, and a quick test run never decides the verdicts of the real experiments. Only run-wide overrides
+    count (``01.family=…`` changes one notebook, not the run's base).
+
+    Example:
+        >>> ledger_name("workshop", {"base_model": "smollm2-135m", "seed": 3})
+        'ledger-smollm2-135m.sqlite'
+    """
+    parts = [] if preset == presets.DEFAULT_PRESET else [preset]
+    for key in BASE_PARAMETERS:
+        value = overrides.get(key)
+        if value not in (None, ""):
+            slug = re.sub(r"[^a-z0-9.]+", "-", str(value).lower()).strip("-.") or key
+            # a long local path: its end, and a hash of the whole so that two folders named alike stay apart
+            parts.append(slug if len(slug) <= 40 else f"{slug[-31:].lstrip('-.')}-{stable_hash(str(value))[:8]}")
+    return f"ledger-{'-'.join(parts)}.sqlite" if parts else "ledger.sqlite"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -198,8 +229,8 @@ def _run_lock(run_dir: Path):
 def _report(run_dir: Path) -> None:
     """Write ``index.html``; a report that cannot be built is a warning, never the run's failure."""
     try:
-        # the report pulls in nbconvert and (through lora_lens.utils) torch: imported only when a run ends, so
-        # that importing the runner (lora-lens run, every worker process) stays light
+        # the report pulls in nbconvert: imported only when a run ends, so that importing the runner (lora-lens
+        # run, every worker process) stays light
         from lora_lens.workshop.report import write_report
 
         print(f"report: {write_report(run_dir)}", flush=True)
@@ -266,10 +297,7 @@ def run_series(
     steps = plan(notebooks, preset, dict(overrides or {}))
     if previous is None:
         run_dir = _resolve_run_dir(out)
-    # runs of the default preset accumulate evidence in one ledger; other presets (smoke: tiny models) keep their
-    # own, so that a quick test run never decides the verdicts of the real experiments
-    ledger = os.environ.get("LORA_LENS_LEDGER") or str(
-        run_dir.parent / ("ledger.sqlite" if preset == presets.DEFAULT_PRESET else f"ledger-{preset}.sqlite"))
+    ledger = os.environ.get("LORA_LENS_LEDGER") or str(run_dir.parent / ledger_name(preset, overrides or {}))
 
     # the record: entries of this plan in series order, plus untouched entries of an earlier attempt
     old = {e.get("notebook"): e for e in (previous or {}).get("notebooks", [])}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import write_notebook
 from lora_lens import cli
 from lora_lens.errors import ConfigError, LoraLensError, NotebookError, NotFoundError
 from lora_lens.workshop import presets
-from lora_lens.workshop.runner import ENV_VARS, NotebookFailed, run_series
+from lora_lens.workshop.runner import ENV_VARS, NotebookFailed, ledger_name, run_series
 from lora_lens.workshop.series import Notebook, declared_parameters, dependencies
 
 RECORD = """\
@@ -96,6 +97,29 @@ def test_cli_runs_series_in_order_with_overrides_and_context(series, tmp_path, c
     assert all(n["status"] == "ok" and n["seconds"] > 0 for n in record["notebooks"])
     assert record["notebooks"][1]["parameters"]["x"] == 5
     assert not list(out.glob(".*.tmp"))
+
+
+def test_each_preset_and_base_records_into_its_own_ledger(tmp_path, monkeypatch):
+    """A run on another base (your model, another zoo family or size) never pools its evidence with the default's."""
+    monkeypatch.delenv("LORA_LENS_LEDGER", raising=False)
+    assert ledger_name("workshop", {}) == "ledger.sqlite"
+    assert ledger_name("workshop", {"seed": 3, "01.family": "qwen2"}) == "ledger.sqlite"  # not the run's base
+    assert ledger_name("smoke", {}) == "ledger-smoke.sqlite"
+    assert ledger_name("workshop", {"base_model": "smollm2-135m"}) == "ledger-smollm2-135m.sqlite"
+    assert ledger_name("smoke", {"family": "qwen2", "size": "tiny"}) == "ledger-smoke-qwen2-tiny.sqlite"
+    assert ledger_name("workshop", {"base_model": "Qwen/Qwen2.5-0.5B"}) == "ledger-qwen-qwen2.5-0.5b.sqlite"
+    long = [ledger_name("workshop", {"base_model": f"/data/{who}/experiments/2026/checkpoints/llama-3-8b"})
+            for who in ("ana", "bo")]
+    assert long[0] != long[1]  # the readable end of two long paths, and a hash of each whole path
+    assert all(re.fullmatch(r"ledger-[a-z0-9.-]*checkpoints-llama-3-8b-[0-9a-f]{8}\.sqlite", n) for n in long), long
+
+    folder = tmp_path / "nbs"
+    write_notebook(folder / "01_model.ipynb", [RECORD], parameters='output_dir = "out"\nx = 1\nbase_model = ""')
+    out = run_series(overrides={"base_model": "smollm2-135m"}, out=tmp_path / "runs" / "r", notebooks_dir=folder,
+                     jobs=1)
+    want = str(tmp_path / "runs" / "ledger-smollm2-135m.sqlite")
+    assert summary(out, "01_model")["env"]["LORA_LENS_LEDGER"] == want
+    assert json.loads((out / "run.json").read_text())["ledger"] == want
 
 
 def test_only_and_default_run_folder(series, tmp_path, monkeypatch):
