@@ -44,7 +44,6 @@ _FORGET_RECORDS = ((0, 0.031, "seed 0"), (1, -0.006, "seed 1"),
                    (3, 0.027, "seed 3"))
 
 
-
 def _steps_to(curves: dict, level: float) -> int | None:
     return next((s for s, a in zip(curves["eval_step"], curves["fact_accuracy"]) if a >= level), None)
 
