@@ -85,7 +85,7 @@ def cost_note(prefix: str, families: list[str] | None = None, size: str = "small
         seeds: The seeds whose bases it loads (one world and base per seed, see
             :func:`lora_lens.lab.study.seed_list`); default ``[seed]``.
     """
-    if families is None and prefix in NO_MODEL:
+    if prefix in NO_MODEL:
         return (f"This notebook loads no model and trains nothing: about {REFERENCE_MINUTES[prefix] * 60:.0f} s on "
                 "any machine (reading the ledger and drawing its figures).")
     speed = machine_gflops()
